@@ -1,0 +1,80 @@
+"""The attribution engine: a registry of methods and the ``attribute`` entry point (no Flask)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .base import (Cancelled, Context, HookScope, InsightsError, MethodRegistry, ParamError,
+                   UnknownMethod, model_lock, probe)
+
+registry = MethodRegistry()
+
+# Importing the family modules registers their methods, in the order the UI lists them.
+from . import gradient  # noqa: E402,F401
+from . import rules  # noqa: E402,F401
+from . import cam  # noqa: E402,F401
+from . import perturbation  # noqa: E402,F401
+
+
+def methods() -> list[str]:
+    """The ids of all registered attribution methods."""
+    return registry.ids()
+
+
+def method_info(method: str, params: dict | None = None, shape: Sequence[int] = (3, 224, 224)) -> dict:
+    """Describes a method: id, label, description, family, output kind, whether its map is signed,
+    the parameter schema, and the cost (forward and backward passes per image) for ``params``
+    on an input of ``shape`` (C, H, W)."""
+    return registry.get(method).info(params, shape)
+
+
+def _targets(target: Any, n: int, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(target, dtype=torch.long).flatten().to(device)
+    if t.numel() == 1:
+        t = t.expand(n)
+    if t.numel() != n:
+        raise ParamError("target", f"needs one class index or one per row ({n}); got {t.numel()}")
+    return t.clone()
+
+
+def attribute(model: nn.Module, inputs: torch.Tensor, method: str, target: Any, *,
+              progress: Callable[[int, int], Any] | None = None, cancel: Any = None,
+              memory_budget: int | None = None, info: dict | None = None, **params) -> torch.Tensor:
+    """Attribution map of ``method`` for ``model`` at ``inputs`` (already normalised, N×C×H×W).
+
+    ``target`` is a class index or one per row. Returns N×C×H×W for pixel methods and N×1×H×W
+    for CAM methods, float32, on the inputs' device. ``progress(done, total)`` is called between
+    batches; ``cancel`` (a ``threading.Event`` or a callable) is checked there and raises
+    :class:`Cancelled`. ``memory_budget`` caps the bytes of activations per batch. ``info``, if
+    given, is filled with details of the call (e.g. the layer Grad-CAM chose)."""
+    m = registry.get(method)
+    p = m.validate(params)
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
+        raise ParamError("inputs", "must be an N×C×H×W tensor")
+    x = inputs.detach()
+    if not x.is_floating_point():
+        raise ParamError("inputs", "must be a floating point tensor")
+    t = _targets(target, x.shape[0], x.device)
+    classes = probe(model, x)["classes"]
+    bad = t[(t < 0) | (t >= classes)]
+    if bad.numel():
+        raise ParamError("target", f"class index {int(bad[0])} is out of range 0..{classes - 1}")
+    cost = m.cost(p, tuple(x.shape[1:]))
+    ctx = Context(model=model, inputs=x, target=t, total=max(1, cost.forward * x.shape[0]),
+                  progress=progress, cancel=cancel, memory_budget=memory_budget,
+                  info=info if info is not None else {})
+    with model_lock(model, exclusive=m.exclusive or model.training):
+        ctx.check()
+        if m.exclusive or model.training:
+            with HookScope(model):  # eval mode for the call, restored afterwards
+                out = m.run(ctx, p)
+        else:
+            out = m.run(ctx, p)
+    ctx.info.setdefault("cost", cost.as_dict())
+    return out.detach().float()
+
+
+__all__ = ["attribute", "methods", "method_info", "registry", "Cancelled", "InsightsError",
+           "ParamError", "UnknownMethod"]
