@@ -53,7 +53,7 @@ class Cancelled(Exception):
 
 # --------------------------------------------------------------------------- parameters
 
-PARAM_TYPES = ("int", "float", "bool", "choice", "int_list", "tensor")
+PARAM_TYPES = ("int", "float", "bool", "choice", "int_list", "string", "tensor")
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,13 @@ class Param:
             if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
                 return value.lower() in ("true", "1")
             raise ParamError(self.name, f"must be true or false, got {value!r}")
+        if self.type == "string":
+            if not isinstance(value, str):
+                raise ParamError(self.name, f"must be a string, got {value!r}")
+            value = value.strip()
+            if not value and self.default is None:
+                return None  # an empty form field means "choose automatically"
+            return value
         if self.type == "choice":
             if value not in self.choices:
                 raise ParamError(self.name, f"must be one of {', '.join(self.choices)}; got {value!r}")

@@ -1,1 +1,95 @@
-"""Placeholder until the family lands."""
+"""Class activation maps: Grad-CAM and Guided Grad-CAM.
+
+Grad-CAM weighs the channels of one spatial layer by the mean gradient of the class score over
+that layer's positions, sums them and upsamples the result to the input size. The maths follow
+Captum's ``LayerGradCam`` followed by ``LayerAttribution.interpolate`` (bilinear), and its
+``GuidedGradCam`` (guided backpropagation times the rectified, nearest-upsampled map).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import registry
+from .base import Context, Cost, HookScope, Method, Param, ParamError, default_layer, get_layer
+
+LAYER_PARAM = Param("layer", "string", None, "Name of the spatial layer to explain, as in "
+                    "model.named_modules() (e.g. layer4). Empty: the last layer whose output is "
+                    "N×C×H×W.")
+RELU_PARAM = Param("relu_attributions", "bool", False, "Keep only the positive part of the map "
+                   "(the original Grad-CAM); off shows negative evidence too.")
+
+
+def resolve_layer(ctx: Context, name: str | None) -> tuple[str, nn.Module]:
+    """The layer a CAM method looks at, recorded in ``ctx.info["layer"]``."""
+    name = name or default_layer(ctx.model, ctx.inputs)
+    module = get_layer(ctx.model, name)
+    ctx.info["layer"] = name
+    return name, module
+
+
+def layer_activation_and_gradient(model: nn.Module, module: nn.Module, name: str, x: torch.Tensor,
+                                  target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output of ``module`` at its last call during ``model(x)``, and the gradient of each
+    row's target logit with respect to it. The caller holds the model exclusively."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(_module, _inputs, output):
+        if not isinstance(output, torch.Tensor):
+            raise ParamError("layer", f"{name!r} returns {type(output).__name__}, not a tensor")
+        seen["out"] = output
+        # The rest of the network gets a copy, so in-place ops after the layer (ReLU(inplace))
+        # cannot overwrite the activation we keep.
+        return output.clone()
+
+    with HookScope(model) as scope, torch.enable_grad():
+        scope.forward_hook(module, keep)
+        leaf = x.detach().requires_grad_(True)  # so the activation has a graph even when frozen
+        logits = model(leaf)
+        if "out" not in seen:
+            raise ParamError("layer", f"{name!r} is not called in the model's forward pass")
+        act = seen.pop("out")
+        chosen = logits.gather(1, target.view(-1, 1).to(logits.device)).sum()
+        (grad,) = torch.autograd.grad(chosen, act)
+    return act.detach(), grad
+
+
+def grad_cam_map(ctx: Context, module: nn.Module, name: str, relu: bool) -> torch.Tensor:
+    """Grad-CAM at the layer's own resolution, N×1×h×w, in budget-sized chunks."""
+    parts = []
+    for s in ctx.chunks(ctx.inputs.shape[0], grad=True):
+        act, grad = layer_activation_and_gradient(ctx.model, module, name, ctx.inputs[s], ctx.target[s])
+        if act.dim() != 4:
+            raise ParamError("layer", f"Grad-CAM needs a spatial N×C×H×W output; {name!r} gives "
+                                      f"{'×'.join(str(d) for d in act.shape)}")
+        weights = grad.mean(dim=(2, 3), keepdim=True)
+        cam = (weights * act).sum(dim=1, keepdim=True)
+        parts.append(F.relu(cam) if relu else cam)
+    return torch.cat(parts)
+
+
+@registry.register
+class GradCam(Method):
+    id = "grad_cam"
+    label = "Grad-CAM"
+    description = "Weighs the channels of a late convolutional layer by how much the class score " \
+                  "depends on them and upsamples the sum: a coarse map of where the evidence " \
+                  "lies. One backward pass."
+    family = "cam"
+    output = "cam"
+    exclusive = True
+    params = (LAYER_PARAM, RELU_PARAM)
+
+    def signed(self, p: dict) -> bool:
+        return not p["relu_attributions"]
+
+    def cost(self, p: dict, shape: Sequence[int]) -> Cost:
+        return Cost(1, 1)
+
+    def run(self, ctx: Context, p: dict) -> torch.Tensor:
+        name, module = resolve_layer(ctx, p["layer"])
+        cam = grad_cam_map(ctx, module, name, p["relu_attributions"])
+        return F.interpolate(cam, size=tuple(ctx.inputs.shape[2:]), mode="bilinear")
