@@ -1,17 +1,20 @@
-"""Gradient methods: saliency and input × gradient, and the noise tunnel they all share.
+"""Gradient methods: saliency, input × gradient, integrated gradients, gradient SHAP, and the
+noise tunnel they share.
 
 A :class:`GradientMethod` implements ``compute(ctx, x, target, p)`` for a batch; the noise
 tunnel (SmoothGrad, SmoothGrad², VarGrad) is a set of parameters on every gradient method that
-repeats ``x`` with Gaussian noise and aggregates the maps.
+repeats ``x`` with Gaussian noise and aggregates the maps. A method that is already noisy
+(gradient SHAP) sets ``noise_tunnel = False`` and gets no tunnel parameters.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from . import registry
-from .base import Context, Cost, Method, Param
+from .base import Context, Cost, Method, Param, ParamError, expand_baseline, gradient
 
 NT_TYPES = ("none", "smoothgrad", "smoothgrad_sq", "vargrad")
 
@@ -32,10 +35,11 @@ class GradientMethod(Method):
     family = "gradient"
     base_params: tuple[Param, ...] = ()
     passes_per_sample = 1  # forward (and backward) passes per image without noise
+    noise_tunnel = True  # False: the method draws its own noise and has no nt_* parameters
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls.params = tuple(cls.base_params) + NOISE_PARAMS
+        cls.params = tuple(cls.base_params) + (NOISE_PARAMS if cls.noise_tunnel else ())
 
     def compute(self, ctx: Context, x: torch.Tensor, target: torch.Tensor, p: dict) -> torch.Tensor:
         raise NotImplementedError
@@ -44,17 +48,18 @@ class GradientMethod(Method):
         return True
 
     def signed(self, p: dict) -> bool:
-        return p["nt_type"] in ("none", "smoothgrad") and self.base_signed(p)
+        return p.get("nt_type", "none") in ("none", "smoothgrad") and self.base_signed(p)
 
     def passes(self, p: dict, shape: Sequence[int]) -> int:
         return self.passes_per_sample
 
     def cost(self, p: dict, shape: Sequence[int]) -> Cost:
-        n = self.passes(p, shape) * (1 if p["nt_type"] == "none" else p["nt_samples"])
+        nt = p.get("nt_type", "none")
+        n = self.passes(p, shape) * (1 if nt == "none" else p["nt_samples"])
         return Cost(n, n)
 
     def run(self, ctx: Context, p: dict) -> torch.Tensor:
-        if p["nt_type"] == "none":
+        if p.get("nt_type", "none") == "none":
             return self.compute(ctx, ctx.inputs, ctx.target, p)
         return noise_tunnel(self, ctx, p)
 
@@ -102,3 +107,146 @@ class InputXGradient(GradientMethod):
 
     def compute(self, ctx, x, target, p):
         return ctx.gradient(x, target) * x
+
+
+def baseline_rows(value: Any, x: torch.Tensor, n_inputs: int) -> torch.Tensor:
+    """The ``baselines`` parameter as a tensor shaped like ``x``. A tensor with one row per
+    original input is tiled when ``x`` holds several copies of the inputs (the noise tunnel
+    stacks its copies input-batch after input-batch)."""
+    if (isinstance(value, torch.Tensor) and value.dim() == x.dim() and value.shape[0] == n_inputs
+            and n_inputs > 1 and x.shape[0] != n_inputs and x.shape[0] % n_inputs == 0):
+        value = value.repeat((x.shape[0] // n_inputs,) + (1,) * (x.dim() - 1))
+    return expand_baseline(value, x, "baselines")
+
+
+BASELINES = Param("baselines", "float", 0.0, "The reference input the attribution is measured "
+                  "from, in normalised units (0 is the dataset's mean colour). Python callers may "
+                  "pass a tensor broadcastable to the inputs.", min=-1e3, max=1e3, tensor_ok=True)
+
+INTEGRATION_RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
+                     "gausslegendre")
+
+
+def integration_weights(rule: str, n: int) -> tuple[list[float], list[float]]:
+    """Step sizes and points (alphas in [0, 1]) of an ``n``-point quadrature of a path integral;
+    the same numbers Captum's integrated gradients use for each rule."""
+    if rule == "gausslegendre":
+        points, weights = np.polynomial.legendre.leggauss(n)  # on [-1, 1], weights sum to 2
+        return (0.5 * weights).tolist(), (0.5 * (points + 1.0)).tolist()
+    if rule not in INTEGRATION_RULES or n < 2:
+        raise ParamError("integration", f"{rule} needs a known rule and at least 2 steps")
+    sizes = [1.0 / n] * n
+    kind = rule.split("_", 1)[1]
+    if kind == "trapezoid":
+        sizes[0] /= 2
+        sizes[-1] /= 2
+        alphas = torch.linspace(0, 1, n)
+    elif kind == "left":
+        alphas = torch.linspace(0, 1 - 1 / n, n)
+    elif kind == "middle":
+        alphas = torch.linspace(1 / (2 * n), 1 - 1 / (2 * n), n)
+    else:
+        alphas = torch.linspace(1 / n, 1, n)
+    return sizes, alphas.tolist()
+
+
+@registry.register
+class IntegratedGradients(GradientMethod):
+    id = "integrated_gradients"
+    label = "Integrated Gradients"
+    description = "Adds up the gradient along a straight path from a baseline image (by default " \
+                  "the average colour) to the photo, and multiplies by the difference. The map " \
+                  "sums to how much the class score changes between the two. One backward pass " \
+                  "per step."
+    base_params = (
+        Param("n_steps", "int", 50, "Points on the path from the baseline to the image; more is "
+              "more accurate and slower.", min=1, max=1024),
+        Param("integration", "choice", "gausslegendre", "How the path integral is approximated "
+              "(Riemann sums need at least 2 steps).", choices=INTEGRATION_RULES),
+        BASELINES,
+    )
+
+    def validate(self, given: dict) -> dict:
+        p = super().validate(given)
+        if p["integration"] != "gausslegendre" and p["n_steps"] < 2:
+            raise ParamError("n_steps", f"must be at least 2 with {p['integration']}, got {p['n_steps']}")
+        return p
+
+    def passes(self, p, shape):
+        return p["n_steps"]
+
+    def compute(self, ctx, x, target, p):
+        base = baseline_rows(p["baselines"], x, ctx.inputs.shape[0])
+        sizes, alphas = integration_weights(p["integration"], p["n_steps"])
+        alpha = torch.tensor(alphas, dtype=x.dtype, device=x.device)
+        weight = torch.tensor(sizes, dtype=torch.float32, device=x.device).to(x.dtype)
+        rows = x.shape[0]
+        diff = x - base
+        total = torch.zeros_like(x)
+        # Step-major rows (all images at alpha 0, then at alpha 1, ...), built chunk by chunk so
+        # that only one chunk of scaled inputs is ever in memory.
+        for s in ctx.chunks(rows * len(sizes), grad=True):
+            index = torch.arange(s.start, s.stop, device=x.device)
+            step, row = index // rows, index % rows
+            view = (-1,) + (1,) * (x.dim() - 1)
+            scaled = base[row] + alpha[step].view(view) * diff[row]
+            grad = gradient(ctx.model, scaled, target[row])
+            total.index_add_(0, row, grad * weight[step].view(view))
+        return total * diff
+
+
+@registry.register
+class GradientShap(GradientMethod):
+    id = "gradient_shap"
+    label = "Gradient SHAP"
+    description = "Averages input-minus-baseline times gradient at random points between the " \
+                  "photo and randomly chosen baselines, optionally with noise on the photo: an " \
+                  "estimate of SHAP values. One backward pass per sample."
+    noise_tunnel = False
+    base_params = (
+        Param("n_samples", "int", 20, "Random samples per image.", min=1, max=1000),
+        Param("stdevs", "float", 0.0, "Standard deviation of the Gaussian noise added to the "
+              "image for each sample, in normalised input units.", min=0.0, max=10.0),
+        Param("baselines", "float", 0.0, "The baseline distribution: a number (one constant "
+              "image) or, from Python, a K×C×H×W tensor of K baselines drawn at random.",
+              min=-1e3, max=1e3, tensor_ok=True),
+        Param("seed", "int", 0, "Random seed: the same seed gives the same map.", min=0, max=2**31 - 1),
+    )
+
+    def passes(self, p, shape):
+        return p["n_samples"]
+
+    def _distribution(self, value: Any, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor):
+            return torch.full((1,) + tuple(x.shape[1:]), float(value), dtype=x.dtype, device=x.device)
+        dist = value.to(x.device, x.dtype)
+        if dist.dim() == x.dim() - 1:
+            dist = dist.unsqueeze(0)
+        if dist.dim() != x.dim() or dist.shape[0] < 1 or tuple(dist.shape[1:]) != tuple(x.shape[1:]):
+            raise ParamError("baselines", f"must be K×{'×'.join(map(str, x.shape[1:]))}, "
+                                          f"got {tuple(value.shape)}")
+        return dist
+
+    def compute(self, ctx, x, target, p):
+        dist = self._distribution(p["baselines"], x)
+        n, k = x.shape[0], p["n_samples"]
+        gen = torch.Generator(device=x.device).manual_seed(p["seed"])
+        # Input-major rows: image i's samples are rows i*k .. i*k+k-1. Every draw is made up
+        # front or per row, so the map does not depend on how the rows are chunked.
+        choice = torch.randint(dist.shape[0], (n * k,), generator=gen, device=x.device)
+        alpha = torch.rand((n * k,), generator=gen, device=x.device, dtype=x.dtype)
+        view = (-1,) + (1,) * (x.dim() - 1)
+        total = torch.zeros_like(x)
+        for s in ctx.chunks(n * k, grad=True):
+            row = torch.arange(s.start, s.stop, device=x.device)
+            image = row // k
+            noisy = x[image]
+            if p["stdevs"] > 0:
+                noise = torch.stack([torch.randn(x.shape[1:], generator=gen, device=x.device,
+                                                 dtype=x.dtype) for _ in range(len(row))])
+                noisy = noisy + noise * p["stdevs"]
+            base = dist[choice[s]]
+            a = alpha[s].view(view)
+            grad = gradient(ctx.model, a * noisy + (1 - a) * base, target[image])
+            total.index_add_(0, image, grad * (noisy - base))
+        return total / k
