@@ -15,6 +15,7 @@ from torch import nn
 
 from . import registry
 from .base import Context, Cost, HookScope, Method, Param, ParamError, default_layer, get_layer
+from .rules import guided_gradient
 
 LAYER_PARAM = Param("layer", "string", None, "Name of the spatial layer to explain, as in "
                     "model.named_modules() (e.g. layer4). Empty: the last layer whose output is "
@@ -93,3 +94,29 @@ class GradCam(Method):
         name, module = resolve_layer(ctx, p["layer"])
         cam = grad_cam_map(ctx, module, name, p["relu_attributions"])
         return F.interpolate(cam, size=tuple(ctx.inputs.shape[2:]), mode="bilinear")
+
+
+@registry.register
+class GuidedGradCam(Method):
+    id = "guided_grad_cam"
+    label = "Guided Grad-CAM"
+    description = "Guided backpropagation masked by the positive Grad-CAM map: fine detail, but " \
+                  "only where the class evidence lies. Two backward passes."
+    family = "cam"
+    output = "pixel"
+    exclusive = True
+    params = (
+        LAYER_PARAM,
+        Param("interpolate_mode", "choice", "nearest", "How the layer-sized Grad-CAM map is "
+              "upsampled to the input before it multiplies guided backpropagation.",
+              choices=("nearest", "bilinear", "area")),
+    )
+
+    def cost(self, p: dict, shape: Sequence[int]) -> Cost:
+        return Cost(2, 2)
+
+    def run(self, ctx: Context, p: dict) -> torch.Tensor:
+        name, module = resolve_layer(ctx, p["layer"])
+        cam = grad_cam_map(ctx, module, name, relu=True)
+        cam = F.interpolate(cam, size=tuple(ctx.inputs.shape[2:]), mode=p["interpolate_mode"])
+        return guided_gradient(ctx, ctx.inputs, ctx.target, "guided") * cam
