@@ -1,0 +1,58 @@
+"""Human pages: the dashboard and the share page of a result (everything else is /api)."""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, render_template, request, url_for
+
+from .store import Store
+
+bp = Blueprint("pages", __name__)
+
+
+def _store() -> Store:
+    # The backend attaches its Store to app.extensions; find it by type so the key can change.
+    for ext in current_app.extensions.values():
+        if isinstance(ext, Store):
+            return ext
+    raise RuntimeError("the app has no insights Store attached (app.extensions)")
+
+
+def _describe(meta: dict) -> dict:
+    """The words the share page and its preview cards use for a result."""
+    label = meta.get("target_label") or f"class {meta.get('target')}"
+    method = meta.get("method", "")
+    try:
+        from .methods import method_info
+
+        method_label = method_info(method)["label"]
+    except Exception:  # an old result whose method is no longer registered still gets a page
+        method_label = method
+    title = f"{label} — {method_label} on {meta.get('model', '')}"
+    top = (meta.get("predictions") or [{}])[0]
+    description = f"Why {meta.get('model', 'the model')} sees “{label}”: a {method_label} attribution map."
+    if top.get("label"):
+        description += f" Top prediction: {top['label']} ({100 * float(top.get('prob', 0)):.1f}%)."
+    return {"label": label, "method_label": method_label, "title": title, "description": description}
+
+
+@bp.get("/")
+def index():
+    """The dashboard."""
+    return render_template("index.html")
+
+
+@bp.get("/r/<result_id>")
+def share(result_id: str):
+    """The share page of one stored result, with OpenGraph tags for link previews."""
+    meta = _store().result(result_id)
+    if meta is None:
+        return render_template("404.html", path=request.path), 404
+    base = request.host_url.rstrip("/")
+    words = _describe(meta)
+    return render_template(
+        "share.html",
+        meta=meta,
+        words=words,
+        params=sorted((meta.get("params") or {}).items()),
+        og_image=f"{base}/api/results/{meta['id']}/overlay.png",
+        og_url=f"{base}{url_for('pages.share', result_id=meta['id'])}",
+    )

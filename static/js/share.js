@@ -1,0 +1,35 @@
+// The share page: the stored result drawn with the same viewer as the dashboard; nothing is recomputed.
+import { api } from "./api.js";
+import { loadResult } from "./render.js";
+import { $, copyText, h, plainError, toast } from "./ui.js";
+import { ViewStore, bindCanvas, colorBar, viewControls } from "./viewer.js";
+
+async function start() {
+  const id = $("#share").dataset.result;
+  const store = new ViewStore();
+  const bar = colorBar();
+  $("#colorbar-slot").append(bar);
+  $("#view-slot").append(viewControls(store, "share"));
+  $("#share-copy").addEventListener("click", async () => {
+    const ok = await copyText(location.href);
+    $("#share-copy span").textContent = ok ? "Link copied" : "Copy failed";
+    toast(ok ? "Link copied" : `Copy this link: ${location.href}`);
+    setTimeout(() => ($("#share-copy span").textContent = "Copy link"), 2200);
+  });
+  try {
+    const meta = await api.result(id);
+    const asset = await loadResult(meta);
+    bindCanvas($("#overlay"), asset, store, (a, view) => bar.update(a, view));
+    store.subscribe((v) => {
+      const q = new URLSearchParams({ mode: v.mode, alpha: v.alpha, outlier: v.outlier });
+      if (v.sign !== "auto") q.set("sign", v.sign);
+      if (v.cmap !== "auto") q.set("cmap", v.cmap);
+      $("#download-png").href = `${meta.links.overlay}?${q}`;
+    });
+    document.body.dataset.ready = "true";
+  } catch (e) {
+    $("#view-slot").replaceChildren(h("p.field-error", { role: "alert", text: `The map could not be loaded: ${plainError(e)}` }));
+  }
+}
+
+start();
