@@ -1,0 +1,532 @@
+"""The JSON API (docs/api.md): thin views that parse requests, call the services and serialise."""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import io
+import json
+import time
+
+import numpy as np
+import torch
+from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from PIL import Image
+from werkzeug.exceptions import HTTPException
+
+from . import __version__, imaging
+from .jobs import error_of
+from .models import ModelUnavailable, UnknownModel
+from .store import result_id, utc_now
+
+# The engine module itself (``insights.methods`` the attribute is the methods() function); views
+# look its functions up at call time, so tests can wrap ``attribute`` to count calls.
+engine = importlib.import_module("insights.methods")
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+IMMUTABLE_AGE = 31536000
+SAMPLES = {"chelsea": "Chelsea the cat", "coffee": "A cup of coffee", "astronaut": "Astronaut Eileen Collins",
+           "rocket": "A rocket on the launch pad"}
+# The settings shown under "limits" in GET /api.
+LIMIT_SETTINGS = ("MAX_CONTENT_LENGTH", "MAX_IMAGE_PIXELS", "INLINE_MAX_PASSES", "MAX_PASSES", "MAX_TOP_K",
+                  "MAX_LOADED_MODELS", "JOBS_KEPT", "MEMORY_BUDGET", "SSE_HEARTBEAT_S")
+
+
+class ApiError(Exception):
+    """A client error with the JSON body of docs/api.md."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None):
+    resp = jsonify({"error": {"code": code, "message": message, "field": field}})
+    resp.status_code = status
+    return resp
+
+
+@bp.errorhandler(ApiError)
+def _api_error(err: ApiError):
+    return error_response(err.status, err.code, err.message, err.field)
+
+
+@bp.errorhandler(imaging.ImageError)
+def _image_error(err: imaging.ImageError):
+    return error_response(413 if err.code == "too_large" else 400, err.code, err.message, err.field)
+
+
+@bp.errorhandler(engine.InsightsError)
+def _engine_error(err: engine.InsightsError):
+    e = error_of(err)
+    return error_response(400, e["code"], e["message"], e["field"])
+
+
+@bp.errorhandler(UnknownModel)
+def _unknown_model(err: UnknownModel):
+    return error_response(400, "unknown_model", str(err), "model")
+
+
+@bp.errorhandler(ModelUnavailable)
+def _unavailable(err: ModelUnavailable):
+    return error_response(503, "model_unavailable", str(err), "model")
+
+
+def http_error(err: HTTPException):
+    """HTTP errors under /api answer JSON too (404 for unknown paths, 405, 413 for big bodies)."""
+    if err.code == 413:
+        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        return error_response(413, "too_large", f"the request body is larger than the limit of {limit} bytes "
+                                                "(MAX_CONTENT_LENGTH)", "image")
+    code = {404: "not_found"}.get(err.code, "bad_request")
+    return error_response(err.code or 500, code, err.description or err.name, None)
+
+
+bp.register_error_handler(HTTPException, http_error)
+
+
+@bp.errorhandler(Exception)
+def _internal(err: Exception):
+    current_app.logger.exception("internal error in %s", request.path)
+    return error_response(500, "internal", f"{type(err).__name__}: {err}", None)
+
+
+def init_app(app) -> None:
+    """Registers the blueprint, and JSON errors for /api paths that match no view."""
+    app.register_blueprint(bp)
+
+    @app.errorhandler(HTTPException)
+    def _app_http_error(err: HTTPException):
+        if request.path == "/api" or request.path.startswith("/api/"):
+            return http_error(err)
+        return err.get_response()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def services():
+    return current_app.extensions["insights"]
+
+
+def body() -> dict:
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        raise ApiError(400, "bad_request", "the request body must be a JSON object (Content-Type: application/json)")
+    return data
+
+
+def model_name(data: dict) -> str:
+    models = services().models
+    name = data.get("model") or models.default
+    if not isinstance(name, str):
+        raise ApiError(400, "unknown_model", f"model must be a model name, got {name!r}", "model")
+    spec = models.spec(name)
+    reason = spec.unavailable_reason()
+    if reason:
+        raise ModelUnavailable(name, reason)
+    return name
+
+
+def image_record(data: dict) -> dict:
+    iid = data.get("image")
+    if not isinstance(iid, str) or not iid:
+        raise ApiError(400, "bad_request", "image must be the id of an uploaded image", "image")
+    record = services().store.image(iid)
+    if record is None:
+        raise ApiError(404, "not_found", f"no image with id {iid!r}; upload it first (POST /api/images)", "image")
+    return record
+
+
+def integer(value, field: str, lo: int, hi: int, code: str = "bad_param") -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ApiError(400, code, f"{field}: must be an integer, got {value!r}", field)
+    try:
+        number = float(value)
+    except ValueError:
+        raise ApiError(400, code, f"{field}: must be an integer, got {value!r}", field) from None
+    if not number.is_integer():
+        raise ApiError(400, code, f"{field}: must be an integer, got {value!r}", field)
+    if not lo <= number <= hi:
+        raise ApiError(400, code, f"{field}: must be between {lo} and {hi}, got {int(number)}", field)
+    return int(number)
+
+
+def number(value, field: str, lo: float, hi: float) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ApiError(400, "bad_param", f"{field}: must be a number, got {value!r}", field) from None
+    if not lo <= x <= hi:
+        raise ApiError(400, "bad_param", f"{field}: must be between {lo} and {hi}, got {value!r}", field)
+    return x
+
+
+def immutable(data: bytes, mimetype: str, etag: str, download: str | None = None):
+    """A content-addressed response: strong ETag, cached for a year, 304 on If-None-Match."""
+    resp = Response(data, mimetype=mimetype)
+    resp.set_etag(etag)
+    resp.cache_control.public = True
+    resp.cache_control.max_age = IMMUTABLE_AGE
+    resp.cache_control.immutable = True
+    if download:
+        resp.headers["Content-Disposition"] = f'attachment; filename="{download}"'
+    return resp.make_conditional(request)
+
+
+def image_json(record: dict) -> dict:
+    return {"id": record["id"], "width": record["width"], "height": record["height"],
+            "url": url_for("api.image", image_id=record["id"])}
+
+
+def run_inline(fn, key: str | None = None):
+    """Runs model work on the compute worker and waits for it; re-raises its error here."""
+    job = services().jobs.submit(fn, key=key)
+    job.wait()
+    if job.status == "failed":
+        raise job.exception
+    if job.status == "cancelled":
+        raise ApiError(409, "cancelled", "the computation was cancelled", None)
+    return job.result
+
+
+def top_predictions(logits: torch.Tensor, labels: list[str], k: int) -> list[dict]:
+    probs = torch.softmax(logits.detach().float().flatten(), dim=0)
+    values, indices = probs.topk(min(k, probs.numel()))
+    return [{"index": int(i), "label": labels[int(i)] if int(i) < len(labels) else str(int(i)), "prob": float(v)}
+            for v, i in zip(values.tolist(), indices.tolist())]
+
+
+def predict_fn(name: str, image_id: str, k: int):
+    """The job body of a prediction: returns the top-k list."""
+    s = services()
+
+    def run(job):
+        model = s.models.get(name)
+        spec = s.models.spec(name)
+        x, _view = imaging.preprocess(s.store.load_image(image_id), spec.preprocessing)
+        with torch.inference_mode():
+            logits = model(x.to(s.models.device))
+        if logits.dim() != 2 or logits.shape[-1] != spec.num_classes:
+            raise RuntimeError(f"model {name} returned shape {tuple(logits.shape)}; "
+                               f"expected 1×{spec.num_classes} (one score per label)")
+        return top_predictions(logits[0], spec.labels, k)
+
+    return run
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+@bp.get("")
+def index():
+    """Version, limits and links."""
+    cfg = current_app.config
+    return jsonify({"version": __version__, "limits": {k: cfg.get(k) for k in LIMIT_SETTINGS},
+                    "endpoints": {"models": url_for("api.models"), "methods": url_for("api.methods"),
+                                  "samples": url_for("api.samples"), "images": url_for("api.upload"),
+                                  "predict": url_for("api.predict"), "explain": url_for("api.explain")}})
+
+
+@bp.get("/models")
+def models():
+    """The model list with availability (nothing is loaded to answer)."""
+    reg = services().models
+    return jsonify({"models": [reg.info(n) for n in reg.names()], "device": str(reg.device)})
+
+
+@bp.get("/methods")
+def methods():
+    """Every method's self-description, in the registry's order."""
+    return jsonify({"methods": [engine.method_info(m) for m in engine.methods()]})
+
+
+@bp.get("/models/<name>/labels")
+def labels(name: str):
+    """Class names matching ``q`` (case-insensitive substring)."""
+    spec = services().models.spec(name)
+    q = request.args.get("q", "").strip().lower()
+    limit = integer(request.args.get("limit", 20), "limit", 1, 1000)
+    hits = [{"index": i, "label": lab} for i, lab in enumerate(spec.labels) if q in lab.lower()]
+    return jsonify({"results": hits[:limit], "total": len(hits)})
+
+
+@bp.get("/samples")
+def samples():
+    """The sample photos this server can offer."""
+    return jsonify({"samples": [{"name": n, "label": label} for n, label in SAMPLES.items() if _sample_ok(n)]})
+
+
+def _sample_ok(name: str) -> bool:
+    try:
+        import skimage.data
+    except ImportError:
+        return False
+    return hasattr(skimage.data, name)
+
+
+# --------------------------------------------------------------------------- images
+
+
+@bp.post("/samples/<name>")
+def sample(name: str):
+    """Stores a sample photo as an image and answers its record."""
+    if name not in SAMPLES or not _sample_ok(name):
+        raise ApiError(404, "not_found", f"no sample named {name!r}; known: {', '.join(SAMPLES)}", "name")
+    import skimage.data
+
+    img = imaging.to_rgb(Image.fromarray(np.asarray(getattr(skimage.data, name)())))
+    record = services().store.put_image(img)
+    return jsonify(image_json(record)), 201
+
+
+@bp.post("/images")
+def upload():
+    """Validates and stores an uploaded image (multipart field ``image``)."""
+    f = request.files.get("image")
+    if f is None:
+        raise ApiError(400, "bad_request", "send the picture as multipart/form-data in the field 'image'", "image")
+    img = imaging.decode(f.read(), f.filename, current_app.config["MAX_IMAGE_PIXELS"])
+    record = services().store.put_image(img)
+    return jsonify(image_json(record)), 201
+
+
+@bp.get("/images/<image_id>")
+def image(image_id: str):
+    """The stored image as PNG."""
+    if services().store.image(image_id) is None:
+        raise ApiError(404, "not_found", f"no image with id {image_id!r}", "image")
+    return immutable(services().store.image_png(image_id), "image/png", image_id)
+
+
+# --------------------------------------------------------------------------- predict and explain
+
+
+@bp.post("/predict")
+def predict():
+    """The model's top-k classes for an image."""
+    data = body()
+    name = model_name(data)
+    record = image_record(data)
+    spec = services().models.spec(name)
+    k = integer(data.get("top_k", 5), "top_k", 1, min(spec.num_classes, current_app.config["MAX_TOP_K"]))
+    preds = run_inline(predict_fn(name, record["id"], k))
+    return jsonify({"model": name, "image": record["id"], "predictions": preds})
+
+
+@bp.post("/explain")
+def explain():
+    """Answers a stored result, computes a cheap one now, or queues a costly one as a job."""
+    data = body()
+    s = services()
+    cfg = current_app.config
+    name = model_name(data)
+    record = image_record(data)
+    spec = s.models.spec(name)
+    method_id = data.get("method")
+    if not isinstance(method_id, str) or method_id not in engine.methods():
+        raise engine.UnknownMethod(str(method_id), engine.methods())
+    given = data.get("params") or {}
+    if not isinstance(given, dict):
+        raise ApiError(400, "bad_param", "params must be a JSON object of parameter values", "params")
+    method = engine.registry.get(method_id)
+    names = {p.name: p for p in method.params}
+    for key, value in given.items():
+        if key in names and names[key].type == "tensor" and value is not None:
+            raise ApiError(400, "bad_param", f"{key}: is a tensor parameter, only settable from Python", key)
+    if "layer" in names and not given.get("layer") and spec.cam_layer:
+        given = {**given, "layer": spec.cam_layer}  # the model's own CAM layer by default
+    params = method.validate(given)
+    shape = (len(spec.preprocessing.mean), spec.preprocessing.crop, spec.preprocessing.crop)
+    info = engine.method_info(method_id, params, shape)
+    passes = int(info["cost"]["forward"])
+    if passes > cfg["MAX_PASSES"]:
+        raise ApiError(400, "over_budget", f"these parameters need {passes} forward passes, more than the limit "
+                                           f"of {cfg['MAX_PASSES']} (MAX_PASSES); use a coarser setting", "params")
+    target = data.get("target")
+    if target is None:
+        target = run_inline(predict_fn(name, record["id"], 1))[0]["index"]
+    target = integer(target, "target", 0, spec.num_classes - 1, code="bad_target")
+
+    rid = result_id(record["id"], name, method_id, params, target)
+    stored = s.store.result(rid)
+    if stored is not None:
+        return jsonify({"status": "done", "cached": True, "result": stored})
+    fn = explain_fn(name, record, method_id, params, target, rid, info)
+    if passes <= cfg["INLINE_MAX_PASSES"]:
+        run_inline(fn, key=rid)
+        return jsonify({"status": "done", "cached": False, "result": s.store.result(rid)})
+    job = s.jobs.submit(fn, key=rid, total=passes)
+    resp = jsonify({"status": job.status if job.status != "running" else "queued", "job": job.to_dict()})
+    resp.status_code = 202
+    resp.headers["Location"] = url_for("api.job", job_id=job.id)
+    return resp
+
+
+def explain_fn(name: str, record: dict, method_id: str, params: dict, target: int, rid: str, info: dict):
+    """The job body of an explanation: computes, encodes and stores; returns the result id."""
+    s = services()
+    cfg = current_app.config
+    budget = cfg["MEMORY_BUDGET"]
+
+    def run(job):
+        if s.store.result(rid) is not None:  # an identical job finished first
+            return rid
+        spec = s.models.spec(name)
+        model = s.models.get(name)
+        x, view = imaging.preprocess(s.store.load_image(record["id"]), spec.preprocessing)
+        x = x.to(s.models.device)
+        with torch.inference_mode():
+            logits = model(x)
+        details: dict = {}
+        start = time.perf_counter()
+        attr = engine.attribute(model, x, method_id, target, progress=job.progress, cancel=job.cancel,
+                                memory_budget=budget, info=details, **params)
+        elapsed = time.perf_counter() - start
+        arr = attr.detach().cpu().float().numpy()
+        png, enc = imaging.encode_map(arr[0], bool(info["signed"]))
+        meta = {
+            "id": rid, "model": name, "method": method_id, "params": _jsonable(params), "target": target,
+            "target_label": spec.labels[target], "image": {"id": record["id"], "width": record["width"],
+                                                         "height": record["height"],
+                                                         "url": f"/api/images/{record['id']}"},
+            "elapsed_s": round(elapsed, 4), "created": utc_now(), "output": info["output"],
+            "signed": bool(info["signed"]), "layer": details.get("layer"), "cost": info["cost"],
+            "predictions": top_predictions(logits[0], spec.labels, 5),
+            "range": {"min": enc["min"], "max": enc["max"]}, "encoding": {"zero": enc["zero"], "scale": enc["scale"]},
+            "size": [int(arr.shape[-2]), int(arr.shape[-1])], "shape": list(arr.shape),
+            "links": {"input": f"/api/results/{rid}/input.png", "map": f"/api/results/{rid}/map.png",
+                      "overlay": f"/api/results/{rid}/overlay.png", "npy": f"/api/results/{rid}/attribution.npy",
+                      "share": f"/r/{rid}"},
+        }
+        s.store.put_result(meta, view, arr, png)
+        return rid
+
+    return run
+
+
+def _jsonable(params: dict) -> dict:
+    return json.loads(json.dumps(params, default=lambda v: list(v) if isinstance(v, tuple) else str(v)))
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def find_job(job_id: str):
+    job = services().jobs.get(job_id)
+    if job is None:
+        raise ApiError(404, "not_found", f"no job with id {job_id!r} (jobs are kept in memory until restart)", "job")
+    return job
+
+
+@bp.get("/jobs/<job_id>")
+def job(job_id: str):
+    """The job's state and progress."""
+    return jsonify(find_job(job_id).to_dict())
+
+
+@bp.delete("/jobs/<job_id>")
+def cancel_job(job_id: str):
+    """Cancels a queued or running job."""
+    find_job(job_id)
+    return jsonify(services().jobs.cancel(job_id).to_dict())
+
+
+@bp.get("/jobs/<job_id>/events")
+def job_events(job_id: str):
+    """Server-sent events: the job as JSON at every change, ending with its final state."""
+    found = find_job(job_id)
+    heartbeat = float(current_app.config["SSE_HEARTBEAT_S"])
+
+    def stream():
+        version = -1
+        while True:
+            state = found.to_dict()
+            if state["version"] != version:
+                version = state["version"]
+                yield f"data: {json.dumps(state)}\n\n"
+                if found.final and state["status"] in ("done", "failed", "cancelled"):
+                    return
+            elif found.wait_change(version, heartbeat) == version:
+                yield ": keep-alive\n\n"
+
+    resp = Response(stream(), mimetype="text/event-stream")
+    resp.headers["Cache-Control"] = "no-cache"
+    resp.headers["X-Accel-Buffering"] = "no"
+    return resp
+
+
+# --------------------------------------------------------------------------- results
+
+
+def stored_result(rid: str) -> dict:
+    meta = services().store.result(rid)
+    if meta is None:
+        raise ApiError(404, "not_found", f"no result with id {rid!r}", "result")
+    return meta
+
+
+@bp.get("/results/<rid>")
+def result(rid: str):
+    """A result's metadata."""
+    meta = stored_result(rid)
+    resp = jsonify(meta)
+    resp.set_etag(rid)
+    resp.cache_control.public = True
+    resp.cache_control.max_age = IMMUTABLE_AGE
+    resp.cache_control.immutable = True
+    return resp.make_conditional(request)
+
+
+@bp.get("/results/<rid>/input.png")
+def result_input(rid: str):
+    """The cropped image the model saw."""
+    stored_result(rid)
+    return immutable(services().store.result_file(rid, "input.png"), "image/png", f"{rid}-input")
+
+
+@bp.get("/results/<rid>/map.png")
+def result_map(rid: str):
+    """The channel-summed map as an 8-bit grayscale PNG (see ``encoding``)."""
+    stored_result(rid)
+    return immutable(services().store.result_file(rid, "map.png"), "image/png", f"{rid}-map")
+
+
+@bp.get("/results/<rid>/attribution.npy")
+def result_npy(rid: str):
+    """The raw float32 attribution, N×C×H×W."""
+    stored_result(rid)
+    return immutable(services().store.result_file(rid, "attribution.npy"), "application/octet-stream",
+                     f"{rid}-npy", download=f"{rid[:12]}-attribution.npy")
+
+
+@bp.get("/results/<rid>/overlay.png")
+def result_overlay(rid: str):
+    """The map rendered over the input (mode, sign, cmap, alpha, outlier)."""
+    meta = stored_result(rid)
+    args = request.args
+    mode = args.get("mode", "blended_heat_map")
+    if mode not in imaging.MODES:
+        raise ApiError(400, "bad_param", f"mode: must be one of {', '.join(imaging.MODES)}; got {mode!r}", "mode")
+    sign = args.get("sign") or ("all" if meta["signed"] else "absolute_value")
+    if sign not in imaging.SIGNS:
+        raise ApiError(400, "bad_param", f"sign: must be one of {', '.join(imaging.SIGNS)}; got {sign!r}", "sign")
+    if mode in ("masked_image", "alpha_scaling") and sign == "all":
+        raise ApiError(400, "bad_param", f"sign: mode {mode} cannot show positive and negative values together; "
+                                         "choose positive, negative or absolute_value", "sign")
+    cmap = args.get("cmap") or None
+    if cmap is not None:
+        try:
+            imaging.colormap(cmap, sign)
+        except ValueError:
+            raise ApiError(400, "bad_param", f"cmap: unknown matplotlib colormap {cmap!r}", "cmap") from None
+    alpha = number(args.get("alpha", 0.5), "alpha", 0.0, 1.0)
+    outlier = number(args.get("outlier", 2), "outlier", 0.0, 50.0)
+    options = {"mode": mode, "sign": sign, "cmap": cmap, "alpha": alpha, "outlier": outlier}
+    etag = hashlib.sha256(f"{rid}:{json.dumps(options, sort_keys=True)}".encode()).hexdigest()
+    if request.if_none_match and etag in request.if_none_match:
+        return immutable(b"", "image/png", etag)  # answered 304 without rendering
+    store = services().store
+    with Image.open(io.BytesIO(store.result_file(rid, "input.png"))) as view:
+        out = imaging.render_overlay(view.convert("RGB"), store.attribution(rid)[0], **options)
+    return immutable(imaging.png_bytes(out), "image/png", etag)

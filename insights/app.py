@@ -1,0 +1,100 @@
+"""The application factory: settings, services (models, store, jobs) and blueprints."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+
+from flask import Flask
+
+from .jobs import JobRunner
+from .models import ModelRegistry
+from .store import Store
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Every setting with its default; docs/api.md ("Settings") describes each one. Any of them can
+# also be set from the environment as INSIGHTS_<NAME> (a JSON value or a plain string).
+DEFAULTS = {
+    "MAX_CONTENT_LENGTH": 20 * 1024 * 1024,  # bytes of one request body (uploads)
+    "MAX_IMAGE_PIXELS": 40_000_000,  # width × height of an upload
+    "INLINE_MAX_PASSES": 64,  # explanations with more forward passes run as jobs
+    "MAX_PASSES": 20_000,  # explanations with more forward passes are refused
+    "MAX_TOP_K": 100,  # most predictions one /api/predict answers
+    "MAX_LOADED_MODELS": 2,  # models kept in memory (least recently used dropped)
+    "JOBS_KEPT": 200,  # finished jobs remembered for clients
+    "MEMORY_BUDGET": None,  # bytes of activations per batch (None: the engine's default)
+    "SSE_HEARTBEAT_S": 15,  # seconds between keep-alive comments on an idle event stream
+    "DEVICE": "auto",  # cpu, cuda, cuda:N or auto
+    "ALLOW_DOWNLOAD": False,  # let torchvision download missing weights on first use
+    "BUILTIN_MODELS": True,  # efficientnet_lite0 and the torchvision classifiers
+    "MODELS_CONFIG": None,  # Python file(s) calling register(...)
+    "TORCHSCRIPT": None,  # a TorchScript classifier ...
+    "TORCHSCRIPT_LABELS": None,  # ... and its labels file, one class per line
+    "DEFAULT_MODEL": None,  # None: efficientnet_lite0, or the TorchScript model when given
+    "STORE_PATH": None,  # None: the instance folder
+}
+
+
+@dataclass
+class Services:
+    """What ``app.extensions["insights"]`` holds; pages read results through ``store``."""
+
+    models: ModelRegistry
+    store: Store
+    jobs: JobRunner
+
+
+def env_settings(environ=os.environ) -> dict:
+    """INSIGHTS_<SETTING> environment variables, parsed as JSON when they are JSON."""
+    out = {}
+    for key in DEFAULTS:
+        raw = environ.get("INSIGHTS_" + key)
+        if raw is None:
+            continue
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+def create_app(config: dict | None = None) -> Flask:
+    """Builds the app; ``config`` overrides the defaults and the environment (tests pass a temp
+    ``INSTANCE_PATH``, tiny limits and their own models config)."""
+    config = dict(config or {})
+    instance = config.pop("INSTANCE_PATH", None) or os.environ.get("INSIGHTS_INSTANCE") or os.path.join(ROOT, "instance")
+    app = Flask("insights", instance_path=os.path.abspath(instance),
+                static_folder=os.path.join(ROOT, "static"), template_folder=os.path.join(ROOT, "templates"))
+    app.config.from_mapping(DEFAULTS)
+    app.config.update(env_settings())
+    app.config.update(config)
+    app.config.update(
+        JSON_SORT_KEYS=False,
+        # PNG and .npy are already compressed or binary: compress text only.
+        COMPRESS_MIMETYPES=["application/json", "text/html", "text/css", "text/javascript",
+                            "application/javascript", "image/svg+xml", "text/plain"],
+        COMPRESS_ALGORITHM=["br", "gzip", "deflate"],
+        COMPRESS_STREAMS=False,  # never buffer server-sent events
+    )
+    os.makedirs(app.instance_path, exist_ok=True)
+
+    services = Services(models=ModelRegistry(), store=Store(), jobs=JobRunner())
+    services.models.init_app(app)
+    services.store.init_app(app)
+    services.jobs.init_app(app)
+    app.extensions["insights"] = services
+
+    from flask_compress import Compress
+
+    Compress().init_app(app)
+
+    from . import api
+
+    api.init_app(app)
+    if importlib.util.find_spec("insights.pages") is not None:
+        pages = importlib.import_module("insights.pages")
+        app.register_blueprint(pages.bp if hasattr(pages, "bp") else pages.pages)
+    return app

