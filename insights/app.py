@@ -86,6 +86,7 @@ def create_app(config: dict | None = None) -> Flask:
     services.store.init_app(app)
     services.jobs.init_app(app)
     app.extensions["insights"] = services
+    app.extensions["insights.store"] = services.store  # pages.py looks the Store up by type
 
     from flask_compress import Compress
 

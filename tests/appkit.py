@@ -1,0 +1,132 @@
+"""Fixtures and helpers shared by the web app's tests (imported by tests/test_api.py and friends).
+
+The app under test serves the tiny random-weight models of tests/tiny_models.py (loaded through the
+same --config mechanism operators use) from a temporary instance folder, with small limits.
+"""
+from __future__ import annotations
+
+import io
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from insights import create_app
+from insights.methods import registry
+from insights.methods.base import Cost, Method, Param
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_CONFIG = os.path.join(HERE, "tiny_models.py")
+ENGINE = sys.modules["insights.methods"]
+
+
+def png(size=(48, 40), color=(200, 30, 30), mode="RGB", fmt="PNG") -> bytes:
+    """An image file made in memory: the left half ``color``, the right half its inverse."""
+    arr = np.zeros((size[1], size[0], 3), np.uint8)
+    arr[:, : size[0] // 2] = color
+    arr[:, size[0] // 2:] = 255 - np.array(color, np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    out = io.BytesIO()
+    img.save(out, format=fmt)
+    return out.getvalue()
+
+
+def upload(client, data: bytes, name: str = "photo.png"):
+    return client.post("/api/images", data={"image": (io.BytesIO(data), name)},
+                       content_type="multipart/form-data")
+
+
+def snapshot(root: str) -> dict:
+    """Every file under ``root`` with its size and modification time: to prove nothing changed."""
+    out = {}
+    for folder, _dirs, names in os.walk(root):
+        for n in names:
+            p = os.path.join(folder, n)
+            st = os.stat(p)
+            out[os.path.relpath(p, root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+class FixedMap(Method):
+    """Test method: a map of 1 on the left half of the image and 0 on the right, one pass."""
+
+    id = "fixed_map_test"
+    label = "Fixed map (test)"
+    family = "test"
+    params = (Param("value", "float", 1.0, "Height of the left half.", min=0.0, max=10.0),)
+
+    def signed(self, p):
+        return False
+
+    def cost(self, p, shape):
+        return Cost(1, 0)
+
+    def run(self, ctx, p):
+        out = torch.zeros_like(ctx.inputs)
+        out[..., : out.shape[-1] // 2] = p["value"]
+        ctx.advance(1)
+        return out
+
+
+class SlowSteps(Method):
+    """Test method: ``steps`` forward passes of ``delay`` seconds each, reporting progress."""
+
+    id = "slow_test"
+    label = "Slow (test)"
+    family = "test"
+    params = (Param("steps", "int", 20, "Passes.", min=1, max=100000),
+              Param("delay", "float", 0.02, "Seconds per pass.", min=0.0, max=1.0))
+
+    def cost(self, p, shape):
+        return Cost(p["steps"], 0)
+
+    def run(self, ctx, p):
+        for _ in range(p["steps"]):
+            time.sleep(p["delay"])
+            ctx.advance(1)
+        return ctx.inputs * 0 + 1
+
+
+@pytest.fixture
+def test_methods(monkeypatch):
+    """Registers FixedMap and SlowSteps in the engine's registry for one test."""
+    monkeypatch.setitem(registry._methods, FixedMap.id, FixedMap())
+    monkeypatch.setitem(registry._methods, SlowSteps.id, SlowSteps())
+
+
+@pytest.fixture
+def app(tmp_path, test_methods):
+    app = create_app({"INSTANCE_PATH": str(tmp_path / "instance"), "BUILTIN_MODELS": False,
+                      "MODELS_CONFIG": TINY_CONFIG, "DEVICE": "cpu", "INLINE_MAX_PASSES": 5,
+                      "MAX_PASSES": 5000, "MAX_CONTENT_LENGTH": 200_000, "MAX_IMAGE_PIXELS": 250_000,
+                      "SSE_HEARTBEAT_S": 0.2})
+    yield app
+    app.extensions["insights"].jobs.shutdown()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def image_id(client) -> str:
+    r = upload(client, png())
+    assert r.status_code == 201, r.json
+    return r.json["id"]
+
+
+def wait_job(client, job_id: str, timeout: float = 20.0) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = client.get(f"/api/jobs/{job_id}").json
+        if state["status"] in ("done", "failed", "cancelled"):
+            return state
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} did not finish in {timeout}s")
