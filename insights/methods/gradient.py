@@ -77,7 +77,7 @@ def noise_tunnel(method: GradientMethod, ctx: Context, p: dict) -> torch.Tensor:
     squares = (maps * maps).mean(0)
     if p["nt_type"] == "smoothgrad_sq":
         return squares
-    return squares - maps.mean(0) ** 2  # vargrad
+    return (squares - maps.mean(0) ** 2).clamp_min(0)  # vargrad; rounding can dip below 0
 
 
 @registry.register
