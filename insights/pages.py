@@ -9,11 +9,7 @@ bp = Blueprint("pages", __name__)
 
 
 def _store() -> Store:
-    # The backend attaches its Store to app.extensions; find it by type so the key can change.
-    for ext in current_app.extensions.values():
-        if isinstance(ext, Store):
-            return ext
-    raise RuntimeError("the app has no insights Store attached (app.extensions)")
+    return current_app.extensions["insights"].store
 
 
 def _describe(meta: dict) -> dict:

@@ -109,7 +109,7 @@ export function followJob(job, onUpdate) {
 /** Explains and, for queued work, follows the job to the result. hooks: {onJob, onProgress}. */
 export async function explainToResult(body, hooks = {}) {
   const answer = await api.explain(body);
-  if (answer.status === "done" && answer.result) return answer.result;
+  if (answer.status === "done" && answer.result) return { ...answer.result, cached: !!answer.cached };
   const job = answer.job;
   if (hooks.onJob) hooks.onJob(job);
   const final = await followJob(job, (j) => hooks.onProgress && hooks.onProgress(j));

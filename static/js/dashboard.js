@@ -1,7 +1,7 @@
 // The dashboard: image → model → class → method → map, plus comparisons and sharing.
 import { api, explainToResult } from "./api.js";
 import { paramForm } from "./form.js";
-import { colormapFor, loadResult } from "./render.js";
+import { colormapFor, effectiveSign, loadResult } from "./render.js";
 import { $, $$, copyText, duration, h, plainError, showError, toast } from "./ui.js";
 import { ViewStore, bindCanvas, colorBar, viewControls } from "./viewer.js";
 
@@ -55,7 +55,9 @@ function placeError(e, fallback = "run") {
   }
   const map = { image: "image", file: "image", model: "model", target: "target", method: "method", top_k: "target" };
   const byCode = { bad_image: "image", too_large: "image", unknown_model: "model", model_unavailable: "model", bad_target: "target", unknown_method: "method" };
-  showError(s[map[field] || byCode[e && e.code] || fallback], msg);
+  const slot = s[map[field] || byCode[e && e.code] || fallback];
+  showError(slot, msg);
+  slot.scrollIntoView({ block: "nearest", behavior: "smooth" });
 }
 
 // ---------------------------------------------------------------------------- image
@@ -71,6 +73,7 @@ async function useImage(promise) {
   performance.mark("insights:image-start");
   try {
     state.image = await promise;
+    performance.mark("insights:uploaded");
   } catch (e) {
     setDropBusy(false);
     placeError(e, "image");
@@ -78,9 +81,13 @@ async function useImage(promise) {
   }
   setDropBusy(false);
   state.target = null;
-  state.result = null;
   showPreview();
   await predict();
+  if (!state.asset && state.predictions.length) {
+    const top = state.predictions[0];
+    $("#hero-title").textContent = "Ready to explain";
+    $("#hero-sub").textContent = `The model's top guess is “${top.label}” (${(top.prob * 100).toFixed(1)}%). Pick a class and a method, then press Explain.`;
+  }
 }
 
 function uploadFile(file) {
@@ -99,6 +106,15 @@ function showPreview() {
   thumb.src = url;
   thumb.hidden = false;
   $("#dropzone").classList.add("has-image");
+  if (state.asset && state.asset.meta.image && state.asset.meta.image.id !== state.image.id) {
+    if (unbindHero) unbindHero();
+    unbindHero = null;
+    state.asset = null;
+    state.result = null;
+    $("#overlay").hidden = true;
+    $("#hero-side").hidden = true;
+    $("#hero-actions").hidden = true;
+  }
   if (!state.asset) {
     $("#preview").src = url;
     $("#preview").hidden = false;
@@ -181,7 +197,7 @@ function renderModels() {
     const detail = m.available ? [size, m.num_classes ? `${m.num_classes} classes` : ""].filter(Boolean).join(" · ") : m.reason || "Unavailable";
     list.append(
       h("div.option", { class: `option${m.available ? "" : " disabled"}` }, input,
-        h("label", { for: id },
+        h("label", { for: id, title: m.available ? m.description || "" : m.reason || "" },
           h("span.option-title", {}, m.label || m.name, m.loaded ? h("span.badge.ok", { text: "ready", title: "Loaded in memory" }) : null,
             !m.available ? h("span.badge.warn", { text: "unavailable" }) : null),
           h("span.option-desc", { text: detail }))),
@@ -332,7 +348,7 @@ function renderMethods() {
       const cost = m.cost ? m.cost.forward + m.cost.backward : 0;
       group.append(h("div.option.method", {}, input,
         h("label", { for: id },
-          h("span.option-title", {}, m.label, m.signed ? h("span.badge", { text: "signed", title: "The map has positive and negative values" }) : null,
+          h("span.option-title", {}, m.label,
             cost > 20 ? h("span.badge.slow", { text: "slow", title: `${cost} passes per image` }) : null),
           h("span.option-desc", { text: m.description }))));
     }
@@ -389,6 +405,7 @@ async function run() {
   setBusy(true, `Running ${state.method.label}…`);
   $("#job").hidden = true;
   try {
+    performance.mark("insights:explain-start");
     const meta = await explainToResult(body, {
       onJob: (job) => {
         state.job = job;
@@ -400,6 +417,7 @@ async function run() {
         showJob(job);
       },
     });
+    performance.mark("insights:explained");
     state.job = null;
     $("#job").hidden = true;
     await showResult(meta);
@@ -635,7 +653,10 @@ async function start() {
   $("#colorbar-slot").append(bar);
   const controls = viewControls(store);
   $("#view-slot").append(controls);
-  const syncSwatch = () => controls.setSwatch(state.asset ? colormapFor(state.asset, store.view) : store.view.cmap === "auto" ? "RdWhGn" : store.view.cmap);
+  const syncSwatch = () => {
+    controls.setSwatch(state.asset ? colormapFor(state.asset, store.view) : store.view.cmap === "auto" ? "RdWhGn" : store.view.cmap);
+    if (state.asset) controls.showSign(effectiveSign(state.asset, store.view));
+  };
   store.subscribe(() => {
     syncSwatch();
     updateDownloadLink();

@@ -1,6 +1,6 @@
 // The share page: the stored result drawn with the same viewer as the dashboard; nothing is recomputed.
 import { api } from "./api.js";
-import { loadResult } from "./render.js";
+import { colormapFor, effectiveSign, loadResult } from "./render.js";
 import { $, copyText, h, plainError, toast } from "./ui.js";
 import { ViewStore, bindCanvas, colorBar, viewControls } from "./viewer.js";
 
@@ -9,7 +9,8 @@ async function start() {
   const store = new ViewStore();
   const bar = colorBar();
   $("#colorbar-slot").append(bar);
-  $("#view-slot").append(viewControls(store, "share"));
+  const controls = viewControls(store, "share");
+  $("#view-slot").append(controls);
   $("#share-copy").addEventListener("click", async () => {
     const ok = await copyText(location.href);
     $("#share-copy span").textContent = ok ? "Link copied" : "Copy failed";
@@ -19,7 +20,11 @@ async function start() {
   try {
     const meta = await api.result(id);
     const asset = await loadResult(meta);
-    bindCanvas($("#overlay"), asset, store, (a, view) => bar.update(a, view));
+    bindCanvas($("#overlay"), asset, store, (a, view) => {
+      bar.update(a, view);
+      controls.showSign(effectiveSign(a, view));
+      controls.setSwatch(colormapFor(a, view));
+    });
     store.subscribe((v) => {
       const q = new URLSearchParams({ mode: v.mode, alpha: v.alpha, outlier: v.outlier });
       if (v.sign !== "auto") q.set("sign", v.sign);

@@ -52,7 +52,7 @@ function slider(id, label, min, max, step, value, format, onInput) {
 /** The view controls (mode, sign, colour map, opacity, outlier clipping) bound to the store. */
 export function viewControls(store, prefix = "view") {
   const v = store.view;
-  const signOptions = [{ value: "auto", label: "Auto", title: "All for signed maps, positive otherwise" }, ...SIGNS];
+  const signOptions = SIGNS;
   const mode = segmented("mode", "Display mode", MODES, v.mode, (x) => store.set({ mode: x }));
   const sign = segmented("sign", "Sign", signOptions, v.sign, (x) => store.set({ sign: x }));
   const swatch = h("span.swatch", { "aria-hidden": "true" });
@@ -70,6 +70,8 @@ export function viewControls(store, prefix = "view") {
   mode.setAttribute("aria-labelledby", `${prefix}-mode-label`);
   sign.setAttribute("aria-labelledby", `${prefix}-sign-label`);
   root.setSwatch = (name) => (swatch.style.background = cssGradient(name));
+  // Until someone picks a sign, the control shows the one the map gets by default.
+  root.showSign = (value) => sign.setValue(value);
   root.setSwatch(v.cmap === "auto" ? "RdWhGn" : v.cmap);
   return root;
 }
