@@ -1,0 +1,130 @@
+"""The job runner: one worker thread, order, progress and ETA, cancel, failures, de-duplication."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from insights.jobs import JobRunner
+from insights.methods import Cancelled, ParamError
+
+
+@pytest.fixture
+def runner():
+    r = JobRunner(keep=3)
+    yield r
+    r.shutdown()
+
+
+def test_jobs_run_in_order_on_one_worker_thread(runner):
+    threads, order = set(), []
+
+    def work(n):
+        def fn(job):
+            threads.add(threading.get_ident())
+            order.append(n)
+            return n * n
+        return fn
+
+    jobs = [runner.submit(work(n)) for n in range(5)]
+    for j in jobs:
+        assert j.wait(5)
+    assert [j.result for j in jobs] == [0, 1, 4, 9, 16] and order == [0, 1, 2, 3, 4]
+    assert len(threads) == 1 and threading.get_ident() not in threads
+    assert all(j.to_dict()["status"] == "done" for j in jobs)
+
+
+def test_progress_and_eta(runner):
+    gate, states = threading.Event(), []
+
+    def fn(job):
+        for i in range(1, 5):
+            job.progress(i, 8)
+            time.sleep(0.02)
+        states.append(job.to_dict())
+        gate.wait(5)
+        return "r" * 64
+
+    job = runner.submit(fn, total=8)
+    deadline = time.time() + 5
+    while not states and time.time() < deadline:
+        time.sleep(0.01)
+    mid = states[0]
+    assert mid["status"] == "running" and (mid["done"], mid["total"]) == (4, 8)
+    # half done after elapsed seconds: the same again to go
+    assert mid["eta_s"] == pytest.approx(mid["elapsed_s"], rel=0.3, abs=0.02)
+    gate.set()
+    assert job.wait(5)
+    final = job.to_dict()
+    assert final["status"] == "done" and final["eta_s"] == 0.0 and final["result_id"] == "r" * 64
+    assert final["done"] == final["total"] == 8
+
+
+def test_cancel_queued_and_running(runner):
+    started = threading.Event()
+
+    def long(job):
+        started.set()
+        while True:
+            if job.cancel.is_set():
+                raise Cancelled("stop")
+            time.sleep(0.005)
+
+    ran = []
+    first = runner.submit(long)
+    second = runner.submit(lambda job: ran.append(1))
+    assert started.wait(5)
+    runner.cancel(second.id)
+    assert second.status == "cancelled"  # at once, without waiting for the worker
+    runner.cancel(first.id)
+    assert first.wait(5) and first.status == "cancelled"
+    after = runner.submit(lambda job: "ok")
+    assert after.wait(5) and after.result == "ok" and ran == []
+
+
+def test_failures_are_reported_and_the_worker_goes_on(runner):
+    bad = runner.submit(lambda job: (_ for _ in ()).throw(ParamError("n_steps", "must be at most 10")))
+    boom = runner.submit(lambda job: 1 / 0)
+    ok = runner.submit(lambda job: 7)
+    assert ok.wait(5) and ok.result == 7
+    assert bad.to_dict()["error"] == {"code": "bad_param", "message": "n_steps: must be at most 10",
+                                      "field": "n_steps"}
+    assert boom.to_dict()["error"]["code"] == "internal" and "ZeroDivisionError" in boom.error["message"]
+
+
+def test_same_key_shares_a_job_until_it_finishes(runner):
+    gate = threading.Event()
+    a = runner.submit(lambda job: gate.wait(5), key="k")
+    b = runner.submit(lambda job: 1, key="k")
+    assert a is b
+    gate.set()
+    assert a.wait(5)
+    c = runner.submit(lambda job: 2, key="k")
+    assert c is not a and c.wait(5) and c.result == 2
+
+
+def test_only_the_last_finished_jobs_are_kept(runner):
+    jobs = [runner.submit(lambda job: 0) for _ in range(6)]
+    jobs[-1].wait(5)
+    time.sleep(0.01)
+    runner.submit(lambda job: 0).wait(5)
+    assert runner.get(jobs[0].id) is None and runner.get(jobs[-1].id) is jobs[-1]
+
+
+def test_wait_change_wakes_on_progress(runner):
+    step, finish = threading.Event(), threading.Event()
+
+    def fn(job):
+        step.wait(5)
+        job.progress(1, 2)
+        finish.wait(5)
+
+    job = runner.submit(fn)
+    while job.status != "running":
+        time.sleep(0.005)
+    v = job.version
+    step.set()
+    assert job.wait_change(v, 5) != v and job.done == 1
+    finish.set()
+    assert job.wait(5)
