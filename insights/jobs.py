@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 from .methods import Cancelled
 
+clock = time.time  # the wall clock of job times (tests replace it)
+
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINAL = ("done", "failed", "cancelled")
 
@@ -35,10 +37,11 @@ class Job:
         self.error: dict | None = None
         self.exception: BaseException | None = None
         self.cancel = threading.Event()
-        self.created = time.time()
+        self.created = clock()
         self.started: float | None = None
         self.finished: float | None = None
         self.version = 0  # bumps on every change; event streams wait on it
+        self._first: tuple[float, int] | None = None  # (time, done) of the first progress report
         self._cond = threading.Condition()
 
     # -- called by the worker and the job's function ------------------------------------------
@@ -53,6 +56,8 @@ class Job:
     def progress(self, done: int, total: int) -> None:
         """Reports ``done`` of ``total`` units of work."""
         if done != self.done or total != self.total:
+            if self._first is None:
+                self._first = (clock(), int(done))
             self._set(done=int(done), total=int(total))
 
     # -- read by request threads ----------------------------------------------------------------
@@ -74,11 +79,16 @@ class Job:
 
     def to_dict(self) -> dict:
         with self._cond:
-            now = self.finished or time.time()
+            now = self.finished or clock()
             elapsed = (now - self.started) if self.started else 0.0
             eta = None
             if self.status == "running" and self.done > 0 and self.total > self.done:
-                eta = round(elapsed / self.done * (self.total - self.done), 2)
+                # The rate since the first report leaves out the start-up (loading the model);
+                # with a single report so far, the whole elapsed time is all we have.
+                rate_time, rate_done = elapsed, self.done
+                if self._first is not None and self.done > self._first[1]:
+                    rate_time, rate_done = now - self._first[0], self.done - self._first[1]
+                eta = round(rate_time / rate_done * (self.total - self.done), 2)
             elif self.status == "done":
                 eta = 0.0
             return {"id": self.id, "status": self.status, "done": self.done, "total": self.total,
@@ -149,7 +159,7 @@ class JobRunner:
         job.cancel.set()
         with job._cond:
             if job.status == "queued":
-                job._set(status="cancelled", finished=time.time())
+                job._set(status="cancelled", finished=clock())
         return job
 
     def shutdown(self, timeout: float = 5.0) -> None:
@@ -179,14 +189,14 @@ class JobRunner:
             with job._cond:
                 if job.status != "queued":  # cancelled while waiting
                     continue
-                job._set(status="running", started=time.time())
+                job._set(status="running", started=clock())
             try:
                 if job.cancel.is_set():
                     raise Cancelled("cancelled before it started")
                 result = job.fn(job)
             except Cancelled:
-                job._set(status="cancelled", finished=time.time())
+                job._set(status="cancelled", finished=clock())
             except Exception as exc:  # reported to the client; the worker keeps going
-                job._set(status="failed", error=error_of(exc), exception=exc, finished=time.time())
+                job._set(status="failed", error=error_of(exc), exception=exc, finished=clock())
             else:
-                job._set(status="done", result=result, done=max(job.done, job.total), finished=time.time())
+                job._set(status="done", result=result, done=max(job.done, job.total), finished=clock())

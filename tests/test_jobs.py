@@ -35,30 +35,32 @@ def test_jobs_run_in_order_on_one_worker_thread(runner):
     assert all(j.to_dict()["status"] == "done" for j in jobs)
 
 
-def test_progress_and_eta(runner):
-    gate, states = threading.Event(), []
+def test_progress_and_eta(runner, monkeypatch):
+    import insights.jobs as jobs_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(jobs_module, "clock", lambda: clock[0])
+    gate, reported = threading.Event(), threading.Event()
 
     def fn(job):
-        for i in range(1, 5):
-            job.progress(i, 8)
-            time.sleep(0.02)
-        states.append(job.to_dict())
+        clock[0] += 10.0  # start-up (loading the model) before the first report
+        job.progress(1, 9)
+        clock[0] += 4.0  # then 2 s per unit
+        job.progress(3, 9)
+        reported.set()
         gate.wait(5)
         return "r" * 64
 
-    job = runner.submit(fn, total=8)
-    deadline = time.time() + 5
-    while not states and time.time() < deadline:
-        time.sleep(0.01)
-    mid = states[0]
-    assert mid["status"] == "running" and (mid["done"], mid["total"]) == (4, 8)
-    # half done after elapsed seconds: the same again to go
-    assert mid["eta_s"] == pytest.approx(mid["elapsed_s"], rel=0.3, abs=0.02)
+    job = runner.submit(fn, total=9)
+    assert reported.wait(5)
+    mid = job.to_dict()
+    assert mid["status"] == "running" and (mid["done"], mid["total"]) == (3, 9)
+    assert mid["elapsed_s"] == 14.0 and mid["eta_s"] == 12.0  # 6 units left at 2 s each
     gate.set()
     assert job.wait(5)
     final = job.to_dict()
     assert final["status"] == "done" and final["eta_s"] == 0.0 and final["result_id"] == "r" * 64
-    assert final["done"] == final["total"] == 8
+    assert final["done"] == final["total"] == 9
 
 
 def test_cancel_queued_and_running(runner):
