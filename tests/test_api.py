@@ -459,3 +459,21 @@ def test_model_work_never_overlaps(client, image_id, monkeypatch):
     for t in threads:
         t.join()
     assert codes == [200] * 5 and peak[0] == 1
+
+
+# --------------------------------------------------------------------------- documentation
+
+
+def test_every_setting_and_endpoint_is_documented(app):
+    import os
+    import re
+
+    from insights.app import DEFAULTS
+
+    doc = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "api.md"), encoding="utf-8").read()
+    settings = doc.split("## Settings", 1)[1]
+    missing = [k for k in DEFAULTS if f"`{k}`" not in settings]
+    assert missing == [], f"settings missing from docs/api.md: {missing}"
+    documented = {re.sub(r"<[^>]+>", "<>", p) for p in re.findall(r"(/api[^\s`?|]*)", doc)}
+    routes = {re.sub(r"<[^>]+>", "<>", r.rule) for r in app.url_map.iter_rules() if r.rule.startswith("/api")}
+    assert routes - documented == set()
