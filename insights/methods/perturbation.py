@@ -12,7 +12,7 @@ are clipped, and an element covered by several windows gets the mean of their di
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Sequence
 
 import torch
@@ -29,22 +29,22 @@ BASELINES_PARAM = Param("baselines", "float", 0.0, "Value that replaces the occl
                         "a tensor broadcastable to the input.", tensor_ok=True)
 
 
-class Scorer:
-    """Target scores of batches of perturbed inputs, in the precision and layout chosen."""
+@contextmanager
+def scoring(model: nn.Module, device: torch.device, precision: str):
+    """Yields ``score(x, target)``: the target logit of each row of a batch, in fp32, computed
+    without autograd, in channels-last layout and, for ``precision="bf16"``, under bfloat16
+    autocast. One autocast region covers all batches, so weights are cast to bf16 once."""
+    cast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
-    def __init__(self, model: nn.Module, device: torch.device, precision: str):
-        self.model = model
-        self.bf16 = precision == "bf16"
-        self.device_type = device.type
-
-    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def score(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        cast = torch.autocast(self.device_type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
-        with torch.inference_mode(), cast:
-            logits = self.model(x)
+        logits = model(x)
         # Differences of scores are taken in fp32 in both modes.
         return logits.gather(1, target.view(-1, 1).to(logits.device)).squeeze(1).float()
+
+    with torch.inference_mode(), cast:
+        yield score
 
 
 class PerturbationMethod(Method):
@@ -94,20 +94,19 @@ def occlude(ctx: Context, windows: Sequence[int], strides: Sequence[int], baseli
     counts = [m.shape[0] for m in masks]
     total = math.prod(counts)
     base = expand_baseline(baselines, x)
-    score = Scorer(ctx.model, x.device, precision)
-
-    clean = score(x, target)
-    ctx.advance(n)
     diffs = torch.empty(total * n, device=x.device)  # row r: window r // n, sample r % n
-    for s in ctx.chunks(total * n, grad=False):
-        rows = torch.arange(s.start, s.stop, device=x.device)
-        window, sample = rows // n, rows % n
-        kc, rest = window // (counts[1] * counts[2]), window % (counts[1] * counts[2])
-        kh, kw = rest // counts[2], rest % counts[2]
-        hidden = (masks[0][kc][:, :, None, None] & masks[1][kh][:, None, :, None]
-                  & masks[2][kw][:, None, None, :])
-        batch = torch.where(hidden, base[sample], x[sample])
-        diffs[s] = clean[sample] - score(batch, target[sample])
+    with scoring(ctx.model, x.device, precision) as score:
+        clean = score(x, target)
+        ctx.advance(n)
+        for s in ctx.chunks(total * n, grad=False):
+            rows = torch.arange(s.start, s.stop, device=x.device)
+            window, sample = rows // n, rows % n
+            kc, rest = window // (counts[1] * counts[2]), window % (counts[1] * counts[2])
+            kh, kw = rest // counts[2], rest % counts[2]
+            hidden = (masks[0][kc][:, :, None, None] & masks[1][kh][:, None, :, None]
+                      & masks[2][kw][:, None, None, :])
+            batch = torch.where(hidden, base[sample], x[sample])
+            diffs[s] = clean[sample] - score(batch, target[sample])
 
     # The map is separable: sum over windows of diff × (mask_c ⊗ mask_h ⊗ mask_w), divided by
     # the number of windows covering each element, itself an outer product of per-axis counts.
@@ -161,18 +160,17 @@ def ablate_features(ctx: Context, mask: torch.Tensor, baselines, precision: str)
     mask = expand_mask(mask, x)
     ids = torch.unique(mask)
     base = expand_baseline(baselines, x)
-    score = Scorer(ctx.model, x.device, precision)
-
-    clean = score(x, target)
-    ctx.advance(n)
     out = torch.zeros_like(x, dtype=torch.float32)
-    for s in ctx.chunks(ids.numel() * n, grad=False):
-        rows = torch.arange(s.start, s.stop, device=x.device)
-        feature, sample = ids[rows // n], rows % n
-        hidden = mask[sample] == feature.view(-1, 1, 1, 1)
-        batch = torch.where(hidden, base[sample], x[sample])
-        diff = clean[sample] - score(batch, target[sample])
-        out.index_add_(0, sample, diff.view(-1, 1, 1, 1) * hidden)
+    with scoring(ctx.model, x.device, precision) as score:
+        clean = score(x, target)
+        ctx.advance(n)
+        for s in ctx.chunks(ids.numel() * n, grad=False):
+            rows = torch.arange(s.start, s.stop, device=x.device)
+            feature, sample = ids[rows // n], rows % n
+            hidden = mask[sample] == feature.view(-1, 1, 1, 1)
+            batch = torch.where(hidden, base[sample], x[sample])
+            diff = clean[sample] - score(batch, target[sample])
+            out.index_add_(0, sample, diff.view(-1, 1, 1, 1) * hidden)
     return out
 
 

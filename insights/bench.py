@@ -1,0 +1,239 @@
+"""Times every registered method against its Captum counterpart (a developer tool).
+
+    python -m insights.bench [--device cpu|cuda] [--model resnet18] [--methods occlusion ...]
+                             [--repeat 3] [--threads N]
+
+Same torchvision model (random weights), same 1×3×224×224 input, target 208 and the same
+parameters for both sides. Each timed call runs once untimed first (warm-up), then ``--repeat``
+times, the variants interleaved so that a noisy machine hurts them alike; the median is shown.
+Columns: Captum with its default settings, Captum with its fastest batching option
+(``perturbations_per_eval`` / ``internal_batch_size``), ours, the speed-ups, the largest
+difference from Captum relative to Captum's largest value, and for bf16 rows the Pearson
+correlation with our fp32 map.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from .methods import attribute, methods, registry
+from .methods.base import default_layer
+
+TARGET = 208
+# Captum's own occlusion example, and the common IG setting.
+PARAMS = {
+    "occlusion": {"sliding_window_shapes": (3, 45, 45), "strides": (3, 9, 9), "baselines": 0.0},
+    "feature_ablation": {"patch_size": 16, "baselines": 0.0},
+    "integrated_gradients": {"n_steps": 50},
+    "gradient_shap": {"n_samples": 20, "stdevs": 0.0, "baselines": 0.0},
+}
+BEST_BATCH = 32  # Captum's perturbations_per_eval / internal_batch_size for its "best" column
+RANDOM = {"gradient_shap"}  # sampled: maps differ from Captum's by design
+
+
+def captum_calls(method: str, model, x: torch.Tensor, layer: str) -> dict[str, Callable] | None:
+    """Captum's default and best-batched calls equivalent to our ``method``, or None."""
+    import captum.attr as ca
+
+    t = TARGET
+    p = PARAMS.get(method, {})
+    module = model.get_submodule(layer)
+    if method == "saliency":
+        return {"default": lambda: ca.Saliency(model).attribute(x, target=t, abs=True)}
+    if method == "input_x_gradient":
+        return {"default": lambda: ca.InputXGradient(model).attribute(x, target=t)}
+    if method == "integrated_gradients":
+        ig = ca.IntegratedGradients(model)
+        return {"default": lambda: ig.attribute(x, target=t, n_steps=p["n_steps"]),
+                "best": lambda: ig.attribute(x, target=t, n_steps=p["n_steps"],
+                                             internal_batch_size=BEST_BATCH)}
+    if method == "gradient_shap":
+        base = torch.zeros_like(x)
+        return {"default": lambda: ca.GradientShap(model).attribute(
+            x, baselines=base, target=t, n_samples=p["n_samples"], stdevs=p["stdevs"])}
+    if method == "deeplift":
+        return {"default": lambda: ca.DeepLift(model).attribute(x, target=t)}
+    if method == "guided_backprop":
+        return {"default": lambda: ca.GuidedBackprop(model).attribute(x, target=t)}
+    if method == "deconvolution":
+        return {"default": lambda: ca.Deconvolution(model).attribute(x, target=t)}
+    if method == "grad_cam":
+        def grad_cam():
+            cam = ca.LayerGradCam(model, module).attribute(x, target=t)
+            return ca.LayerAttribution.interpolate(cam, tuple(x.shape[2:]), interpolate_mode="bilinear")
+        return {"default": grad_cam}
+    if method == "guided_grad_cam":
+        return {"default": lambda: ca.GuidedGradCam(model, module).attribute(x, target=t)}
+    if method == "occlusion":
+        occ = ca.Occlusion(model)
+        kw = dict(target=t, sliding_window_shapes=p["sliding_window_shapes"], strides=p["strides"],
+                  baselines=p["baselines"])
+        return {"default": lambda: occ.attribute(x, **kw),
+                "best": lambda: occ.attribute(x, perturbations_per_eval=BEST_BATCH, **kw)}
+    if method == "feature_ablation":
+        size = p["patch_size"]
+        rows = torch.arange(x.shape[2], device=x.device) // size
+        cols = torch.arange(x.shape[3], device=x.device) // size
+        mask = (rows.view(-1, 1) * int(cols.max() + 1) + cols.view(1, -1)).view(1, 1, *x.shape[2:])
+        fa = ca.FeatureAblation(model)
+        kw = dict(target=t, feature_mask=mask, baselines=p["baselines"])
+        return {"default": lambda: fa.attribute(x, **kw),
+                "best": lambda: fa.attribute(x, perturbations_per_eval=BEST_BATCH, **kw)}
+    return None
+
+
+def timed(fn: Callable, device: torch.device) -> tuple[float, torch.Tensor]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1000, out
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
+
+
+def bench_method(method: str, model, x: torch.Tensor, layer: str, repeat: int, device) -> list[dict]:
+    """One or two table rows (fp32, and bf16 when the method has a precision option)."""
+    params = dict(PARAMS.get(method, {}))
+    accepted = {p.name for p in registry.get(method).params}
+    params = {k: v for k, v in params.items() if k in accepted}
+    variants: dict[str, Callable] = {
+        "ours": lambda: attribute(model, x, method, TARGET, **params)}
+    if "precision" in accepted:
+        variants["bf16"] = lambda: attribute(model, x, method, TARGET, precision="bf16", **params)
+    peers = captum_calls(method, model, x, layer) or {}
+    for name, fn in peers.items():
+        variants["captum_" + name] = fn
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    outputs: dict[str, torch.Tensor] = {}
+    failed: dict[str, str] = {}
+    for rep in range(repeat + 1):  # the first round is the warm-up
+        for name, fn in variants.items():
+            if name in failed:
+                continue
+            print(f"  {method}: {name} ({'warm-up' if rep == 0 else f'{rep}/{repeat}'})",
+                  file=sys.stderr, flush=True)
+            try:
+                ms, out = timed(fn, device)
+            except Exception as err:  # a Captum peer that cannot handle this model
+                if not name.startswith("captum"):
+                    raise
+                failed[name] = f"{type(err).__name__}: {err}".splitlines()[0][:120]
+                continue
+            if rep:
+                times[name].append(ms)
+            outputs[name] = out.detach().float()
+
+    def median(name):
+        return statistics.median(times[name]) if times.get(name) else None
+
+    captum = median("captum_default")
+    best = median("captum_best") if "captum_best" in variants else captum
+    ref = outputs.get("captum_default")
+    rows = []
+    for ours in [v for v in ("ours", "bf16") if v in variants]:
+        mine = outputs[ours]
+        row = {"method": method + (" (bf16)" if ours == "bf16" else ""), "captum_ms": captum,
+               "captum_best_ms": best, "ours_ms": median(ours), "peer": bool(peers),
+               "captum_error": failed.get("captum_default")}
+        if ref is not None and method not in RANDOM and ref.shape == mine.shape:
+            row["max_rel_diff"] = float((mine - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        if ours == "bf16":
+            row["corr_fp32"] = pearson(mine, outputs["ours"])
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("method", "captum ms", "captum best ms", "ours ms", "x default", "x best",
+            "max|diff|/max", "corr fp32")
+    lines = [head]
+
+    def ms(v):
+        return "-" if v is None else f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+
+    for r in rows:
+        if not r["peer"]:
+            captum = best = "no peer"
+        elif r["captum_error"]:
+            captum = best = "captum fails"
+        else:
+            captum, best = ms(r["captum_ms"]), ms(r["captum_best_ms"])
+        ours = r["ours_ms"]
+        ratio = f"{r['captum_ms'] / ours:.2f}" if r["captum_ms"] and not r["captum_error"] else "-"
+        ratio_best = f"{r['captum_best_ms'] / ours:.2f}" if r["captum_best_ms"] and not r["captum_error"] else "-"
+        diff = f"{r['max_rel_diff']:.1e}" if "max_rel_diff" in r else "-"
+        corr = f"{r['corr_fp32']:.4f}" if "corr_fp32" in r else "-"
+        lines.append((r["method"], captum, best, ms(ours), ratio, ratio_best, diff, corr))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = []
+    for i, line in enumerate(lines):
+        out.append("  ".join(cell.ljust(w) if j == 0 else cell.rjust(w)
+                             for j, (cell, w) in enumerate(zip(line, widths))))
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m insights.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--model", default="resnet18", help="a torchvision model name (random weights)")
+    parser.add_argument("--methods", nargs="*", default=None, help="method ids (default: all)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per variant (median)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+
+    try:
+        import captum.attr  # noqa: F401
+    except ImportError:
+        print("insights.bench compares against Captum, which is not installed: pip install captum",
+              file=sys.stderr)
+        return 2
+    import torchvision
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
+    chosen = args.methods or methods()
+    unknown = [m for m in chosen if m not in registry]
+    if unknown:
+        print(f"unknown method(s): {', '.join(unknown)}; known: {', '.join(methods())}",
+              file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    try:
+        model = torchvision.models.get_model(args.model, weights=None).eval().to(device)
+    except ValueError as err:
+        print(f"--model: {err}", file=sys.stderr)
+        return 2
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
+    layer = default_layer(model, x)
+    print(f"model {args.model} (random weights) on {device}, input 1×3×224×224, target {TARGET}, "
+          f"{torch.get_num_threads()} threads, median of {args.repeat}; Grad-CAM layer {layer}",
+          file=sys.stderr)
+    rows = []
+    for method in chosen:
+        rows.extend(bench_method(method, model, x, layer, args.repeat, device))
+    print(format_table(rows))
+    for r in rows:
+        if r["captum_error"]:
+            print(f"{r['method']}: captum fails: {r['captum_error']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
