@@ -94,14 +94,14 @@ class SlowSteps(Method):
 
 
 @pytest.fixture
-def test_methods(monkeypatch):
+def extra_methods(monkeypatch):
     """Registers FixedMap and SlowSteps in the engine's registry for one test."""
     monkeypatch.setitem(registry._methods, FixedMap.id, FixedMap())
     monkeypatch.setitem(registry._methods, SlowSteps.id, SlowSteps())
 
 
 @pytest.fixture
-def app(tmp_path, test_methods):
+def app(tmp_path, extra_methods):
     app = create_app({"INSTANCE_PATH": str(tmp_path / "instance"), "BUILTIN_MODELS": False,
                       "MODELS_CONFIG": TINY_CONFIG, "DEVICE": "cpu", "INLINE_MAX_PASSES": 5,
                       "MAX_PASSES": 5000, "MAX_CONTENT_LENGTH": 200_000, "MAX_IMAGE_PIXELS": 250_000,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from appkit import (ENGINE, app, client, image_id, png, snapshot, test_methods, upload,  # noqa: F401
+from appkit import (ENGINE, app, client, extra_methods, image_id, png, snapshot, upload,  # noqa: F401
                     wait_job)
 
 

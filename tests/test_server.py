@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,11 +38,19 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "app.py", "--port", str(self.port), "--instance", instance,
                                       "--device", "cpu"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
-        self.banner = self.proc.stdout.readline()  # printed once the socket listens
+        self.banner, self.early = "", []
+        for _ in range(50):  # the address is printed once the socket listens (warnings may come first)
+            line = self.proc.stdout.readline()
+            if not line or line.startswith("Insights is serving"):
+                self.banner = line
+                break
+            self.early.append(line)
+        # Keep reading the server's output so a full pipe never blocks it.
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"server exited: {self.banner}{self.proc.stdout.read()}")
+                raise AssertionError(f"server exited with {self.proc.returncode}: {''.join(self.early)}")
             try:
                 self.get("/api")
                 return
@@ -80,7 +89,6 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.proc.stdout.close()
 
 
 @pytest.fixture
