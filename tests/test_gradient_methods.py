@@ -16,12 +16,18 @@ MODELS = ["small_cnn", "resnet18"]
 
 
 def rel_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    ours, theirs = ours.detach(), theirs.detach()
     return float((ours - theirs).abs().max() / theirs.abs().max())
 
 
 def logits(model, x, target):
     with torch.no_grad():
         return model(x).gather(1, torch.as_tensor(target).view(-1, 1)).squeeze(1)
+
+
+def leaf(x: torch.Tensor) -> torch.Tensor:
+    """A copy of x that requires grad, as Captum expects (it warns otherwise)."""
+    return x.clone().requires_grad_(True)
 
 
 @pytest.fixture(params=MODELS)
@@ -34,17 +40,17 @@ def model(request):
 
 def test_saliency_matches_captum(model, images):
     ours = insights.attribute(model, images, "saliency", TARGETS)
-    theirs = CaptumSaliency(model).attribute(images.clone(), target=TARGETS, abs=True)
+    theirs = CaptumSaliency(model).attribute(leaf(images), target=TARGETS, abs=True)
     assert rel_error(ours, theirs) <= 1e-4
     signed = insights.attribute(model, images, "saliency", TARGETS, abs=False)
-    theirs = CaptumSaliency(model).attribute(images.clone(), target=TARGETS, abs=False)
+    theirs = CaptumSaliency(model).attribute(leaf(images), target=TARGETS, abs=False)
     assert rel_error(signed, theirs) <= 1e-4
     assert signed.min() < 0
 
 
 def test_input_x_gradient_matches_captum(model, images):
     ours = insights.attribute(model, images, "input_x_gradient", TARGETS)
-    theirs = CaptumInputXGradient(model).attribute(images.clone(), target=TARGETS)
+    theirs = CaptumInputXGradient(model).attribute(leaf(images), target=TARGETS)
     assert rel_error(ours, theirs) <= 1e-4
 
 
@@ -68,6 +74,12 @@ def test_integration_weights_are_captums():
         assert alphas == pytest.approx(alphas_fn(7), abs=1e-12)
         # Captum's trapezoid halves the end weights of n equal steps, so it sums to 1 - 1/n.
         assert sum(sizes) == pytest.approx(6 / 7 if rule == "riemann_trapezoid" else 1.0)
+    with pytest.raises(insights.ParamError) as err:
+        integration_weights("riemann_left", 1)
+    assert err.value.field == "n_steps"
+    with pytest.raises(insights.ParamError) as err:
+        integration_weights("simpson", 4)
+    assert err.value.field == "integration"
 
 
 # --------------------------------------------------------------------------- IG behaviour

@@ -133,8 +133,10 @@ def integration_weights(rule: str, n: int) -> tuple[list[float], list[float]]:
     if rule == "gausslegendre":
         points, weights = np.polynomial.legendre.leggauss(n)  # on [-1, 1], weights sum to 2
         return (0.5 * weights).tolist(), (0.5 * (points + 1.0)).tolist()
-    if rule not in INTEGRATION_RULES or n < 2:
-        raise ParamError("integration", f"{rule} needs a known rule and at least 2 steps")
+    if rule not in INTEGRATION_RULES:
+        raise ParamError("integration", f"must be one of {', '.join(INTEGRATION_RULES)}; got {rule!r}")
+    if n < 2:
+        raise ParamError("n_steps", f"must be at least 2 with {rule}, got {n}")
     sizes = [1.0 / n] * n
     kind = rule.split("_", 1)[1]
     if kind == "trapezoid":
