@@ -76,8 +76,9 @@ def http_error(err: HTTPException):
     """HTTP errors under /api answer JSON too (404 for unknown paths, 405, 413 for big bodies)."""
     if err.code == 413:
         limit = current_app.config["MAX_CONTENT_LENGTH"]
+        field = "image" if request.mimetype == "multipart/form-data" else None
         return error_response(413, "too_large", f"the request body is larger than the limit of {limit} bytes "
-                                                "(MAX_CONTENT_LENGTH)", "image")
+                                                "(MAX_CONTENT_LENGTH)", field)
     code = {404: "not_found"}.get(err.code, "bad_request")
     return error_response(err.code or 500, code, err.description or err.name, None)
 
@@ -181,7 +182,7 @@ def image_json(record: dict) -> dict:
 
 def run_inline(fn, key: str | None = None):
     """Runs model work on the compute worker and waits for it; re-raises its error here."""
-    job = services().jobs.submit(fn, key=key)
+    job = services().jobs.submit(fn, key=key, urgent=True)
     job.wait()
     if job.status == "failed":
         raise job.exception
@@ -357,7 +358,7 @@ def explain():
         run_inline(fn, key=rid)
         return jsonify({"status": "done", "cached": False, "result": s.store.result(rid)})
     job = s.jobs.submit(fn, key=rid, total=passes)
-    resp = jsonify({"status": job.status if job.status != "running" else "queued", "job": job.to_dict()})
+    resp = jsonify({"status": "queued", "job": job.to_dict()})
     resp.status_code = 202
     resp.headers["Location"] = url_for("api.job", job_id=job.id)
     return resp

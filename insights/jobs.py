@@ -5,9 +5,14 @@ queue in order, so two computations never compete for the device (or the CPU's c
 requests submit and wait; costly ones return the job at once and the client follows it by
 polling or server-sent events. A job's function receives the job and reports with
 ``job.progress(done, total)``; it should pass ``job.cancel`` (a threading.Event) to the engine.
+
+Jobs submitted with ``urgent=True`` (requests that wait for their answer) go ahead of queued
+costly jobs; a running job is never interrupted except by cancellation.
 """
 from __future__ import annotations
 
+import itertools
+import logging
 import queue
 import threading
 import time
@@ -16,6 +21,8 @@ from collections import OrderedDict
 from typing import Any, Callable
 
 from .methods import Cancelled
+
+log = logging.getLogger("insights.jobs")
 
 clock = time.time  # the wall clock of job times (tests replace it)
 
@@ -26,10 +33,11 @@ FINAL = ("done", "failed", "cancelled")
 class Job:
     """One unit of work: its state, progress, outcome and cancel signal."""
 
-    def __init__(self, fn: Callable[["Job"], Any], key: str | None = None, total: int = 0):
+    def __init__(self, fn: Callable[["Job"], Any], key: str | None = None, total: int = 0, urgent: bool = False):
         self.id = uuid.uuid4().hex
         self.fn = fn
         self.key = key
+        self.urgent = urgent
         self.status = "queued"
         self.done = 0
         self.total = int(total)
@@ -121,22 +129,25 @@ class JobRunner:
         self.keep = keep
         self._jobs: "OrderedDict[str, Job]" = OrderedDict()
         self._by_key: dict[str, Job] = {}
-        self._queue: "queue.Queue[Job | None]" = queue.Queue()
+        # (priority, order, job): urgent jobs (0) before costly ones (1), each in submission order.
+        self._queue: "queue.PriorityQueue[tuple[int, int, Job | None]]" = queue.PriorityQueue()
+        self._order = itertools.count()
         self._guard = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def init_app(self, app) -> None:
         self.keep = int(app.config["JOBS_KEPT"])
 
-    def submit(self, fn: Callable[[Job], Any], key: str | None = None, total: int = 0) -> Job:
+    def submit(self, fn: Callable[[Job], Any], key: str | None = None, total: int = 0, urgent: bool = False) -> Job:
         """Queues ``fn(job)``; its return value becomes ``job.result``. A job with the same
-        ``key`` that is still queued or running is returned instead of a new one."""
+        ``key`` that is still queued or running is returned instead of a new one. ``urgent`` jobs
+        (a request is waiting) run before queued non-urgent ones."""
         with self._guard:
             if key is not None:
                 running = self._by_key.get(key)
                 if running is not None and not running.final:
                     return running
-            job = Job(fn, key=key, total=total)
+            job = Job(fn, key=key, total=total, urgent=urgent)
             self._jobs[job.id] = job
             if key is not None:
                 self._by_key[key] = job
@@ -144,7 +155,7 @@ class JobRunner:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._work, name="insights-worker", daemon=True)
                 self._thread.start()
-        self._queue.put(job)
+        self._queue.put((0 if urgent else 1, next(self._order), job))
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -170,7 +181,7 @@ class JobRunner:
             if not job.final:
                 self.cancel(job.id)
         if self._thread is not None:
-            self._queue.put(None)
+            self._queue.put((-1, next(self._order), None))
             self._thread.join(timeout)
             self._thread = None
 
@@ -183,7 +194,7 @@ class JobRunner:
 
     def _work(self) -> None:
         while True:
-            job = self._queue.get()
+            _priority, _order, job = self._queue.get()
             if job is None:
                 return
             with job._cond:
@@ -197,6 +208,11 @@ class JobRunner:
             except Cancelled:
                 job._set(status="cancelled", finished=clock())
             except Exception as exc:  # reported to the client; the worker keeps going
-                job._set(status="failed", error=error_of(exc), exception=exc, finished=clock())
+                error = error_of(exc)
+                if error["code"] == "internal":
+                    log.exception("job %s failed", job.id)
+                # Only a waiting request re-raises the exception; kept jobs hold no tracebacks.
+                job._set(status="failed", error=error, exception=exc if job.urgent else None, finished=clock())
             else:
                 job._set(status="done", result=result, done=max(job.done, job.total), finished=clock())
+            job.fn = None  # let the closure (model inputs, images) be freed

@@ -85,14 +85,27 @@ def test_cancel_queued_and_running(runner):
     assert after.wait(5) and after.result == "ok" and ran == []
 
 
+def test_urgent_jobs_go_ahead_of_queued_costly_ones(runner):
+    gate, order = threading.Event(), []
+    runner.submit(lambda job: gate.wait(5))
+    runner.submit(lambda job: order.append("costly 1"))
+    runner.submit(lambda job: order.append("costly 2"))
+    urgent = runner.submit(lambda job: order.append("urgent"), urgent=True)
+    gate.set()
+    assert urgent.wait(5)
+    runner.submit(lambda job: None).wait(5)
+    assert order == ["urgent", "costly 1", "costly 2"]
+
+
 def test_failures_are_reported_and_the_worker_goes_on(runner):
-    bad = runner.submit(lambda job: (_ for _ in ()).throw(ParamError("n_steps", "must be at most 10")))
+    bad = runner.submit(lambda job: (_ for _ in ()).throw(ParamError("n_steps", "must be at most 10")), urgent=True)
     boom = runner.submit(lambda job: 1 / 0)
     ok = runner.submit(lambda job: 7)
     assert ok.wait(5) and ok.result == 7
     assert bad.to_dict()["error"] == {"code": "bad_param", "message": "n_steps: must be at most 10",
                                       "field": "n_steps"}
     assert boom.to_dict()["error"]["code"] == "internal" and "ZeroDivisionError" in boom.error["message"]
+    assert isinstance(bad.exception, ParamError) and boom.exception is None  # only waiting requests re-raise
 
 
 def test_same_key_shares_a_job_until_it_finishes(runner):
