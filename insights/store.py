@@ -106,6 +106,19 @@ class Store:
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         with self._db() as db:
             db.executescript(SCHEMA)
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Deletes temporary files and folders a crashed writer left (nothing indexes them)."""
+        for folder, dirs, names in os.walk(self.root):
+            for name in dirs + names:
+                if name.startswith(".tmp-"):
+                    path = os.path.join(folder, name)
+                    if os.path.isdir(path):
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        os.unlink(path)
+            dirs[:] = [d for d in dirs if not d.startswith(".tmp-")]
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:

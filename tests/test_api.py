@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from appkit import (ENGINE, app, client, extra_methods, image_id, png, snapshot, upload,  # noqa: F401
-                    wait_job)
+from appkit import (ENGINE, TINY_CONFIG, app, client, extra_methods, image_id, png, snapshot,  # noqa: F401
+                    upload, wait_job)
 
 
 def error_of(r, status: int, code: str, field=None, words: str = "") -> dict:
@@ -459,6 +459,30 @@ def test_model_work_never_overlaps(client, image_id, monkeypatch):
     for t in threads:
         t.join()
     assert codes == [200] * 5 and peak[0] == 1
+
+
+# --------------------------------------------------------------------------- app factory
+
+
+def test_settings_from_the_environment(tmp_path, monkeypatch):
+    from insights import create_app
+
+    monkeypatch.setenv("INSIGHTS_MAX_PASSES", "7")
+    monkeypatch.setenv("INSIGHTS_ALLOW_DOWNLOAD", "true")
+    monkeypatch.setenv("INSIGHTS_DEVICE", "cpu")
+    app = create_app({"INSTANCE_PATH": str(tmp_path), "BUILTIN_MODELS": False, "MODELS_CONFIG": TINY_CONFIG,
+                      "INLINE_MAX_PASSES": 3})
+    assert app.config["MAX_PASSES"] == 7 and app.config["ALLOW_DOWNLOAD"] is True
+    assert app.config["INLINE_MAX_PASSES"] == 3  # the factory's config wins over the environment
+    assert app.extensions["insights"].models.allow_download is True
+
+
+def test_services_and_pages_are_attached(app, client):
+    services = app.extensions["insights"]
+    assert services.store is app.extensions["insights.store"] and services.models.default == "tiny"
+    assert app.static_folder.endswith("static") and app.template_folder.endswith("templates")
+    assert "pages" in app.blueprints
+    assert client.get("/").status_code == 200
 
 
 # --------------------------------------------------------------------------- documentation

@@ -93,6 +93,16 @@ def test_crash_while_writing_leaves_no_result(store, image, monkeypatch):
     assert save(store, image) == rid and store.result(rid) is not None
 
 
+def test_leftovers_of_a_crash_are_removed_on_open(store, image):
+    rid = save(store, image)
+    os.makedirs(os.path.join(store.root, "results", ".tmp-abc"))
+    open(os.path.join(store.root, "results", ".tmp-abc", "map.png"), "wb").close()
+    open(os.path.join(store.root, "images", ".tmp-def"), "wb").close()
+    Store(store.root)
+    assert not [f for f in store.files() if ".tmp-" in f]
+    assert store.result_file(rid, "map.png") == b"PNGDATA"
+
+
 def test_folder_without_index_row_is_replaced(store, image):
     """A crash after the rename but before the index row leaves a folder nobody trusts."""
     rec = store.put_image(image)
