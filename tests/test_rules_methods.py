@@ -231,3 +231,12 @@ def test_gates_noise_tunnel(small_cnn, images):
     assert torch.allclose(sq, plain ** 2, atol=1e-6 * float(plain.abs().max()) ** 2)
     info = insights.method_info("guided_backprop", {"nt_type": "vargrad"})
     assert info["signed"] is False and info["cost"] == {"forward": 10, "backward": 10}
+
+
+@pytest.mark.parametrize("method", ["deeplift", "guided_backprop", "deconvolution"])
+def test_rule_methods_take_the_model_exclusively_and_are_signed(method):
+    from insights.methods import registry
+
+    assert registry.get(method).exclusive is True
+    info = insights.method_info(method)
+    assert info["signed"] is True and info["family"] == "gradient" and info["output"] == "pixel"
