@@ -12,7 +12,8 @@ are clipped, and an element covered by several windows gets the mean of their di
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+import threading
+from contextlib import contextmanager
 from typing import Sequence
 
 import torch
@@ -29,12 +30,43 @@ BASELINES_PARAM = Param("baselines", "float", 0.0, "Value that replaces the occl
                         "a tensor broadcastable to the input.", tensor_ok=True)
 
 
+_tf32_lock = threading.Lock()
+_tf32_users = 0
+_tf32_saved: tuple[bool, bool] | None = None
+
+
+@contextmanager
+def true_fp32(device: torch.device):
+    """Turns CUDA's TF32 convolutions and matmuls off while any caller is inside: occlusion
+    maps are differences of nearly equal scores, which TF32's 10-bit mantissa would swamp.
+    Reference-counted, so overlapping calls from several threads restore the user's flags
+    only when the last one leaves (calls in between merely run in full fp32)."""
+    global _tf32_users, _tf32_saved
+    if device.type != "cuda":
+        yield
+        return
+    with _tf32_lock:
+        if _tf32_users == 0:
+            _tf32_saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        _tf32_users += 1
+    try:
+        yield
+    finally:
+        with _tf32_lock:
+            _tf32_users -= 1
+            if _tf32_users == 0 and _tf32_saved is not None:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = _tf32_saved
+
+
 @contextmanager
 def scoring(model: nn.Module, device: torch.device, precision: str):
     """Yields ``score(x, target)``: the target logit of each row of a batch, in fp32, computed
-    without autograd, in channels-last layout and, for ``precision="bf16"``, under bfloat16
-    autocast. One autocast region covers all batches, so weights are cast to bf16 once."""
-    cast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    without autograd, in channels-last layout and either in true fp32 (no TF32 on CUDA) or,
+    for ``precision="bf16"``, under bfloat16 autocast. One autocast region covers all
+    batches, so weights are cast to bf16 once."""
+    cast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else true_fp32(device)
 
     def score(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:
