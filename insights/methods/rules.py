@@ -6,6 +6,15 @@ autograd Function holding that call's own input and output. Because the state li
 graph and not on the module, a module called several times in one forward pass (torchvision's
 ResNet re-uses one ReLU per block) gets a correct rule for every call. Activations applied as
 functions (``F.relu`` inside ``forward``) are not modules and keep their plain gradient.
+
+The maths are Captum's (DeepLift's rescale and maxpool rules, GuidedBackprop, Deconvolution), and
+the maps are the same wherever Captum 0.9 handles the model. Where it does not, these rules still
+sum to the score difference: a module called more than once (Captum raises), a nonlinearity
+whose output goes straight into another hooked one such as ReLU → MaxPool2d (Captum's tensor
+hooks read the gradient before the next rule rewrites it), and overlapping pooling windows
+(Captum's max_unpool keeps only one of the values routed to a position; we add them).
+DeepLift, like Captum's, assumes every hooked module sees the batch [inputs; baselines] with
+the batch as its first dimension.
 """
 from __future__ import annotations
 
