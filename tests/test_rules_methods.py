@@ -126,6 +126,19 @@ def test_deeplift_sums_to_delta_for_every_supported_nonlinearity(images):
     assert rel_error(attr, grad) > 0.05  # the rules changed the backward pass
 
 
+def test_deeplift_sums_to_delta_with_overlapping_pool_windows(images):
+    def build():
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(3, 2, padding=1),
+                             nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+    model, x, base = seeded(build, seed=6), images[:, :, :16, :16], torch.full((2, 3, 16, 16), 0.1)
+    ours = insights.attribute(model, x, "deeplift", [1, 2], baselines=base)
+    assert_sums_to_delta(model, x, ours, base, [1, 2], tol=1e-4)
+    # Captum 0.9 routes with max_unpool2d, which keeps one of the values sent to a position.
+    theirs = captum(CaptumDeepLift, model, x, target=[1, 2], baselines=base)
+    delta = logits(model, x, [1, 2]) - logits(model, base, [1, 2])
+    assert ((theirs.detach().sum((1, 2, 3)) - delta).abs() / delta.abs()).max() > 0.01
+
+
 def test_deeplift_rescale_rule_on_a_relu_has_the_known_answer():
     lin = nn.Linear(4, 1, bias=False)
     with torch.no_grad():
