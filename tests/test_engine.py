@@ -156,14 +156,17 @@ def test_failing_model_leaves_the_model_as_it_found_it(wrapped, small, method, f
                                   ("saliency", "integrated_gradients"),
                                   ("guided_backprop", "guided_backprop")])
 def test_concurrent_calls_get_what_they_get_alone(small_cnn, images, pair):
-    alone = [insights.attribute(small_cnn, images, m, TARGETS, **fast(m)) for m in pair]
+    # Many one-image batches (memory_budget=1) so that the two calls really interleave.
+    params = {m: dict(fast(m), memory_budget=1, n_steps=8) if m == "integrated_gradients"
+              else dict(fast(m), memory_budget=1) for m in pair}
+    alone = [insights.attribute(small_cnn, images, m, TARGETS, **params[m]) for m in pair]
     barrier = threading.Barrier(len(pair))
     results: list = [None] * len(pair)
 
     def work(i: int, method: str) -> None:
         try:
             barrier.wait(timeout=30)
-            results[i] = insights.attribute(small_cnn, images, method, TARGETS, **fast(method))
+            results[i] = insights.attribute(small_cnn, images, method, TARGETS, **params[method])
         except BaseException as err:  # surfaced by the assertion below
             results[i] = err
 
