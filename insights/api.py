@@ -6,6 +6,7 @@ import importlib
 import io
 import json
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 from . import __version__, imaging
 from .jobs import error_of
 from .models import ModelUnavailable, UnknownModel
-from .store import result_id, utc_now
+from .store import canonical_json, result_id, utc_now
 
 # The engine module itself (``insights.methods`` the attribute is the methods() function); views
 # look its functions up at call time, so tests can wrap ``attribute`` to count calls.
@@ -180,9 +181,9 @@ def image_json(record: dict) -> dict:
             "url": url_for("api.image", image_id=record["id"])}
 
 
-def run_inline(fn, key: str | None = None):
+def run_inline(work: "Work", key: str | None = None):
     """Runs model work on the compute worker and waits for it; re-raises its error here."""
-    job = services().jobs.submit(fn, key=key, urgent=True)
+    job = services().jobs.submit(work.run_one, key=key, urgent=True, batch=work.batch())
     job.wait()
     if job.status == "failed":
         raise job.exception
@@ -198,22 +199,61 @@ def top_predictions(logits: torch.Tensor, labels: list[str], k: int) -> list[dic
             for v, i in zip(values.tolist(), indices.tolist())]
 
 
-def predict_fn(name: str, image_id: str, k: int):
-    """The job body of a prediction: returns the top-k list."""
-    s = services()
+def work_of(job) -> "Work":
+    """The Work a job was submitted with (its ``fn`` is that Work's bound ``run_one``)."""
+    return job.fn.__self__
 
-    def run(job):
-        model = s.models.get(name)
-        spec = s.models.spec(name)
-        x, _view = imaging.preprocess(s.store.load_image(image_id), spec.preprocessing)
+
+class Work:
+    """Model work for one request. Requests whose ``batch_key`` is equal can run as one batch
+    (the job runner's dynamic batcher): ``run_many`` takes the jobs, whose ``fn`` is the bound
+    ``run_one`` of their own Work (see :func:`work_of`)."""
+
+    batch_key: tuple | None = None
+
+    def run_one(self, job) -> Any:
+        return self.run_many([job])[0]
+
+    def batch(self):
+        if self.batch_key is None:
+            return None
+        cls = type(self)
+        return (self.batch_key, lambda jobs: cls.run_many(work_of(jobs[0]), jobs))
+
+    def run_many(self, jobs: list) -> list:
+        raise NotImplementedError
+
+
+def load_inputs(s, spec, image_ids: list[str]) -> tuple[torch.Tensor, list]:
+    """The preprocessed batch (on the model's device) and the cropped views of the images."""
+    pairs = [imaging.preprocess(s.store.load_image(i), spec.preprocessing) for i in image_ids]
+    x = torch.cat([p[0] for p in pairs]).to(s.models.device)
+    return x, [p[1] for p in pairs]
+
+
+def check_logits(name: str, spec, logits: torch.Tensor) -> None:
+    if logits.dim() != 2 or logits.shape[-1] != spec.num_classes:
+        raise RuntimeError(f"model {name} returned shape {tuple(logits.shape)}; "
+                           f"expected N×{spec.num_classes} (one score per label)")
+
+
+class Predict(Work):
+    """The top-k classes of one image; requests for one model batch together."""
+
+    def __init__(self, name: str, image_id: str, k: int):
+        self.s = services()
+        self.name, self.image_id, self.k = name, image_id, k
+        self.batch_key = ("predict", name)
+
+    def run_many(self, jobs: list) -> list:
+        works = [work_of(j) for j in jobs]
+        spec = self.s.models.spec(self.name)
+        model = self.s.models.get(self.name)
+        x, _views = load_inputs(self.s, spec, [w.image_id for w in works])
         with torch.inference_mode():
-            logits = model(x.to(s.models.device))
-        if logits.dim() != 2 or logits.shape[-1] != spec.num_classes:
-            raise RuntimeError(f"model {name} returned shape {tuple(logits.shape)}; "
-                               f"expected 1×{spec.num_classes} (one score per label)")
-        return top_predictions(logits[0], spec.labels, k)
-
-    return run
+            logits = model(x)
+        check_logits(self.name, spec, logits)
+        return [top_predictions(row, spec.labels, w.k) for row, w in zip(logits, works)]
 
 
 # --------------------------------------------------------------------------- discovery
@@ -311,7 +351,7 @@ def predict():
     record = image_record(data)
     spec = services().models.spec(name)
     k = integer(data.get("top_k", 5), "top_k", 1, min(spec.num_classes, current_app.config["MAX_TOP_K"]))
-    preds = run_inline(predict_fn(name, record["id"], k))
+    preds = run_inline(Predict(name, record["id"], k))
     return jsonify({"model": name, "image": record["id"], "predictions": preds})
 
 
@@ -346,64 +386,88 @@ def explain():
                                            f"of {cfg['MAX_PASSES']} (MAX_PASSES); use a coarser setting", "params")
     target = data.get("target")
     if target is None:
-        target = run_inline(predict_fn(name, record["id"], 1))[0]["index"]
+        target = run_inline(Predict(name, record["id"], 1))[0]["index"]
     target = integer(target, "target", 0, spec.num_classes - 1, code="bad_target")
 
     rid = result_id(record["id"], name, method_id, params, target)
     stored = s.store.result(rid)
     if stored is not None:
         return jsonify({"status": "done", "cached": True, "result": stored})
-    fn = explain_fn(name, record, method_id, params, target, rid, info)
+    work = Explain(name, record, method_id, params, target, rid, info)
     if passes <= cfg["INLINE_MAX_PASSES"]:
-        run_inline(fn, key=rid)
+        run_inline(work, key=rid)
         return jsonify({"status": "done", "cached": False, "result": s.store.result(rid)})
-    job = s.jobs.submit(fn, key=rid, total=passes)
+    job = s.jobs.submit(work.run_one, key=rid, total=passes)
     resp = jsonify({"status": "queued", "job": job.to_dict()})
     resp.status_code = 202
     resp.headers["Location"] = url_for("api.job", job_id=job.id)
     return resp
 
 
-def explain_fn(name: str, record: dict, method_id: str, params: dict, target: int, rid: str, info: dict):
-    """The job body of an explanation: computes, encodes and stores; returns the result id."""
-    s = services()
-    cfg = current_app.config
-    budget = cfg["MEMORY_BUDGET"]
+class Explain(Work):
+    """Computes, encodes and stores one explanation; returns its result id. Requests with the
+    same model, method and parameters batch together unless the method draws random noise
+    (a batch would change which noise each image gets)."""
 
-    def run(job):
-        if s.store.result(rid) is not None:  # an identical job finished first
-            return rid
-        spec = s.models.spec(name)
-        model = s.models.get(name)
-        x, view = imaging.preprocess(s.store.load_image(record["id"]), spec.preprocessing)
-        x = x.to(s.models.device)
+    def __init__(self, name: str, record: dict, method_id: str, params: dict, target: int, rid: str, info: dict):
+        self.s = services()
+        self.budget = current_app.config["MEMORY_BUDGET"]
+        self.name, self.record, self.method_id, self.params = name, record, method_id, params
+        self.target, self.rid, self.info = target, rid, info
+        randomised = "seed" in params and params.get("nt_type", "random") != "none"
+        if not randomised:
+            self.batch_key = ("explain", name, method_id, canonical_json(_jsonable(params)))
+
+    def run_many(self, jobs: list) -> list:
+        s = self.s
+        works = [work_of(j) for j in jobs]
+        todo = [(j, w) for j, w in zip(jobs, works) if s.store.result(w.rid) is None]
+        if not todo:  # identical jobs finished first
+            return [w.rid for w in works]
+        spec = s.models.spec(self.name)
+        model = s.models.get(self.name)
+        x, views = load_inputs(s, spec, [w.record["id"] for _, w in todo])
         with torch.inference_mode():
             logits = model(x)
+        check_logits(self.name, spec, logits)
+        run = [j for j, _ in todo]
+        if len(run) == 1:
+            progress, cancel = run[0].progress, run[0].cancel
+        else:  # a batch stops only when every client cancelled
+            def progress(done, total):
+                for j in run:
+                    j.progress(done, total)
+
+            def cancel():
+                return all(j.cancel.is_set() for j in run)
         details: dict = {}
         start = time.perf_counter()
-        attr = engine.attribute(model, x, method_id, target, progress=job.progress, cancel=job.cancel,
-                                memory_budget=budget, info=details, **params)
+        attr = engine.attribute(model, x, self.method_id, [w.target for _, w in todo], progress=progress,
+                                cancel=cancel, memory_budget=self.budget, info=details, **self.params)
         elapsed = time.perf_counter() - start
         arr = attr.detach().cpu().float().numpy()
-        png, enc = imaging.encode_map(arr[0], bool(info["signed"]))
+        for row, ((_, w), view) in enumerate(zip(todo, views)):
+            w.store(arr[row:row + 1], view, logits[row], spec, elapsed, details, len(todo))
+        return [w.rid for w in works]
+
+    def store(self, arr, view, logits, spec, elapsed: float, details: dict, batch_size: int) -> None:
+        rid, record, target = self.rid, self.record, self.target
+        png, enc = imaging.encode_map(arr[0], bool(self.info["signed"]))
         meta = {
-            "id": rid, "model": name, "method": method_id, "params": _jsonable(params), "target": target,
-            "target_label": spec.labels[target], "image": {"id": record["id"], "width": record["width"],
-                                                         "height": record["height"],
-                                                         "url": f"/api/images/{record['id']}"},
-            "elapsed_s": round(elapsed, 4), "created": utc_now(), "output": info["output"],
-            "signed": bool(info["signed"]), "layer": details.get("layer"), "cost": info["cost"],
-            "predictions": top_predictions(logits[0], spec.labels, 5),
+            "id": rid, "model": self.name, "method": self.method_id, "params": _jsonable(self.params),
+            "target": target, "target_label": spec.labels[target],
+            "image": {"id": record["id"], "width": record["width"], "height": record["height"],
+                      "url": f"/api/images/{record['id']}"},
+            "elapsed_s": round(elapsed, 4), "batch_size": batch_size, "created": utc_now(),
+            "output": self.info["output"], "signed": bool(self.info["signed"]), "layer": details.get("layer"),
+            "cost": self.info["cost"], "predictions": top_predictions(logits, spec.labels, 5),
             "range": {"min": enc["min"], "max": enc["max"]}, "encoding": {"zero": enc["zero"], "scale": enc["scale"]},
             "size": [int(arr.shape[-2]), int(arr.shape[-1])], "shape": list(arr.shape),
             "links": {"input": f"/api/results/{rid}/input.png", "map": f"/api/results/{rid}/map.png",
                       "overlay": f"/api/results/{rid}/overlay.png", "npy": f"/api/results/{rid}/attribution.npy",
                       "share": f"/r/{rid}"},
         }
-        s.store.put_result(meta, view, arr, png)
-        return rid
-
-    return run
+        self.s.store.put_result(meta, view, arr, png)
 
 
 def _jsonable(params: dict) -> dict:

@@ -25,6 +25,8 @@ DEFAULTS = {
     "MAX_TOP_K": 100,  # most predictions one /api/predict answers
     "MAX_LOADED_MODELS": 2,  # models kept in memory (least recently used dropped)
     "JOBS_KEPT": 200,  # finished jobs remembered for clients
+    "BATCH_WINDOW_MS": 5,  # how long the worker waits to batch concurrent requests of one kind
+    "BATCH_MAX": 16,  # most requests in one batched pass
     "MEMORY_BUDGET": None,  # bytes of activations per batch (None: the engine's default)
     "SSE_HEARTBEAT_S": 15,  # seconds between keep-alive comments on an idle event stream
     "DEVICE": "auto",  # cpu, cuda, cuda:N or auto

@@ -8,6 +8,12 @@ polling or server-sent events. A job's function receives the job and reports wit
 
 Jobs submitted with ``urgent=True`` (requests that wait for their answer) go ahead of queued
 costly jobs; a running job is never interrupted except by cancellation.
+
+Dynamic batching: a job submitted with ``batch=(key, run_many)`` may be run together with other
+queued jobs of the same key. When the worker takes such a job it waits up to ``batch_window``
+seconds for more of them (at most ``batch_max``), then calls ``run_many(jobs)`` once, which
+returns one result per job. Concurrent clients asking for the same kind of work on different
+images then share one batched pass through the model instead of queueing one by one.
 """
 from __future__ import annotations
 
@@ -33,9 +39,11 @@ FINAL = ("done", "failed", "cancelled")
 class Job:
     """One unit of work: its state, progress, outcome and cancel signal."""
 
-    def __init__(self, fn: Callable[["Job"], Any], key: str | None = None, total: int = 0, urgent: bool = False):
+    def __init__(self, fn: Callable[["Job"], Any] | None, key: str | None = None, total: int = 0,
+                 urgent: bool = False, batch: tuple[Any, Callable[[list["Job"]], list]] | None = None):
         self.id = uuid.uuid4().hex
         self.fn = fn
+        self.batch = batch
         self.key = key
         self.urgent = urgent
         self.status = "queued"
@@ -125,8 +133,10 @@ def error_of(exc: BaseException) -> dict:
 class JobRunner:
     """One worker thread and queue; keeps the last ``keep`` finished jobs for clients to read."""
 
-    def __init__(self, keep: int = 200):
+    def __init__(self, keep: int = 200, batch_window: float = 0.005, batch_max: int = 16):
         self.keep = keep
+        self.batch_window = batch_window
+        self.batch_max = batch_max
         self._jobs: "OrderedDict[str, Job]" = OrderedDict()
         self._by_key: dict[str, Job] = {}
         # (priority, order, job): urgent jobs (0) before costly ones (1), each in submission order.
@@ -137,17 +147,22 @@ class JobRunner:
 
     def init_app(self, app) -> None:
         self.keep = int(app.config["JOBS_KEPT"])
+        self.batch_window = float(app.config["BATCH_WINDOW_MS"]) / 1000.0
+        self.batch_max = int(app.config["BATCH_MAX"])
 
-    def submit(self, fn: Callable[[Job], Any], key: str | None = None, total: int = 0, urgent: bool = False) -> Job:
+    def submit(self, fn: Callable[[Job], Any] | None, key: str | None = None, total: int = 0,
+               urgent: bool = False, batch: tuple[Any, Callable[[list[Job]], list]] | None = None) -> Job:
         """Queues ``fn(job)``; its return value becomes ``job.result``. A job with the same
         ``key`` that is still queued or running is returned instead of a new one. ``urgent`` jobs
-        (a request is waiting) run before queued non-urgent ones."""
+        (a request is waiting) run before queued non-urgent ones. With ``batch=(batch_key,
+        run_many)`` the job may run in one call ``run_many([job, ...])`` with other queued jobs
+        of the same batch key (``fn`` is then not needed)."""
         with self._guard:
             if key is not None:
                 running = self._by_key.get(key)
                 if running is not None and not running.final:
                     return running
-            job = Job(fn, key=key, total=total, urgent=urgent)
+            job = Job(fn, key=key, total=total, urgent=urgent, batch=batch)
             self._jobs[job.id] = job
             if key is not None:
                 self._by_key[key] = job
@@ -192,27 +207,66 @@ class JobRunner:
             if job.key is not None and self._by_key.get(job.key) is job:
                 del self._by_key[job.key]
 
+    def _gather(self, first: Job) -> list[Job]:
+        """``first`` and the queued jobs of its batch key that arrive within the batch window;
+        other jobs taken from the queue meanwhile are put back in their places."""
+        batch, held = [first], []
+        deadline = time.monotonic() + self.batch_window
+        while len(batch) < self.batch_max:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                item = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                break
+            job = item[2]
+            if job is not None and job.batch is not None and job.batch[0] == first.batch[0] \
+                    and job.status == "queued":
+                batch.append(job)
+            else:
+                held.append(item)
+                if job is None:  # shutting down: stop gathering
+                    break
+        for item in held:
+            self._queue.put(item)
+        return batch
+
     def _work(self) -> None:
         while True:
             _priority, _order, job = self._queue.get()
             if job is None:
                 return
-            with job._cond:
-                if job.status != "queued":  # cancelled while waiting
-                    continue
-                job._set(status="running", started=clock())
+            jobs = self._gather(job) if job.batch is not None else [job]
+            started = []
+            for j in jobs:
+                with j._cond:
+                    if j.status != "queued":  # cancelled while waiting
+                        continue
+                    j._set(status="running", started=clock())
+                started.append(j)
+            if not started:
+                continue
             try:
-                if job.cancel.is_set():
-                    raise Cancelled("cancelled before it started")
-                result = job.fn(job)
+                for j in started:
+                    if j.cancel.is_set() and len(started) == 1:
+                        raise Cancelled("cancelled before it started")
+                if job.batch is not None:
+                    results = job.batch[1](started)
+                else:
+                    results = [job.fn(job)]
             except Cancelled:
-                job._set(status="cancelled", finished=clock())
+                for j in started:
+                    j._set(status="cancelled", finished=clock())
             except Exception as exc:  # reported to the client; the worker keeps going
                 error = error_of(exc)
                 if error["code"] == "internal":
                     log.exception("job %s failed", job.id)
-                # Only a waiting request re-raises the exception; kept jobs hold no tracebacks.
-                job._set(status="failed", error=error, exception=exc if job.urgent else None, finished=clock())
+                for j in started:
+                    # Only a waiting request re-raises the exception; kept jobs hold no tracebacks.
+                    j._set(status="failed", error=error, exception=exc if j.urgent else None, finished=clock())
             else:
-                job._set(status="done", result=result, done=max(job.done, job.total), finished=clock())
-            job.fn = None  # let the closure (model inputs, images) be freed
+                for j, result in zip(started, results):
+                    j._set(status="done", result=result, done=max(j.done, j.total), finished=clock())
+            for j in started:
+                j.fn = j.batch = None  # let the closures (model inputs, images) be freed

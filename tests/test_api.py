@@ -501,3 +501,56 @@ def test_every_setting_and_endpoint_is_documented(app):
     documented = {re.sub(r"<[^>]+>", "<>", p) for p in re.findall(r"(/api[^\s`?|]*)", doc)}
     routes = {re.sub(r"<[^>]+>", "<>", r.rule) for r in app.url_map.iter_rules() if r.rule.startswith("/api")}
     assert routes - documented == set()
+
+
+def test_concurrent_explanations_batch_and_equal_one_at_a_time(app):
+    """Saliency requests on different images arriving together run as one batch (the dynamic
+    batcher), and each map equals the one computed for that image alone."""
+    client = app.test_client()
+    ids = [upload(client, png(color=(30 * i, 200 - 20 * i, 90))).json["id"] for i in range(4)]
+    jobs = app.extensions["insights"].jobs
+    gate, busy = threading.Event(), threading.Event()
+    jobs.submit(lambda job: (busy.set(), gate.wait(10)))  # hold the worker so requests queue up
+    assert busy.wait(5)
+    answers = {}
+
+    def ask(i):
+        answers[i] = app.test_client().post("/api/explain", json={
+            "model": "tiny", "image": ids[i], "method": "saliency", "target": i, "params": {"abs": False}})
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 5
+    while time.time() < deadline and sum(1 for j in list(jobs._jobs.values()) if j.status == "queued") < 4:
+        time.sleep(0.01)
+    gate.set()
+    for t in threads:
+        t.join(20)
+    results = [answers[i].json["result"] for i in range(4)]
+    assert all(answers[i].status_code == 200 for i in range(4))
+    assert [r["batch_size"] for r in results] == [4, 4, 4, 4]
+    batched = [np.load(io.BytesIO(client.get(r["links"]["npy"]).data)) for r in results]
+
+    store = app.extensions["insights"].store
+    assert [store.result(r["id"])["target"] for r in results] == [0, 1, 2, 3]
+    # Each image alone through the engine gives the same map as its row of the batch.
+    model = app.extensions["insights"].models.get("tiny")
+    spec = app.extensions["insights"].models.spec("tiny")
+    from insights import attribute, imaging
+    for i in range(4):
+        x, _view = imaging.preprocess(store.load_image(ids[i]), spec.preprocessing)
+        solo = attribute(model, x, "saliency", i, abs=False).numpy()
+        assert np.allclose(batched[i], solo, rtol=1e-4, atol=1e-6 * np.abs(solo).max())
+        assert np.abs(solo).max() > 0
+
+
+def test_noisy_methods_are_not_batched(app):
+    from insights.api import Explain
+
+    with app.test_request_context():
+        noisy = Explain("tiny", {"id": "x"}, "saliency", {"nt_type": "smoothgrad", "seed": 0}, 0, "r", {})
+        shap = Explain("tiny", {"id": "x"}, "gradient_shap", {"seed": 0, "n_samples": 5}, 0, "r", {})
+        plain = Explain("tiny", {"id": "x"}, "saliency", {"nt_type": "none", "seed": 0, "abs": True}, 0, "r", {})
+    assert noisy.batch() is None and shap.batch() is None
+    assert plain.batch()[0] == ("explain", "tiny", "saliency", plain.batch_key[3])

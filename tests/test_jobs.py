@@ -143,3 +143,67 @@ def test_wait_change_wakes_on_progress(runner):
     assert job.wait_change(v, 5) != v and job.done == 1
     finish.set()
     assert job.wait(5)
+
+
+def test_batchable_jobs_queued_together_run_in_one_call(runner):
+    gate, busy = threading.Event(), threading.Event()
+
+    def blocker(job):
+        busy.set()
+        gate.wait(5)
+        return "blocker"
+
+    calls = []
+
+    def run_many(jobs):
+        calls.append(len(jobs))
+        return [j.fn.__self__ * 10 for j in jobs]
+
+    class Item(int):
+        def run_one(self, job):
+            return run_many([job])[0]
+
+    first = runner.submit(blocker)
+    assert busy.wait(5)
+    other = runner.submit(lambda job: "other", urgent=True)  # a different kind: not batched
+    jobs = [runner.submit(Item(n).run_one, urgent=True, batch=("k", run_many)) for n in range(4)]
+    gate.set()
+    for j in [first, other, *jobs]:
+        assert j.wait(5)
+    assert [j.result for j in jobs] == [0, 10, 20, 30]
+    assert other.result == "other" and first.result == "blocker"
+    assert calls == [4]
+
+
+def test_batch_waits_only_within_its_window_and_respects_the_cap():
+    r = JobRunner(batch_window=0.0, batch_max=2)
+    calls = []
+
+    def run_many(jobs):
+        calls.append(len(jobs))
+        return [None] * len(jobs)
+
+    gate, busy = threading.Event(), threading.Event()
+    r.submit(lambda job: (busy.set(), gate.wait(5)))
+    assert busy.wait(5)
+    jobs = [r.submit(None, batch=("k", run_many)) for _ in range(5)]
+    gate.set()
+    for j in jobs:
+        assert j.wait(5) and j.status == "done"
+    r.shutdown()
+    assert calls == [1] * 5  # a zero window never waits for company
+
+
+def test_a_failing_batch_fails_each_of_its_jobs(runner):
+    gate, busy = threading.Event(), threading.Event()
+    runner.submit(lambda job: (busy.set(), gate.wait(5)))
+    assert busy.wait(5)
+
+    def run_many(jobs):
+        raise ParamError("stdevs", "must be at least 0")
+
+    jobs = [runner.submit(None, urgent=True, batch=("k", run_many)) for _ in range(3)]
+    gate.set()
+    for j in jobs:
+        assert j.wait(5)
+        assert j.status == "failed" and j.error["field"] == "stdevs"
