@@ -1,0 +1,16 @@
+"""The server benchmark runs end to end against the real server and reports both runs."""
+from insights import bench_server
+
+
+def test_bench_server_reports_both_runs(capsys):
+    out = bench_server.main(["--requests", "4", "--clients", "2"])
+    assert out["one"]["requests"] == 4 and out["many"]["requests"] == 4
+    assert out["one"]["mean_batch"] == 1.0  # one client never has company
+    assert out["ratio"] == out["many"]["throughput_rps"] / out["one"]["throughput_rps"]
+    printed = capsys.readouterr().out
+    assert "1 client" in printed and "2 concurrent clients" in printed and "throughput ratio" in printed
+
+
+def test_photos_are_distinct():
+    pics = bench_server.photos(8)
+    assert len(set(pics)) == 8
