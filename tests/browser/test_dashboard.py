@@ -1,0 +1,292 @@
+"""The dashboard in a real browser (Debian chromium) against the real app and efficientnet_lite0.
+
+The tests share one page and run in file order, like a person using the dashboard: upload,
+predict, explain, change the view, run and cancel a job, compare, share, and a bad upload.
+Screenshots of the main states go to artifacts/screenshots/.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import threading
+
+import pytest
+from werkzeug.serving import make_server
+
+playwright_sync = pytest.importorskip("playwright.sync_api")
+
+from insights.app import create_app  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHOTS = os.path.join(ROOT, "artifacts", "screenshots")
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update"]
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian chromium at /usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def chelsea(tmp_path_factory) -> str:
+    from PIL import Image
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("img") / "chelsea.png"
+    Image.fromarray(data.chelsea()).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The real app on a free loopback port, with its model loaded and warmed up."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log in the test output
+    app = create_app({"INSTANCE_PATH": str(tmp_path_factory.mktemp("instance"))})
+    httpd = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{httpd.server_port}"
+    warm = app.test_client()  # a warm model: the timing below is about the page, not loading weights
+    image = warm.post("/api/samples/coffee").get_json()["id"]
+    assert warm.post("/api/explain", json={"model": "efficientnet_lite0", "image": image, "method": "saliency",
+                                            "target": 967}).status_code == 200
+    yield base
+    httpd.shutdown()
+    app.extensions["insights"].jobs.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_sync.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def context(browser, server):
+    ctx = browser.new_context(viewport={"width": 1440, "height": 1100}, base_url=server,
+                              permissions=["clipboard-read", "clipboard-write"])
+    yield ctx
+    ctx.close()
+
+
+@pytest.fixture(scope="module")
+def page(context, server):
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto("/")
+    page.wait_for_selector("body[data-ready=true]")
+    page.errors = errors
+    yield page
+    assert errors == [], errors
+
+
+def shot(page, name: str, **kw) -> None:
+    os.makedirs(SHOTS, exist_ok=True)
+    page.screenshot(path=os.path.join(SHOTS, name + ".png"), **kw)
+
+
+CANVAS_STATS = """(sel) => {
+  const c = document.querySelector(sel);
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let n = 0, s = 0, s2 = 0, sum = 0;
+  for (let i = 0; i < d.length; i += 4) { const v = d[i] + d[i + 1] + d[i + 2]; s += v; s2 += v * v; n++; }
+  for (let i = 0; i < d.length; i += 97) sum = (sum * 31 + d[i]) % 1000000007;
+  return { w: c.width, h: c.height, variance: s2 / n - (s / n) ** 2, hash: sum };
+}"""
+
+
+def canvas_stats(page, selector: str) -> dict:
+    return page.evaluate(CANVAS_STATS, selector)
+
+
+# The drop, the click on a class and the click on Explain all happen inside the page, so the
+# measured time is the dashboard's own: upload + predict + explain + decode + paint.
+DROP_AND_EXPLAIN = """async ([b64, pick]) => {
+  const wait = async (test, what) => {
+    const end = performance.now() + 30000;
+    while (!test()) {
+      if (performance.now() > end) throw new Error('timed out waiting for ' + what + ': ' + document.querySelector('#image-error').textContent + document.querySelector('#run-error').textContent);
+      await new Promise((r) => setTimeout(r, 5));
+    }
+  };
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const dt = new DataTransfer();
+  dt.items.add(new File([bytes], 'chelsea.png', { type: 'image/png' }));
+  performance.clearMarks();
+  const t0 = performance.now();
+  document.querySelector('#dropzone').dispatchEvent(new DragEvent('drop', { dataTransfer: dt, bubbles: true, cancelable: true }));
+  await wait(() => document.querySelectorAll('#predictions button.pred').length >= 5, 'predictions');
+  const t1 = performance.now();
+  const chosen = document.querySelectorAll('#predictions button.pred')[pick];
+  chosen.click();
+  document.querySelector('#run').click();
+  await wait(() => document.querySelector('#overlay').dataset.painted, 'the overlay');
+  const t2 = performance.now();
+  const mark = (n) => (performance.getEntriesByName('insights:' + n)[0] || {}).startTime - t0;
+  return { total: t2 - t0, predictions: t1 - t0, uploaded: mark('uploaded'), predicted: mark('predicted'),
+           explained: mark('explained'), painted: mark('painted'), explainStart: mark('explain-start'),
+           chosen: chosen.querySelector('.pred-label').textContent };
+}"""
+
+
+def test_drop_predict_choose_class_and_explain(page, chelsea):
+    shot(page, "01-empty")
+    with open(chelsea, "rb") as f:
+        b64 = base64.b64encode(f.read()).decode()
+    timing = page.evaluate(DROP_AND_EXPLAIN, [b64, 1])
+    print(f"\ndrop → overlay painted: {timing['total']:.0f} ms (upload {timing['uploaded']:.0f}, "
+          f"predictions shown {timing['predicted']:.0f}, explain answered {timing['explained']:.0f} "
+          f"[request {timing['explained'] - timing['explainStart']:.0f}], painted {timing['painted']:.0f})")
+    labels = page.locator("#predictions .pred-label").all_inner_texts()
+    assert len(labels) == 5
+    assert any("cat" in label.lower() for label in labels[:3]), labels  # chelsea is a tabby cat
+    chosen = timing["chosen"]
+    assert page.locator("#predictions .pred[aria-pressed=true] .pred-label").inner_text() == chosen
+    assert page.locator("#target-label").inner_text() == chosen
+    assert page.locator("#hero-title").inner_text().lower() == chosen.lower()
+    assert page.locator("#result-method").inner_text() == "Saliency"
+    stats = canvas_stats(page, "#overlay")
+    assert (stats["w"], stats["h"]) == (224, 224)
+    assert stats["variance"] > 100, stats
+    colorbar = page.locator(".colorbar-ticks span").all_inner_texts()
+    assert colorbar[0] == "0" and float(colorbar[2]) > 0
+    shot(page, "02-saliency")
+
+
+def test_view_changes_redraw_locally_without_requests(page):
+    requests: list[str] = []
+    listener = lambda r: requests.append(r.url)  # noqa: E731
+    page.on("request", listener)
+    before = canvas_stats(page, "#overlay")
+    page.fill("#view-alpha", "0.9")
+    after = canvas_stats(page, "#overlay")
+    for _ in range(20):
+        if after["hash"] != before["hash"]:
+            break
+        page.wait_for_timeout(50)
+        after = canvas_stats(page, "#overlay")
+    assert after["hash"] != before["hash"], "the opacity change did not redraw the canvas"
+    assert page.locator("output[for=view-alpha]").inner_text() == "90%"
+    page.click("#view-slot [data-name=mode] [data-value=heat_map]")
+    page.select_option("#view-cmap", "inferno")
+    page.fill("#view-outlier", "10")
+    page.wait_for_timeout(100)
+    heat = canvas_stats(page, "#overlay")
+    assert heat["hash"] != after["hash"] and heat["variance"] > 100
+    assert page.locator(".colorbar-caption").inner_text().startswith("positive attribution, clipped at the top 10")
+    shot(page, "03-heatmap-inferno")
+    page.click("#view-slot [data-name=mode] [data-value=blended_heat_map]")
+    page.select_option("#view-cmap", "auto")
+    page.fill("#view-outlier", "2")
+    page.wait_for_timeout(100)
+    assert requests == [], requests
+    page.remove_listener("request", listener)
+
+
+def test_occlusion_runs_as_a_job_with_progress_and_can_be_cancelled(page):
+    page.click("label[for=method-occlusion]")
+    page.fill("#param-occlusion-strides", "3, 4, 4")  # 2,401 windows: long enough to cancel
+    page.click("#run")
+    page.wait_for_selector("#job:not([hidden])")
+    page.wait_for_function("Number(document.querySelector('#job-progress').getAttribute('aria-valuenow')) > 0",
+                           timeout=60_000)
+    assert page.locator("#job-status").inner_text().startswith("Running")
+    assert "left" in page.locator("#job-eta").inner_text()
+    shot(page, "04-job-running")
+    page.click("#job-cancel")
+    page.wait_for_selector("#job[data-status=cancelled]", timeout=30_000)
+    assert page.locator("#job-status").inner_text() == "Cancelled"
+    assert page.locator("#job-cancel").is_hidden()
+    assert page.locator("#result-method").inner_text() == "Saliency"  # the earlier result stays
+    shot(page, "05-job-cancelled")
+
+
+def test_bad_parameter_is_marked_before_sending(page):
+    requests: list[str] = []
+    listener = lambda r: requests.append(r.url)  # noqa: E731
+    page.on("request", listener)
+    page.fill("#param-occlusion-strides", "3, 4")
+    page.click("#run")
+    error = page.locator("[data-field=strides] .field-error")
+    assert error.is_visible()
+    assert error.inner_text() == "Needs exactly 3 whole numbers, got 2."
+    assert requests == []
+    page.remove_listener("request", listener)
+
+
+def test_grad_cam_and_two_methods_side_by_side(page):
+    page.click("label[for=method-grad_cam]")
+    page.click("#run")
+    page.wait_for_function("document.querySelector('#result-method').textContent === 'Grad-CAM'", timeout=60_000)
+    assert canvas_stats(page, "#overlay")["variance"] > 100
+    for box in page.locator("#compare-method-list input").all():
+        box.set_checked(box.get_attribute("value") in ("saliency", "grad_cam"), force=True)
+    page.click("#compare-run")
+    page.wait_for_function("document.querySelectorAll('#compare-grid .ccard.done').length === 2", timeout=60_000)
+    titles = page.locator("#compare-grid .ccard h3").all_inner_texts()
+    assert titles == ["Saliency", "Grad-CAM"]
+    a = canvas_stats(page, "#compare-grid .ccard:nth-child(1) canvas")
+    b = canvas_stats(page, "#compare-grid .ccard:nth-child(2) canvas")
+    assert a["variance"] > 100 and b["variance"] > 100
+    assert a["hash"] != b["hash"]
+    page.locator("#compare").scroll_into_view_if_needed()
+    shot(page, "06-compare", full_page=True)
+
+
+def test_share_link_opens_the_same_result_in_a_fresh_context(page, browser, server):
+    page.locator("#hero").scroll_into_view_if_needed()
+    page.click("#share")
+    page.wait_for_selector("#share.confirmed")
+    assert page.locator("#share span").inner_text() == "Link copied"
+    url = page.evaluate("navigator.clipboard.readText()")
+    assert url.startswith(f"{server}/r/") and len(url.rsplit("/", 1)[1]) == 64
+    assert page.locator("#toast").inner_text().startswith("Share link copied")
+    expected = {"model": page.locator("#result-model").inner_text(), "class": page.locator("#hero-title").inner_text()}
+
+    fresh = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        other = fresh.new_page()
+        other.goto(url)
+        other.wait_for_selector("body[data-ready=true]")
+        assert other.locator("#result-method").inner_text() == "Grad-CAM"
+        assert other.locator("#result-model").inner_text() == "efficientnet_lite0"
+        assert expected["model"] in ("EfficientNet-Lite0", "efficientnet_lite0")
+        assert other.locator("#hero-title").inner_text().lower() == expected["class"].lower()
+        assert other.locator("#fact-method").inner_text() == "grad_cam"
+        assert canvas_stats(other, "#overlay")["variance"] > 100
+        rid = url.rsplit("/", 1)[1]
+        og_image = other.locator('meta[property="og:image"]').get_attribute("content")
+        assert og_image == f"{server}/api/results/{rid}/overlay.png"
+        assert "Grad-CAM" in other.locator('meta[property="og:title"]').get_attribute("content")
+        png = other.request.get(og_image)
+        assert png.status == 200 and png.headers["content-type"] == "image/png"
+        npy = other.request.get(server + other.locator("#download-npy").get_attribute("href"))
+        assert npy.status == 200 and npy.body()[:6] == b"\x93NUMPY"
+        shot(other, "07-share-page")
+    finally:
+        fresh.close()
+
+
+def test_text_file_named_png_shows_error_next_to_upload(page):
+    page.set_input_files("#file-input", files=[{"name": "notes.png", "mimeType": "image/png",
+                                                 "buffer": b"these are my shopping notes, not a picture\n"}])
+    error = page.locator("#step-image #image-error")
+    error.wait_for(state="visible")
+    assert "not an image" in error.inner_text().lower()
+    assert page.locator("#result-method").inner_text() == "Grad-CAM"  # the result is kept
+    shot(page, "08-bad-upload", clip={"x": 0, "y": 0, "width": 460, "height": 520})
+
+
+def test_phone_width_stacks_the_layout(page):
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.wait_for_timeout(100)
+    side = page.locator(".sidebar").bounding_box()
+    hero = page.locator("#hero").bounding_box()
+    assert hero["y"] > side["y"] + side["height"] - 1  # stacked, not side by side
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.locator("#hero").scroll_into_view_if_needed()
+    shot(page, "09-phone")
+    page.set_viewport_size({"width": 1440, "height": 1100})
