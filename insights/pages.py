@@ -30,6 +30,18 @@ def _describe(meta: dict) -> dict:
     return {"label": label, "method_label": method_label, "title": title, "description": description}
 
 
+@bp.app_template_filter("param_value")
+def param_value(value) -> str:
+    """A parameter value as the API spells it: true/false, auto for null, 3×8×8 for lists."""
+    if value is None:
+        return "auto"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "×".join(str(v) for v in value)
+    return str(value)
+
+
 @bp.get("/")
 def index():
     """The dashboard."""

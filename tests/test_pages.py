@@ -121,9 +121,10 @@ def test_share_page_renders_result_with_opengraph_tags(app, client):
 
 
 def test_share_page_shows_list_params_and_escapes_labels(app, client):
-    meta = store_result(app, method="occlusion", label="<b>cat</b>", params={"strides": [3, 8, 8]})
+    meta = store_result(app, method="occlusion", label="<b>cat</b>", params={"strides": [3, 8, 8], "layer": None, "abs": True})
     html = client.get(f"/r/{meta['id']}").get_data(as_text=True)
     assert "<td>3×8×8</td>" in html
+    assert "<td>auto</td>" in html and "<td>true</td>" in html
     assert "<b>cat</b>" not in html and "&lt;b&gt;cat&lt;/b&gt;" in html
     assert parse(html).meta["og:title"].startswith("<b>cat</b> — Occlusion")  # unescaped by the parser
 

@@ -57,7 +57,7 @@ function placeError(e, fallback = "run") {
   const byCode = { bad_image: "image", too_large: "image", unknown_model: "model", model_unavailable: "model", bad_target: "target", unknown_method: "method" };
   const slot = s[map[field] || byCode[e && e.code] || fallback];
   showError(slot, msg);
-  slot.scrollIntoView({ block: "nearest", behavior: "smooth" });
+  slot.scrollIntoView({ block: "nearest" });
 }
 
 // ---------------------------------------------------------------------------- image
@@ -184,6 +184,8 @@ function renderModels() {
   list.replaceChildren();
   const available = state.models.filter((m) => m.available);
   state.model = (available.find((m) => m.default) || available[0] || {}).name || null;
+  const unavailable = state.models.filter((m) => !m.available);
+  const more = h("details.more-models", {}, h("summary", { text: `${unavailable.length} more ${unavailable.length === 1 ? "model" : "models"} not available here` }));
   for (const m of state.models) {
     const id = `model-${m.name}`;
     const input = h("input.visually-hidden", { type: "radio", name: "model", id, value: m.name, disabled: !m.available, checked: m.name === state.model });
@@ -195,7 +197,7 @@ function renderModels() {
     });
     const size = m.input_size ? `${m.input_size[1]}×${m.input_size[2]}` : "";
     const detail = m.available ? [size, m.num_classes ? `${m.num_classes} classes` : ""].filter(Boolean).join(" · ") : m.reason || "Unavailable";
-    list.append(
+    (m.available ? list : more).append(
       h("div.option", { class: `option${m.available ? "" : " disabled"}` }, input,
         h("label", { for: id, title: m.available ? m.description || "" : m.reason || "" },
           h("span.option-title", {}, m.label || m.name, m.loaded ? h("span.badge.ok", { text: "ready", title: "Loaded in memory" }) : null,
@@ -203,6 +205,7 @@ function renderModels() {
           h("span.option-desc", { text: detail }))),
     );
   }
+  if (unavailable.length) list.append(more);
   if (!available.length) showError($("#model-error"), "No model is available on this server.");
 }
 
@@ -454,7 +457,7 @@ async function cancelJob() {
 function describeParams(params) {
   const entries = Object.entries(params || {});
   if (!entries.length) return "defaults";
-  return entries.map(([k, v]) => `${k}=${Array.isArray(v) ? v.join("×") : v}`).join(", ");
+  return entries.map(([k, v]) => `${k}=${Array.isArray(v) ? v.join("×") : v === null ? "auto" : v}`).join(", ");
 }
 
 async function showResult(meta) {
@@ -487,6 +490,7 @@ async function showResult(meta) {
     ...row("Model", meta.model),
     ...row("Method", meta.method),
     ...row("Parameters", describeParams(meta.params)),
+    ...(meta.layer ? row("Layer", meta.layer) : []),
     ...row("Range", `${Number(meta.range.min).toPrecision(3)} … ${Number(meta.range.max).toPrecision(3)}`),
     ...row("Time", meta.cached ? "cached" : `${Number(meta.elapsed_s).toFixed(2)} s`),
   );

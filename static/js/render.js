@@ -3,11 +3,11 @@
 import { autoColormap, lut } from "./colormaps.js";
 
 export const MODES = [
-  { value: "original_image", label: "Original" },
-  { value: "heat_map", label: "Heat map" },
-  { value: "blended_heat_map", label: "Blended" },
-  { value: "masked_image", label: "Masked" },
-  { value: "alpha_scaling", label: "Alpha" },
+  { value: "original_image", label: "Image", title: "Original image" },
+  { value: "heat_map", label: "Heat", title: "Heat map" },
+  { value: "blended_heat_map", label: "Blend", title: "Heat map blended over the grayscale image" },
+  { value: "masked_image", label: "Mask", title: "Image masked by the map's magnitude" },
+  { value: "alpha_scaling", label: "Alpha", title: "Image with opacity scaled by the map's magnitude" },
 ];
 
 export const SIGNS = [

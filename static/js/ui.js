@@ -11,7 +11,12 @@ export function h(tag, attrs = {}, ...children) {
     else if (k === "html") node.innerHTML = v;
     else if (k.startsWith("on") && typeof v === "function") node.addEventListener(k.slice(2), v);
     else if (k === "dataset") Object.assign(node.dataset, v);
-    else if (k === "style" && typeof v === "object") Object.assign(node.style, v);
+    else if (k === "style" && typeof v === "object") {
+      for (const [prop, val] of Object.entries(v)) {
+        if (prop.startsWith("--")) node.style.setProperty(prop, val);
+        else node.style[prop] = val;
+      }
+    }
     else node.setAttribute(k, v === true ? "" : v);
   }
   for (const c of children.flat()) {
@@ -36,6 +41,7 @@ export function segmented(name, label, options, value, onChange) {
       tabindex: o.value === value ? "0" : "-1",
       text: o.label,
       title: o.title,
+      "aria-label": o.title,
     }),
   );
   const select = (btn, focus) => {

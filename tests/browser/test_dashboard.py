@@ -143,6 +143,11 @@ def test_drop_predict_choose_class_and_explain(page, chelsea):
     labels = page.locator("#predictions .pred-label").all_inner_texts()
     assert len(labels) == 5
     assert any("cat" in label.lower() for label in labels[:3]), labels  # chelsea is a tabby cat
+    widths = page.eval_on_selector_all("#predictions .pred-fill", "els => els.map(e => e.getBoundingClientRect().width)")
+    probs = [float(t.rstrip("%")) for t in page.locator("#predictions .pred-prob").all_inner_texts()]
+    track = page.locator("#predictions .pred-bar").first.bounding_box()["width"]
+    for width, prob in zip(widths, probs):  # each bar is as long as its probability
+        assert abs(width - track * prob / 100) <= 1.5, (widths, probs)
     chosen = timing["chosen"]
     assert page.locator("#predictions .pred[aria-pressed=true] .pred-label").inner_text() == chosen
     assert page.locator("#target-label").inner_text() == chosen
@@ -232,8 +237,7 @@ def test_grad_cam_and_two_methods_side_by_side(page):
     b = canvas_stats(page, "#compare-grid .ccard:nth-child(2) canvas")
     assert a["variance"] > 100 and b["variance"] > 100
     assert a["hash"] != b["hash"]
-    page.locator("#compare").scroll_into_view_if_needed()
-    shot(page, "06-compare", full_page=True)
+    page.locator("#compare").screenshot(path=os.path.join(SHOTS, "06-compare.png"))
 
 
 def test_share_link_opens_the_same_result_in_a_fresh_context(page, browser, server):
@@ -276,6 +280,7 @@ def test_text_file_named_png_shows_error_next_to_upload(page):
     error = page.locator("#step-image #image-error")
     error.wait_for(state="visible")
     assert "not an image" in error.inner_text().lower()
+    playwright_sync.expect(error).to_be_in_viewport()
     assert page.locator("#result-method").inner_text() == "Grad-CAM"  # the result is kept
     shot(page, "08-bad-upload", clip={"x": 0, "y": 0, "width": 460, "height": 520})
 
