@@ -206,3 +206,24 @@ def test_feature_ablation_mask_errors(small_cnn):
 def test_feature_ablation_patch_cost():
     assert insights.method_info("feature_ablation")["cost"] == {"forward": 14 * 14 + 1, "backward": 0}
     assert insights.method_info("feature_ablation", {"patch_size": 300})["cost"]["forward"] == 2
+
+
+def test_true_fp32_turns_tf32_off_and_restores_it_after_the_last_overlapping_call():
+    from insights.methods.perturbation import true_fp32
+
+    cuda = torch.device("cuda")  # the flags exist without a GPU; nothing runs on one here
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        first, second = true_fp32(cuda), true_fp32(cuda)
+        first.__enter__()
+        second.__enter__()
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        first.__exit__(None, None, None)  # not LIFO, as two threads may leave
+        assert not torch.backends.cudnn.allow_tf32  # the second call is still inside
+        second.__exit__(None, None, None)
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        with true_fp32(torch.device("cpu")):  # no-op on CPU
+            assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
