@@ -1,9 +1,5 @@
 """The benchmark tool: its table, its Captum peers and its errors (cheap methods only)."""
-import pytest
-
 from insights import bench
-
-pytest.importorskip("captum")
 
 
 def test_bench_times_methods_against_captum(capsys):

