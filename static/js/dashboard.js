@@ -57,7 +57,7 @@ function placeError(e, fallback = "run") {
   const byCode = { bad_image: "image", too_large: "image", unknown_model: "model", model_unavailable: "model", bad_target: "target", unknown_method: "method" };
   const slot = s[map[field] || byCode[e && e.code] || fallback];
   showError(slot, msg);
-  slot.scrollIntoView({ block: "nearest" });
+  (slot.closest(".step") || slot).scrollIntoView({ block: "nearest" });
 }
 
 // ---------------------------------------------------------------------------- image

@@ -295,3 +295,68 @@ def test_phone_width_stacks_the_layout(page):
     page.locator("#hero").scroll_into_view_if_needed()
     shot(page, "09-phone")
     page.set_viewport_size({"width": 1440, "height": 1100})
+
+
+LABELS = """() => Array.from(document.querySelectorAll('input, select, textarea, button, [role=button], [role=radiogroup]'))
+  .filter((el) => !el.closest('[hidden]') && el.type !== 'hidden')
+  .filter((el) => {
+    const named = el.getAttribute('aria-label') || el.getAttribute('aria-labelledby') || (el.labels && el.labels.length)
+      || (el.tagName === 'BUTTON' && el.textContent.trim());
+    return !named;
+  })
+  .map((el) => el.outerHTML.slice(0, 120))"""
+
+
+def test_every_control_has_a_label(page):
+    page.click("label[for=method-occlusion]")  # a generated form with numbers, lists and choices
+    assert page.evaluate(LABELS) == []
+    page.click("label[for=method-saliency]")  # switches and selects
+    assert page.evaluate(LABELS) == []
+
+
+def test_keyboard_file_chooser_paste_and_class_search(page, chelsea):
+    # Listen before pressing: file chooser interception is switched on by the first listener.
+    choosers = []
+    on_chooser = lambda chooser: choosers.append(chooser)  # noqa: E731
+    page.on("filechooser", on_chooser)
+    page.wait_for_timeout(300)
+    page.focus("#dropzone")
+    page.keyboard.press("Enter")
+    for _ in range(100):
+        if choosers:
+            break
+        page.wait_for_timeout(50)
+    assert choosers, "Enter on the drop zone did not open the file chooser"
+    page.remove_listener("filechooser", on_chooser)
+    choosers[0].set_files(chelsea)
+    page.wait_for_selector("#image-error", state="hidden")
+    page.wait_for_function("document.querySelectorAll('#predictions button.pred').length === 5")
+
+    from skimage import data
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(data.coffee()).save(buf, "PNG")
+    page.evaluate("""(b64) => {
+      const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+      const dt = new DataTransfer();
+      dt.items.add(new File([bytes], 'image.png', { type: 'image/png' }));
+      document.dispatchEvent(new ClipboardEvent('paste', { clipboardData: dt, bubbles: true }));
+    }""", base64.b64encode(buf.getvalue()).decode())
+    page.wait_for_function("document.querySelector('#predictions button.pred .pred-label')?.textContent === 'espresso'")
+    assert page.locator("#overlay").is_hidden()  # a new image: the old map is not shown over it
+
+    page.fill("#class-search", "golden ret")
+    option = page.locator("#class-results [role=option]").first
+    option.wait_for()
+    assert option.inner_text().startswith("golden retriever")
+    page.keyboard.press("ArrowDown")
+    page.keyboard.press("Enter")
+    assert page.locator("#target-label").inner_text() == "golden retriever"
+    assert page.locator("#class-results").is_hidden()
+    page.focus("#run")
+    page.keyboard.press("Space")
+    page.wait_for_selector("#overlay:not([hidden])", timeout=60_000)
+    assert page.locator("#hero-title").inner_text() == "Golden retriever"
+    shot(page, "10-keyboard-target-search")
