@@ -81,6 +81,7 @@ async function useImage(promise) {
   }
   setDropBusy(false);
   state.target = null;
+  clearCompare();
   showPreview();
   await predict();
   if (!state.asset && state.predictions.length) {
@@ -580,10 +581,18 @@ function compareCard(title, subtitle) {
   return { card, canvas, fill, progress, status, cancel, link };
 }
 
+const compareUnbinders = [];
+
+/** Empties the comparison (its canvases stop following the view settings). */
+function clearCompare() {
+  while (compareUnbinders.length) compareUnbinders.pop()();
+  $("#compare-grid").replaceChildren();
+}
+
 async function runCompare() {
   showError($("#compare-error"), "");
   const grid = $("#compare-grid");
-  grid.replaceChildren();
+  clearCompare();
   let jobs = [];
   if (state.compareBy === "methods") {
     const ids = $$("#compare-method-list input:checked").map((i) => i.value);
@@ -605,6 +614,7 @@ async function runCompare() {
   // One at a time: the server shares a few cores between everyone.
   for (const c of cards) {
     const ui = c.ui;
+    if (!ui.card.isConnected) break; // a new image cleared the comparison
     ui.status.textContent = "Running…";
     let jobId = null;
     ui.cancel.onclick = () => jobId && api.cancel(jobId).catch(() => {});
@@ -622,7 +632,8 @@ async function runCompare() {
         },
       });
       const asset = await loadResult(meta);
-      bindCanvas(ui.canvas, asset, store);
+      if (!ui.card.isConnected) continue; // the comparison was cleared meanwhile
+      compareUnbinders.push(bindCanvas(ui.canvas, asset, store));
       ui.card.classList.remove("pending");
       ui.card.classList.add("done");
       ui.status.textContent = meta.cached ? "cached" : `${Number(meta.elapsed_s).toFixed(2)} s`;

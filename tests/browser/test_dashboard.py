@@ -345,7 +345,8 @@ def test_keyboard_file_chooser_paste_and_class_search(page, chelsea):
       document.dispatchEvent(new ClipboardEvent('paste', { clipboardData: dt, bubbles: true }));
     }""", base64.b64encode(buf.getvalue()).decode())
     page.wait_for_function("document.querySelector('#predictions button.pred .pred-label')?.textContent === 'espresso'")
-    assert page.locator("#overlay").is_hidden()  # a new image: the old map is not shown over it
+    assert page.locator("#overlay").is_hidden()  # a new image: the old maps are not shown with it
+    assert page.locator("#compare-grid .ccard").count() == 0
 
     page.fill("#class-search", "golden ret")
     option = page.locator("#class-results [role=option]").first
