@@ -239,6 +239,15 @@ def test_grad_cam_and_two_methods_side_by_side(page):
     assert a["hash"] != b["hash"]
     page.locator("#compare").screenshot(path=os.path.join(SHOTS, "06-compare.png"))
 
+    page.click("#tab-models")  # one method (the selected Grad-CAM) across the available models
+    assert page.locator("#compare-model-list input:disabled").count() >= 1  # unavailable ones stay off
+    page.click("#compare-run")
+    page.wait_for_function("document.querySelectorAll('#compare-grid .ccard.done').length === 1", timeout=60_000)
+    assert page.locator("#compare-grid .ccard h3").all_inner_texts() == ["efficientnet_lite0"]
+    assert page.locator("#compare-grid .ccard header p").inner_text() == "Grad-CAM"
+    assert canvas_stats(page, "#compare-grid .ccard canvas") == b
+    page.click("#tab-methods")
+
 
 def test_share_link_opens_the_same_result_in_a_fresh_context(page, browser, server):
     page.locator("#hero").scroll_into_view_if_needed()
