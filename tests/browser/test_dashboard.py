@@ -14,17 +14,15 @@ import threading
 import pytest
 from werkzeug.serving import make_server
 
-playwright_sync = pytest.importorskip("playwright.sync_api")
+from playwright.sync_api import expect, sync_playwright
 
-from insights.app import create_app  # noqa: E402
+from insights.app import create_app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHOTS = os.path.join(ROOT, "artifacts", "screenshots")
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update"]
-
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian chromium at /usr/bin/chromium")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +55,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    with playwright_sync.sync_playwright() as p:
+    with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield b
         b.close()
@@ -289,7 +287,7 @@ def test_text_file_named_png_shows_error_next_to_upload(page):
     error = page.locator("#step-image #image-error")
     error.wait_for(state="visible")
     assert "not an image" in error.inner_text().lower()
-    playwright_sync.expect(error).to_be_in_viewport()
+    expect(error).to_be_in_viewport()
     assert page.locator("#result-method").inner_text() == "Grad-CAM"  # the result is kept
     shot(page, "08-bad-upload", clip={"x": 0, "y": 0, "width": 460, "height": 520})
 
