@@ -342,6 +342,39 @@ class HookScope:
                 self.set_attr(module, "inplace", False)
 
 
+# --------------------------------------------------------------------------- CUDA precision
+
+_tf32_lock = threading.Lock()
+_tf32_users = 0
+_tf32_saved: tuple[bool, bool] | None = None
+
+
+@contextmanager
+def true_fp32(device: torch.device):
+    """Turns CUDA's TF32 convolutions and matmuls off while any caller is inside: attribution
+    maps (occlusion's differences of nearly equal scores, DeepLift's summation to the score
+    difference) need full fp32, which TF32's 10-bit mantissa would swamp.
+    Reference-counted, so overlapping calls from several threads restore the user's flags
+    only when the last one leaves (calls in between merely run in full fp32)."""
+    global _tf32_users, _tf32_saved
+    if device.type != "cuda":
+        yield
+        return
+    with _tf32_lock:
+        if _tf32_users == 0:
+            _tf32_saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        _tf32_users += 1
+    try:
+        yield
+    finally:
+        with _tf32_lock:
+            _tf32_users -= 1
+            if _tf32_users == 0 and _tf32_saved is not None:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = _tf32_saved
+
+
 # --------------------------------------------------------------------------- model probing
 
 _probe_cache: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()

@@ -12,7 +12,6 @@ are clipped, and an element covered by several windows gets the mean of their di
 from __future__ import annotations
 
 import math
-import threading
 from contextlib import contextmanager
 from typing import Sequence
 
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from . import registry
-from .base import Context, Cost, Method, Param, ParamError, expand_baseline
+from .base import Context, Cost, Method, Param, ParamError, expand_baseline, true_fp32
 
 PRECISION_PARAM = Param("precision", "choice", "fp32", "Arithmetic of the forward passes: fp32 is "
                         "exact; bf16 is roughly twice as fast and gives a very close map.",
@@ -28,36 +27,6 @@ PRECISION_PARAM = Param("precision", "choice", "fp32", "Arithmetic of the forwar
 BASELINES_PARAM = Param("baselines", "float", 0.0, "Value that replaces the occluded pixels, in "
                         "normalised input units (0 is the dataset mean). Python callers may pass "
                         "a tensor broadcastable to the input.", tensor_ok=True)
-
-
-_tf32_lock = threading.Lock()
-_tf32_users = 0
-_tf32_saved: tuple[bool, bool] | None = None
-
-
-@contextmanager
-def true_fp32(device: torch.device):
-    """Turns CUDA's TF32 convolutions and matmuls off while any caller is inside: occlusion
-    maps are differences of nearly equal scores, which TF32's 10-bit mantissa would swamp.
-    Reference-counted, so overlapping calls from several threads restore the user's flags
-    only when the last one leaves (calls in between merely run in full fp32)."""
-    global _tf32_users, _tf32_saved
-    if device.type != "cuda":
-        yield
-        return
-    with _tf32_lock:
-        if _tf32_users == 0:
-            _tf32_saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
-        _tf32_users += 1
-    try:
-        yield
-    finally:
-        with _tf32_lock:
-            _tf32_users -= 1
-            if _tf32_users == 0 and _tf32_saved is not None:
-                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = _tf32_saved
 
 
 @contextmanager
