@@ -3,8 +3,8 @@
 The engine (``attribute``, ``methods``, ``method_info``) needs only torch; ``create_app`` builds
 the Flask dashboard and imports Flask lazily.
 """
-from .methods import (Cancelled, InsightsError, ParamError, UnknownMethod, attribute, method_info,
-                      methods)
+from .methods import (Cancelled, InsightsError, ParamError, UnknownMethod, attribute, attribute_many,
+                      method_info, methods)
 
 __version__ = "0.1.0"
 
@@ -16,5 +16,5 @@ def create_app(config: dict | None = None):
     return _create_app(config)
 
 
-__all__ = ["attribute", "methods", "method_info", "create_app", "Cancelled", "InsightsError",
+__all__ = ["attribute", "attribute_many", "methods", "method_info", "create_app", "Cancelled", "InsightsError",
            "ParamError", "UnknownMethod", "__version__"]

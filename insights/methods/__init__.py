@@ -39,6 +39,22 @@ def _targets(target: Any, n: int, device: torch.device) -> torch.Tensor:
     return t.clone()
 
 
+def _check_call(model: nn.Module, inputs: Any, target: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The detached inputs and one target per row, or a ParamError naming what is wrong. Probes
+    the model (cached) before any lock is taken."""
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
+        raise ParamError("inputs", "must be an N×C×H×W tensor")
+    x = inputs.detach()
+    if not x.is_floating_point():
+        raise ParamError("inputs", "must be a floating point tensor")
+    t = _targets(target, x.shape[0], x.device)
+    classes = probe(model, x)["classes"]
+    bad = t[(t < 0) | (t >= classes)]
+    if bad.numel():
+        raise ParamError("target", f"class index {int(bad[0])} is out of range 0..{classes - 1}")
+    return x, t
+
+
 def attribute(model: nn.Module, inputs: torch.Tensor, method: str, target: Any, *,
               progress: Callable[[int, int], Any] | None = None, cancel: Any = None,
               memory_budget: int | None = None, info: dict | None = None, **params) -> torch.Tensor:
@@ -51,16 +67,7 @@ def attribute(model: nn.Module, inputs: torch.Tensor, method: str, target: Any, 
     given, is filled with details of the call (e.g. the layer Grad-CAM chose)."""
     m = registry.get(method)
     p = m.validate(params)
-    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
-        raise ParamError("inputs", "must be an N×C×H×W tensor")
-    x = inputs.detach()
-    if not x.is_floating_point():
-        raise ParamError("inputs", "must be a floating point tensor")
-    t = _targets(target, x.shape[0], x.device)
-    classes = probe(model, x)["classes"]
-    bad = t[(t < 0) | (t >= classes)]
-    if bad.numel():
-        raise ParamError("target", f"class index {int(bad[0])} is out of range 0..{classes - 1}")
+    x, t = _check_call(model, inputs, target)
     cost = m.cost(p, tuple(x.shape[1:]))
     ctx = Context(model=model, inputs=x, target=t, total=max(1, cost.forward * x.shape[0]),
                   progress=progress, cancel=cancel, memory_budget=memory_budget,
@@ -76,5 +83,7 @@ def attribute(model: nn.Module, inputs: torch.Tensor, method: str, target: Any, 
     return out.detach().float()
 
 
-__all__ = ["attribute", "methods", "method_info", "registry", "Cancelled", "InsightsError",
+from .combined import attribute_many  # noqa: E402
+
+__all__ = ["attribute", "attribute_many", "methods", "method_info", "registry", "Cancelled", "InsightsError",
            "ParamError", "UnknownMethod"]

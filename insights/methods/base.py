@@ -181,6 +181,17 @@ class Method:
     def run(self, ctx: "Context", p: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    def shared_needs(self, ctx: "Context", p: dict) -> set[str] | None:
+        """The passes this call can take from passes shared with other methods asked for at the
+        same time (:func:`insights.attribute_many`): ``"grad"`` (the plain input gradient),
+        ``"guided"`` (the guided-backprop gradient), ``"layer:<name>"`` (a layer's activation and
+        gradient, from the same pass as "grad"). None: the method runs on its own."""
+        return None
+
+    def from_passes(self, ctx: "Context", p: dict, passes: dict) -> torch.Tensor:
+        """The map, built from the shared passes named by :meth:`shared_needs`."""
+        raise NotImplementedError
+
     # -- description -------------------------------------------------------------
 
     def validate(self, given: dict) -> dict:

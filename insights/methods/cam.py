@@ -32,43 +32,57 @@ def resolve_layer(ctx: Context, name: str | None) -> tuple[str, nn.Module]:
     return name, module
 
 
-def layer_activation_and_gradient(model: nn.Module, module: nn.Module, name: str, x: torch.Tensor,
-                                  target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The output of ``module`` at its last call during ``model(x)``, and the gradient of each
-    row's target logit with respect to it. The caller holds the model exclusively."""
+def activations_and_gradients(model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor,
+                              target: torch.Tensor, input_grad: bool = False
+                              ) -> tuple[torch.Tensor | None, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """One forward and one backward pass of ``model(x)``: the output of each named layer at its
+    last call with the gradient of each row's target logit with respect to it, and (when
+    ``input_grad``) the gradient with respect to ``x`` too. The caller holds the model
+    exclusively."""
     seen: dict[str, torch.Tensor] = {}
 
-    def keep(_module, _inputs, output):
-        if not isinstance(output, torch.Tensor):
-            raise ParamError("layer", f"{name!r} returns {type(output).__name__}, not a tensor")
-        seen["out"] = output
-        # The rest of the network gets a copy, so in-place ops after the layer (ReLU(inplace))
-        # cannot overwrite the activation we keep.
-        return output.clone()
+    def keeper(name: str):
+        def keep(_module, _inputs, output):
+            if not isinstance(output, torch.Tensor):
+                raise ParamError("layer", f"{name!r} returns {type(output).__name__}, not a tensor")
+            seen[name] = output
+            # The rest of the network gets a copy, so in-place ops after the layer
+            # (ReLU(inplace)) cannot overwrite the activation we keep.
+            return output.clone()
+        return keep
 
     with HookScope(model) as scope, torch.enable_grad():
-        scope.forward_hook(module, keep)
-        leaf = x.detach().requires_grad_(True)  # so the activation has a graph even when frozen
+        for name, module in layers.items():
+            scope.forward_hook(module, keeper(name))
+        leaf = x.detach().requires_grad_(True)  # so the activations have a graph even when frozen
         logits = model(leaf)
-        if "out" not in seen:
-            raise ParamError("layer", f"{name!r} is not called in the model's forward pass")
-        act = seen.pop("out")
+        missing = [name for name in layers if name not in seen]
+        if missing:
+            raise ParamError("layer", f"{missing[0]!r} is not called in the model's forward pass")
+        names = list(layers)
+        wrt = [seen.pop(name) for name in names] + ([leaf] if input_grad else [])
         chosen = logits.gather(1, target.view(-1, 1).to(logits.device)).sum()
-        (grad,) = torch.autograd.grad(chosen, act)
-    return act.detach(), grad
+        grads = torch.autograd.grad(chosen, wrt)
+    pairs = {name: (act.detach(), grad) for name, act, grad in zip(names, wrt, grads)}
+    return (grads[-1] if input_grad else None), pairs
+
+
+def cam_from(act: torch.Tensor, grad: torch.Tensor, name: str, relu: bool) -> torch.Tensor:
+    """Grad-CAM at the layer's resolution (N×1×h×w) from its activation and gradient."""
+    if act.dim() != 4:
+        raise ParamError("layer", f"Grad-CAM needs a spatial N×C×H×W output; {name!r} gives "
+                                  f"{'×'.join(str(d) for d in act.shape)}")
+    weights = grad.mean(dim=(2, 3), keepdim=True)
+    cam = (weights * act).sum(dim=1, keepdim=True)
+    return F.relu(cam) if relu else cam
 
 
 def grad_cam_map(ctx: Context, module: nn.Module, name: str, relu: bool) -> torch.Tensor:
     """Grad-CAM at the layer's own resolution, N×1×h×w, in budget-sized chunks."""
     parts = []
     for s in ctx.chunks(ctx.inputs.shape[0], grad=True):
-        act, grad = layer_activation_and_gradient(ctx.model, module, name, ctx.inputs[s], ctx.target[s])
-        if act.dim() != 4:
-            raise ParamError("layer", f"Grad-CAM needs a spatial N×C×H×W output; {name!r} gives "
-                                      f"{'×'.join(str(d) for d in act.shape)}")
-        weights = grad.mean(dim=(2, 3), keepdim=True)
-        cam = (weights * act).sum(dim=1, keepdim=True)
-        parts.append(F.relu(cam) if relu else cam)
+        _, pairs = activations_and_gradients(ctx.model, {name: module}, ctx.inputs[s], ctx.target[s])
+        parts.append(cam_from(*pairs[name], name, relu))
     return torch.cat(parts)
 
 
@@ -93,6 +107,14 @@ class GradCam(Method):
     def run(self, ctx: Context, p: dict) -> torch.Tensor:
         name, module = resolve_layer(ctx, p["layer"])
         cam = grad_cam_map(ctx, module, name, p["relu_attributions"])
+        return F.interpolate(cam, size=tuple(ctx.inputs.shape[2:]), mode="bilinear")
+
+    def shared_needs(self, ctx, p):
+        return {"layer:" + resolve_layer(ctx, p["layer"])[0]}
+
+    def from_passes(self, ctx, p, passes):
+        name = resolve_layer(ctx, p["layer"])[0]
+        cam = cam_from(*passes["layer:" + name], name, p["relu_attributions"])
         return F.interpolate(cam, size=tuple(ctx.inputs.shape[2:]), mode="bilinear")
 
 
@@ -120,3 +142,12 @@ class GuidedGradCam(Method):
         cam = grad_cam_map(ctx, module, name, relu=True)
         cam = F.interpolate(cam, size=tuple(ctx.inputs.shape[2:]), mode=p["interpolate_mode"])
         return guided_gradient(ctx, ctx.inputs, ctx.target, "guided") * cam
+
+    def shared_needs(self, ctx, p):
+        return {"layer:" + resolve_layer(ctx, p["layer"])[0], "guided"}
+
+    def from_passes(self, ctx, p, passes):
+        name = resolve_layer(ctx, p["layer"])[0]
+        cam = cam_from(*passes["layer:" + name], name, relu=True)
+        cam = F.interpolate(cam, size=tuple(ctx.inputs.shape[2:]), mode=p["interpolate_mode"])
+        return passes["guided"] * cam

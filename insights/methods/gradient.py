@@ -103,6 +103,12 @@ class Saliency(GradientMethod):
         grad = ctx.gradient(x, target)
         return grad.abs() if p["abs"] else grad
 
+    def shared_needs(self, ctx, p):
+        return {"grad"} if p["nt_type"] == "none" else None
+
+    def from_passes(self, ctx, p, passes):
+        return passes["grad"].abs() if p["abs"] else passes["grad"]
+
 
 @registry.register
 class InputXGradient(GradientMethod):
@@ -113,6 +119,12 @@ class InputXGradient(GradientMethod):
 
     def compute(self, ctx, x, target, p):
         return ctx.gradient(x, target) * x
+
+    def shared_needs(self, ctx, p):
+        return {"grad"} if p["nt_type"] == "none" else None
+
+    def from_passes(self, ctx, p, passes):
+        return passes["grad"] * ctx.inputs
 
 
 def baseline_rows(value: Any, x: torch.Tensor, n_inputs: int) -> torch.Tensor:

@@ -222,6 +222,12 @@ class GuidedBackprop(GradientMethod):
     def compute(self, ctx, x, target, p):
         return guided_gradient(ctx, x, target, "guided")
 
+    def shared_needs(self, ctx, p):
+        return {"guided"} if p["nt_type"] == "none" else None
+
+    def from_passes(self, ctx, p, passes):
+        return passes["guided"]
+
 
 @registry.register
 class Deconvolution(GradientMethod):

@@ -1,0 +1,94 @@
+"""Several methods on one image and class, sharing the passes they have in common.
+
+Saliency and input × gradient both need the plain input gradient; Grad-CAM needs a layer's
+activation and gradient, which the same backward pass yields; guided backpropagation and the
+guided half of Guided Grad-CAM need one guided pass. Each method says what it can take from such
+shared passes (:meth:`Method.shared_needs`) and builds its map from them
+(:meth:`Method.from_passes`); methods that cannot share run on their own as usual.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from . import registry
+from .base import Context, Cost, HookScope, ParamError, get_layer, model_lock, probe, true_fp32
+from .cam import activations_and_gradients
+from .rules import guided_gradient
+
+
+def _requests(requests: Sequence[Any]) -> list[tuple[str, dict]]:
+    out = []
+    for item in requests:
+        method, params = (item, {}) if isinstance(item, str) else (item[0], dict(item[1] or {}))
+        out.append((method, params))
+    if not out:
+        raise ParamError("methods", "name at least one method")
+    return out
+
+
+def attribute_many(model: nn.Module, inputs: torch.Tensor, requests: Sequence[Any], target: Any, *,
+                   progress: Callable[[int, int], Any] | None = None, cancel: Any = None,
+                   memory_budget: int | None = None, info: dict | None = None) -> list[torch.Tensor]:
+    """The maps of several methods for the same inputs and targets, in the order asked.
+
+    ``requests`` holds method ids or ``(method, params)`` pairs. Passes that several methods
+    need are made once. ``info["passes"]`` tells the forward and backward passes per image made
+    (``shared``) against those the methods would make one by one (``separate``), and
+    ``info["methods"]`` holds each method's own details (e.g. the Grad-CAM layer)."""
+    from . import _check_call  # the same input and target checks as attribute()
+
+    asked = [(registry.get(m), m, p) for m, p in _requests(requests)]
+    checked = [(m, m.validate(p)) for m, _id, p in asked]
+    x, t = _check_call(model, inputs, target)
+    shape = tuple(x.shape[1:])
+    n = x.shape[0]
+    separate = [m.cost(p, shape) for m, p in checked]
+    infos: list[dict] = [{} for _ in checked]
+    ctx = Context(model=model, inputs=x, target=t, total=1, progress=progress, cancel=cancel,
+                  memory_budget=memory_budget, info={})
+
+    with model_lock(model, exclusive=True), HookScope(model), true_fp32(x.device):
+        ctx.check()
+        needs = []
+        for (m, p), details in zip(checked, infos):
+            ctx.info = details
+            needs.append(m.shared_needs(ctx, p))
+        wanted = set().union(*[need for need in needs if need])
+        layers = sorted(k[len("layer:"):] for k in wanted if k.startswith("layer:"))
+        plain = bool(layers) or "grad" in wanted
+        alone = [cost for cost, need in zip(separate, needs) if need is None]
+        shared = Cost(int(plain) + int("guided" in wanted) + sum(c.forward for c in alone),
+                      int(plain) + int("guided" in wanted) + sum(c.backward for c in alone))
+        ctx.total = max(1, shared.forward * n)
+
+        passes: dict[str, Any] = {}
+        if plain:
+            modules = {name: get_layer(model, name) for name in layers}
+            grads, pairs = [], {name: ([], []) for name in layers}
+            for s in ctx.chunks(n, grad=True):
+                g, got = activations_and_gradients(model, modules, x[s], t[s], input_grad="grad" in wanted)
+                grads.append(g)
+                for name, (act, grad) in got.items():
+                    pairs[name][0].append(act)
+                    pairs[name][1].append(grad)
+            if "grad" in wanted:
+                passes["grad"] = torch.cat(grads)
+            for name, (acts, grads_) in pairs.items():
+                passes["layer:" + name] = (torch.cat(acts), torch.cat(grads_))
+        if "guided" in wanted:
+            passes["guided"] = guided_gradient(ctx, x, t, "guided")
+
+        maps = []
+        for (m, p), need, details in zip(checked, needs, infos):
+            ctx.info = details
+            maps.append((m.from_passes(ctx, p, passes) if need is not None else m.run(ctx, p)).detach().float())
+            details.setdefault("shared", need is not None)
+    if info is not None:
+        info["passes"] = {"shared": shared.as_dict(),
+                          "separate": Cost(sum(c.forward for c in separate),
+                                           sum(c.backward for c in separate)).as_dict()}
+        info["methods"] = infos
+    return maps
