@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from .methods import attribute, methods, registry
+from .methods import attribute, attribute_many, methods, registry
 from .methods.base import default_layer
 
 TARGET = 208
@@ -154,6 +154,36 @@ def bench_method(method: str, model, x: torch.Tensor, layer: str, repeat: int, d
     return rows
 
 
+TOGETHER = ["saliency", "input_x_gradient", "grad_cam", "guided_backprop", "guided_grad_cam"]
+
+
+def bench_together(model, x: torch.Tensor, repeat: int, device) -> dict:
+    """The TOGETHER methods one by one against ``attribute_many``: passes per image and time."""
+    def one_by_one():
+        return [attribute(model, x, m, TARGET) for m in TOGETHER]
+
+    info: dict = {}
+
+    def together():
+        return attribute_many(model, x, TOGETHER, TARGET, info=info)
+
+    times: dict[str, list[float]] = {"separate": [], "shared": []}
+    for rep in range(repeat + 1):
+        for name, fn in (("separate", one_by_one), ("shared", together)):
+            ms, _ = timed(fn, device)
+            if rep:
+                times[name].append(ms)
+    return {"passes": info["passes"], "separate_ms": statistics.median(times["separate"]),
+            "shared_ms": statistics.median(times["shared"])}
+
+
+def format_together(r: dict) -> str:
+    sep, sh = r["passes"]["separate"], r["passes"]["shared"]
+    return (f"together ({', '.join(TOGETHER)}): one by one {sep['forward']} forward + "
+            f"{sep['backward']} backward passes, {r['separate_ms']:.0f} ms; shared {sh['forward']} + "
+            f"{sh['backward']}, {r['shared_ms']:.0f} ms ({r['separate_ms'] / r['shared_ms']:.2f}x)")
+
+
 def format_table(rows: list[dict]) -> str:
     head = ("method", "captum ms", "captum best ms", "ours ms", "x default", "x best",
             "max|diff|/max", "corr fp32")
@@ -192,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="*", default=None, help="method ids (default: all)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per variant (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--together", action="store_true",
+                        help="also time methods asked for together (shared passes) against one by one")
     args = parser.parse_args(argv)
 
     try:
@@ -229,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     for method in chosen:
         rows.extend(bench_method(method, model, x, layer, args.repeat, device))
     print(format_table(rows))
+    if args.together:
+        print(format_together(bench_together(model, x, args.repeat, device)))
     for r in rows:
         if r["captum_error"]:
             print(f"{r['method']}: captum fails: {r['captum_error']}")

@@ -31,3 +31,10 @@ def test_table_shows_ratios_and_bf16_correlation():
     table = bench.format_table(rows).splitlines()
     assert table[2].split() == ["occlusion", "8,000", "7,000", "4,000", "2.00", "1.75", "2.0e-05", "-"]
     assert table[3].split()[-4:] == ["4.00", "3.50", "-", "0.9988"]
+
+
+def test_together_line_reports_fewer_shared_passes():
+    line = bench.format_together({"passes": {"separate": {"forward": 6, "backward": 6},
+                                             "shared": {"forward": 2, "backward": 2}},
+                                  "separate_ms": 300.0, "shared_ms": 100.0})
+    assert "one by one 6 forward + 6 backward" in line and "shared 2 + 2" in line and "(3.00x)" in line

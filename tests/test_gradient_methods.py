@@ -234,3 +234,16 @@ def test_gradient_shap_approaches_integrated_gradients(small_cnn, images):
     assert rel_error(shap.sum((1, 2, 3)), ig.sum((1, 2, 3))) < 0.1
     corr = torch.corrcoef(torch.stack([shap.flatten(), ig.flatten()]))[0, 1]
     assert corr > 0.95
+
+
+def test_integrated_gradients_bf16_fast_mode_is_close_to_fp32_but_not_the_same(small_cnn, images):
+    exact = insights.attribute(small_cnn, images, "integrated_gradients", 3, n_steps=16)
+    fast = insights.attribute(small_cnn, images, "integrated_gradients", 3, n_steps=16, precision="bf16")
+    assert fast.dtype == torch.float32 and fast.shape == exact.shape
+    assert not torch.equal(fast, exact)  # the passes really ran in bfloat16
+    corr = torch.corrcoef(torch.stack([fast.flatten(), exact.flatten()]))[0, 1]
+    assert corr > 0.99
+    # Completeness still holds approximately: the map sums near the score difference.
+    with torch.no_grad():
+        delta = small_cnn(images)[:, 3] - small_cnn(torch.zeros_like(images))[:, 3]
+    assert torch.allclose(fast.sum(dim=(1, 2, 3)), delta, rtol=0.05, atol=0.05 * float(delta.abs().max()))

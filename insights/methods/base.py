@@ -360,6 +360,19 @@ _tf32_users = 0
 _tf32_saved: tuple[bool, bool] | None = None
 
 
+PRECISION_PARAM = Param("precision", "choice", "fp32", "Arithmetic of the model's passes: fp32 is "
+                        "exact; bf16 is roughly twice as fast and gives a very close map.",
+                        choices=("fp32", "bf16"))
+
+
+def arithmetic(device: torch.device, precision: str):
+    """The context a method's passes run in: bfloat16 autocast for ``precision="bf16"`` (the
+    opt-in fast mode), else true fp32 (:func:`true_fp32`: no TF32 on CUDA)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return true_fp32(device)
+
+
 @contextmanager
 def true_fp32(device: torch.device):
     """Turns CUDA's TF32 convolutions and matmuls off while any caller is inside: attribution

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from . import registry
-from .base import Context, Cost, Method, Param, ParamError, expand_baseline, gradient
+from .base import (PRECISION_PARAM, Context, Cost, Method, Param, ParamError, arithmetic,
+                   expand_baseline, gradient)
 
 NT_TYPES = ("none", "smoothgrad", "smoothgrad_sq", "vargrad")
 
@@ -59,12 +60,10 @@ class GradientMethod(Method):
         return Cost(n, n)
 
     def run(self, ctx: Context, p: dict) -> torch.Tensor:
-        # Full fp32 on CUDA: with TF32 convolutions, DeepLift's maps of a random ResNet-18 missed
-        # the score difference by 2.5% and IG drifted 2e-4 from Captum's fp32 maps (H200).
-        # Imported here, not at the top, so that the family modules register in the UI's order.
-        from .perturbation import true_fp32
-
-        with true_fp32(ctx.device):
+        # Full fp32 on CUDA unless the caller opted into bf16: with TF32 convolutions,
+        # DeepLift's maps of a random ResNet-18 missed the score difference by 2.5% and IG
+        # drifted 2e-4 from Captum's fp32 maps (H200).
+        with arithmetic(ctx.device, p.get("precision", "fp32")):
             if p.get("nt_type", "none") == "none":
                 return self.compute(ctx, ctx.inputs, ctx.target, p)
             return noise_tunnel(self, ctx, p)
@@ -184,6 +183,7 @@ class IntegratedGradients(GradientMethod):
         Param("integration", "choice", "gausslegendre", "How the path integral is approximated "
               "(Riemann sums need at least 2 steps).", choices=INTEGRATION_RULES),
         BASELINES,
+        PRECISION_PARAM,
     )
 
     def validate(self, given: dict) -> dict:
@@ -210,6 +210,8 @@ class IntegratedGradients(GradientMethod):
             step, row = index // rows, index % rows
             view = (-1,) + (1,) * (x.dim() - 1)
             scaled = base[row] + alpha[step].view(view) * diff[row]
+            if p["precision"] == "bf16":  # oneDNN's and cuDNN's bf16 kernels prefer NHWC
+                scaled = scaled.contiguous(memory_format=torch.channels_last)
             grad = gradient(ctx.model, scaled, target[row])
             total.index_add_(0, row, grad * weight[step].view(view))
         return total * diff

@@ -19,11 +19,9 @@ import torch
 from torch import nn
 
 from . import registry
-from .base import Context, Cost, Method, Param, ParamError, expand_baseline, true_fp32
+from .base import (PRECISION_PARAM, Context, Cost, Method, Param, ParamError, arithmetic,
+                   expand_baseline, true_fp32)
 
-PRECISION_PARAM = Param("precision", "choice", "fp32", "Arithmetic of the forward passes: fp32 is "
-                        "exact; bf16 is roughly twice as fast and gives a very close map.",
-                        choices=("fp32", "bf16"))
 BASELINES_PARAM = Param("baselines", "float", 0.0, "Value that replaces the occluded pixels, in "
                         "normalised input units (0 is the dataset mean). Python callers may pass "
                         "a tensor broadcastable to the input.", tensor_ok=True)
@@ -35,7 +33,7 @@ def scoring(model: nn.Module, device: torch.device, precision: str):
     without autograd, in channels-last layout and either in true fp32 (no TF32 on CUDA) or,
     for ``precision="bf16"``, under bfloat16 autocast. One autocast region covers all
     batches, so weights are cast to bf16 once."""
-    cast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else true_fp32(device)
+    cast = arithmetic(device, precision)
 
     def score(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:
