@@ -65,3 +65,20 @@ def resnet18() -> nn.Module:
 def images() -> torch.Tensor:
     """Two seeded 3×64×64 inputs in normalised units."""
     return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def rel_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    """Largest difference relative to the reference's largest value (the parity measure)."""
+    ours, theirs = ours.detach(), theirs.detach()
+    return float((ours - theirs).abs().max() / theirs.abs().max())
+
+
+def logits(model, x, target):
+    """Each row's target logit, without a graph."""
+    with torch.no_grad():
+        return model(x).gather(1, torch.as_tensor(target).view(-1, 1)).squeeze(1)
+
+
+def leaf(x: torch.Tensor) -> torch.Tensor:
+    """A copy of x that requires grad, as Captum expects (it warns otherwise)."""
+    return x.clone().requires_grad_(True)

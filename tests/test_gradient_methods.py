@@ -9,25 +9,11 @@ from captum.attr import Saliency as CaptumSaliency
 from torch import nn
 
 import insights
+from conftest import leaf, logits, rel_error
 from insights.methods.gradient import INTEGRATION_RULES, integration_weights
 
 TARGETS = [3, 7]
 MODELS = ["small_cnn", "resnet18"]
-
-
-def rel_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    ours, theirs = ours.detach(), theirs.detach()
-    return float((ours - theirs).abs().max() / theirs.abs().max())
-
-
-def logits(model, x, target):
-    with torch.no_grad():
-        return model(x).gather(1, torch.as_tensor(target).view(-1, 1)).squeeze(1)
-
-
-def leaf(x: torch.Tensor) -> torch.Tensor:
-    """A copy of x that requires grad, as Captum expects (it warns otherwise)."""
-    return x.clone().requires_grad_(True)
 
 
 @pytest.fixture(params=MODELS)

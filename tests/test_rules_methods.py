@@ -15,19 +15,11 @@ import insights
 from insights.methods.base import Context
 from insights.methods.rules import guided_gradient
 
-from conftest import seeded
+from conftest import logits, rel_error, seeded
 
 TARGETS = [3, 7]
 
 
-def rel_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    ours, theirs = ours.detach(), theirs.detach()
-    return float((ours - theirs).abs().max() / theirs.abs().max())
-
-
-def logits(model, x, target):
-    with torch.no_grad():
-        return model(x).gather(1, torch.as_tensor(target).view(-1, 1)).squeeze(1)
 
 
 def assert_sums_to_delta(model, x, attr, baseline, target, tol=1e-3):
