@@ -182,14 +182,15 @@ def image_json(record: dict) -> dict:
 
 
 def run_inline(work: "Work", key: str | None = None):
-    """Runs model work on the compute worker and waits for it; re-raises its error here."""
-    job = services().jobs.submit(work.run_one, key=key, urgent=True, batch=work.batch())
+    """Runs the model work on the compute worker and waits for it (re-raising its error here),
+    then finishes the answer in this request thread, so the worker only ever does model work."""
+    job = services().jobs.submit(work.compute_one, key=key, urgent=True, batch=work.batch())
     job.wait()
     if job.status == "failed":
         raise job.exception
     if job.status == "cancelled":
         raise ApiError(409, "cancelled", "the computation was cancelled", None)
-    return job.result
+    return work.finish(job.result)
 
 
 def top_predictions(logits: torch.Tensor, labels: list[str], k: int) -> list[dict]:
@@ -200,35 +201,40 @@ def top_predictions(logits: torch.Tensor, labels: list[str], k: int) -> list[dic
 
 
 def work_of(job) -> "Work":
-    """The Work a job was submitted with (its ``fn`` is that Work's bound ``run_one``)."""
+    """The Work a job was submitted with (its ``fn`` is a bound method of that Work)."""
     return job.fn.__self__
 
 
 class Work:
-    """Model work for one request. Requests whose ``batch_key`` is equal can run as one batch
-    (the job runner's dynamic batcher): ``run_many`` takes the jobs, whose ``fn`` is the bound
-    ``run_one`` of their own Work (see :func:`work_of`)."""
+    """Model work for one request, in two steps: ``compute_many`` (model work, on the compute
+    worker, for one or several requests with the same ``batch_key`` at once: the job runner's
+    dynamic batcher) and ``finish`` (turning the computed value into the answer; in the request
+    thread for requests that wait, on the worker for queued jobs)."""
 
     batch_key: tuple | None = None
 
+    def compute_many(self, works: list["Work"], jobs: list) -> list:
+        raise NotImplementedError
+
+    def finish(self, computed: Any) -> Any:
+        return computed
+
+    def compute_one(self, job) -> Any:
+        return self.compute_many([self], [job])[0]
+
     def run_one(self, job) -> Any:
-        return self.run_many([job])[0]
+        return self.finish(self.compute_one(job))
 
     def batch(self):
         if self.batch_key is None:
             return None
         cls = type(self)
-        return (self.batch_key, lambda jobs: cls.run_many(work_of(jobs[0]), jobs))
-
-    def run_many(self, jobs: list) -> list:
-        raise NotImplementedError
+        return (self.batch_key, lambda jobs: cls.compute_many(work_of(jobs[0]), [work_of(j) for j in jobs], jobs))
 
 
-def load_inputs(s, spec, image_ids: list[str]) -> tuple[torch.Tensor, list]:
-    """The preprocessed batch (on the model's device) and the cropped views of the images."""
-    pairs = [imaging.preprocess(s.store.load_image(i), spec.preprocessing) for i in image_ids]
-    x = torch.cat([p[0] for p in pairs]).to(s.models.device)
-    return x, [p[1] for p in pairs]
+def load_inputs(s, spec, image_id: str) -> tuple[torch.Tensor, Image.Image]:
+    """The preprocessed 1×C×H×W tensor (on the CPU) and the cropped view of a stored image."""
+    return imaging.preprocess(s.store.load_image(image_id), spec.preprocessing)
 
 
 def check_logits(name: str, spec, logits: torch.Tensor) -> None:
@@ -237,23 +243,41 @@ def check_logits(name: str, spec, logits: torch.Tensor) -> None:
                            f"expected N×{spec.num_classes} (one score per label)")
 
 
+def scores(s, name: str, model, works: list, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each work's logits row: from the cache, or from one forward pass of the rows missing."""
+    rows = [s.logits.get((name, w.image_id)) for w in works]
+    missing = [i for i, row in enumerate(rows) if row is None]
+    if missing:
+        spec = s.models.spec(name)
+        with torch.inference_mode():
+            logits = model(x[missing])
+        check_logits(name, spec, logits)
+        for i, row in zip(missing, logits):
+            rows[i] = row.float().cpu()
+            s.logits.put((name, works[i].image_id), rows[i])
+    return rows
+
+
 class Predict(Work):
     """The top-k classes of one image; requests for one model batch together."""
 
     def __init__(self, name: str, image_id: str, k: int):
         self.s = services()
         self.name, self.image_id, self.k = name, image_id, k
+        self.spec = self.s.models.spec(name)
         self.batch_key = ("predict", name)
+        self.x = None if self.s.logits.get((name, image_id)) is not None else \
+            load_inputs(self.s, self.spec, image_id)[0]
 
-    def run_many(self, jobs: list) -> list:
-        works = [work_of(j) for j in jobs]
-        spec = self.s.models.spec(self.name)
+    def compute_many(self, works: list["Predict"], jobs: list) -> list:
         model = self.s.models.get(self.name)
-        x, _views = load_inputs(self.s, spec, [w.image_id for w in works])
-        with torch.inference_mode():
-            logits = model(x)
-        check_logits(self.name, spec, logits)
-        return [top_predictions(row, spec.labels, w.k) for row, w in zip(logits, works)]
+        todo = [w for w in works if w.x is not None]
+        x = torch.cat([w.x for w in todo]).to(self.s.models.device) if todo else None
+        rows = {id(w): r for w, r in zip(todo, scores(self.s, self.name, model, todo, x))} if todo else {}
+        return [rows.get(id(w)) if id(w) in rows else self.s.logits.get((self.name, w.image_id)) for w in works]
+
+    def finish(self, logits: torch.Tensor) -> list[dict]:
+        return top_predictions(logits, self.spec.labels, self.k)
 
 
 # --------------------------------------------------------------------------- discovery
@@ -405,32 +429,33 @@ def explain():
 
 
 class Explain(Work):
-    """Computes, encodes and stores one explanation; returns its result id. Requests with the
-    same model, method and parameters batch together unless the method draws random noise
+    """One explanation. The image is decoded and preprocessed in the request thread, the model
+    work runs on the compute worker, and encoding and storing happen in ``finish``. Requests with
+    the same model, method and parameters batch together unless the method draws random noise
     (a batch would change which noise each image gets)."""
 
     def __init__(self, name: str, record: dict, method_id: str, params: dict, target: int, rid: str, info: dict):
         self.s = services()
         self.budget = current_app.config["MEMORY_BUDGET"]
         self.name, self.record, self.method_id, self.params = name, record, method_id, params
+        self.image_id = record["id"]
         self.target, self.rid, self.info = target, rid, info
+        self.spec = self.s.models.spec(name)
+        self.x, self.view = load_inputs(self.s, self.spec, self.image_id)
         randomised = "seed" in params and params.get("nt_type", "random") != "none"
         if not randomised:
             self.batch_key = ("explain", name, method_id, canonical_json(_jsonable(params)))
 
-    def run_many(self, jobs: list) -> list:
+    def compute_many(self, works: list["Explain"], jobs: list) -> list:
         s = self.s
-        works = [work_of(j) for j in jobs]
-        todo = [(j, w) for j, w in zip(jobs, works) if s.store.result(w.rid) is None]
-        if not todo:  # identical jobs finished first
-            return [w.rid for w in works]
-        spec = s.models.spec(self.name)
+        todo = [i for i, w in enumerate(works) if s.store.result(w.rid) is None]
+        out: list = [None] * len(works)  # None: already stored (an identical job finished first)
+        if not todo:
+            return out
+        run = [jobs[i] for i in todo]
         model = s.models.get(self.name)
-        x, views = load_inputs(s, spec, [w.record["id"] for _, w in todo])
-        with torch.inference_mode():
-            logits = model(x)
-        check_logits(self.name, spec, logits)
-        run = [j for j, _ in todo]
+        x = torch.cat([works[i].x for i in todo]).to(s.models.device)
+        logits = scores(s, self.name, model, [works[i] for i in todo], x)
         if len(run) == 1:
             progress, cancel = run[0].progress, run[0].cancel
         else:  # a batch stops only when every client cancelled
@@ -442,16 +467,20 @@ class Explain(Work):
                 return all(j.cancel.is_set() for j in run)
         details: dict = {}
         start = time.perf_counter()
-        attr = engine.attribute(model, x, self.method_id, [w.target for _, w in todo], progress=progress,
+        attr = engine.attribute(model, x, self.method_id, [works[i].target for i in todo], progress=progress,
                                 cancel=cancel, memory_budget=self.budget, info=details, **self.params)
         elapsed = time.perf_counter() - start
         arr = attr.detach().cpu().float().numpy()
-        for row, ((_, w), view) in enumerate(zip(todo, views)):
-            w.store(arr[row:row + 1], view, logits[row], spec, elapsed, details, len(todo))
-        return [w.rid for w in works]
+        for row, i in enumerate(todo):
+            out[i] = (arr[row:row + 1], logits[row], elapsed, details.get("layer"), len(todo))
+        return out
 
-    def store(self, arr, view, logits, spec, elapsed: float, details: dict, batch_size: int) -> None:
-        rid, record, target = self.rid, self.record, self.target
+    def finish(self, computed) -> str:
+        """Encodes and stores the computed map; returns the result id."""
+        if computed is None:
+            return self.rid
+        arr, logits, elapsed, layer, batch_size = computed
+        rid, record, target, spec = self.rid, self.record, self.target, self.spec
         png, enc = imaging.encode_map(arr[0], bool(self.info["signed"]))
         meta = {
             "id": rid, "model": self.name, "method": self.method_id, "params": _jsonable(self.params),
@@ -459,7 +488,7 @@ class Explain(Work):
             "image": {"id": record["id"], "width": record["width"], "height": record["height"],
                       "url": f"/api/images/{record['id']}"},
             "elapsed_s": round(elapsed, 4), "batch_size": batch_size, "created": utc_now(),
-            "output": self.info["output"], "signed": bool(self.info["signed"]), "layer": details.get("layer"),
+            "output": self.info["output"], "signed": bool(self.info["signed"]), "layer": layer,
             "cost": self.info["cost"], "predictions": top_predictions(logits, spec.labels, 5),
             "range": {"min": enc["min"], "max": enc["max"]}, "encoding": {"zero": enc["zero"], "scale": enc["scale"]},
             "size": [int(arr.shape[-2]), int(arr.shape[-1])], "shape": list(arr.shape),
@@ -467,7 +496,8 @@ class Explain(Work):
                       "overlay": f"/api/results/{rid}/overlay.png", "npy": f"/api/results/{rid}/attribution.npy",
                       "share": f"/r/{rid}"},
         }
-        self.s.store.put_result(meta, view, arr, png)
+        self.s.store.put_result(meta, self.view, arr, png)
+        return rid
 
 
 def _jsonable(params: dict) -> dict:

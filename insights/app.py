@@ -5,12 +5,12 @@ import importlib
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flask import Flask
 
 from .jobs import JobRunner
-from .models import ModelRegistry
+from .models import LogitsCache, ModelRegistry
 from .store import Store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,6 +47,7 @@ class Services:
     models: ModelRegistry
     store: Store
     jobs: JobRunner
+    logits: LogitsCache = field(default_factory=LogitsCache)  # recent scores per (model, image)
 
 
 def env_settings(environ=os.environ) -> dict:

@@ -364,3 +364,27 @@ def _as_list(value: Any) -> list[str]:
     if isinstance(value, (list, tuple)):
         return [str(v) for v in value]
     return [str(value)]
+
+
+class LogitsCache:
+    """The model's scores for recently seen (model, image) pairs: the dashboard asks for the
+    predictions and then for explanations of the same image, which need them again."""
+
+    def __init__(self, size: int = 512):
+        self.size = size
+        self._items: "OrderedDict[tuple[str, str], torch.Tensor]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str]) -> torch.Tensor | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            return None
+
+    def put(self, key: tuple[str, str], logits: torch.Tensor) -> None:
+        with self._lock:
+            self._items[key] = logits.detach().float().cpu()
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)

@@ -545,12 +545,35 @@ def test_concurrent_explanations_batch_and_equal_one_at_a_time(app):
         assert np.abs(solo).max() > 0
 
 
-def test_noisy_methods_are_not_batched(app):
+def test_noisy_methods_are_not_batched(app, image_id):
     from insights.api import Explain
 
+    record = {"id": image_id, "width": 48, "height": 40}
     with app.test_request_context():
-        noisy = Explain("tiny", {"id": "x"}, "saliency", {"nt_type": "smoothgrad", "seed": 0}, 0, "r", {})
-        shap = Explain("tiny", {"id": "x"}, "gradient_shap", {"seed": 0, "n_samples": 5}, 0, "r", {})
-        plain = Explain("tiny", {"id": "x"}, "saliency", {"nt_type": "none", "seed": 0, "abs": True}, 0, "r", {})
+        noisy = Explain("tiny", record, "saliency", {"nt_type": "smoothgrad", "seed": 0}, 0, "r", {})
+        shap = Explain("tiny", record, "gradient_shap", {"seed": 0, "n_samples": 5}, 0, "r", {})
+        plain = Explain("tiny", record, "saliency", {"nt_type": "none", "seed": 0, "abs": True}, 0, "r", {})
     assert noisy.batch() is None and shap.batch() is None
     assert plain.batch()[0] == ("explain", "tiny", "saliency", plain.batch_key[3])
+
+
+def test_predictions_are_computed_once_per_model_and_image(client, app, image_id, monkeypatch):
+    """The scores of an image are kept: predicting again, and explaining it, run no extra forward."""
+    other = upload(client, png(color=(10, 200, 40))).json["id"]
+    warm = client.post("/api/explain", json={"model": "tiny", "image": other, "method": "saliency", "target": 0})
+    assert warm.status_code == 200  # loads the model and probes it (one extra forward, once)
+    model = app.extensions["insights"].models.get("tiny")
+    calls = []
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        first = client.post("/api/predict", json={"model": "tiny", "image": image_id, "top_k": 3})
+        again = client.post("/api/predict", json={"model": "tiny", "image": image_id, "top_k": 2})
+        assert calls == [1]
+        assert again.json["predictions"] == first.json["predictions"][:2]
+        r = client.post("/api/explain", json={"model": "tiny", "image": image_id, "method": "saliency",
+                                              "target": 1})
+        assert r.status_code == 200
+        assert calls == [1, 1]  # the saliency pass only
+        assert r.json["result"]["predictions"][:3] == first.json["predictions"]
+    finally:
+        handle.remove()
