@@ -177,6 +177,37 @@ def bench_together(model, x: torch.Tensor, repeat: int, device) -> dict:
             "shared_ms": statistics.median(times["shared"])}
 
 
+def memory_check(device: torch.device) -> list[str]:
+    """Runs the two heaviest settings the issue names, IG with 512 steps on ResNet-50 and
+    occlusion with stride 1, and reports the peak memory of this process (CPU: resident set; CUDA:
+    allocated) against the memory budget the engine chunked them under."""
+    import resource
+
+    import torchvision
+
+    from .methods.base import default_budget
+
+    def peak() -> float:
+        if device.type == "cuda":
+            return torch.cuda.max_memory_allocated(device) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    lines = [f"memory budget per batch: {default_budget(device) / 2**30:.1f} GiB"]
+    torch.manual_seed(0)
+    r50 = torchvision.models.resnet50(weights=None).eval().to(device)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
+    start = time.perf_counter()
+    attribute(r50, x, "integrated_gradients", TARGET, n_steps=512)
+    lines.append(f"integrated_gradients n_steps=512, resnet50, 224: {time.perf_counter() - start:.1f} s, "
+                 f"peak {peak():.2f} GiB")
+    small = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(1)).to(device)
+    start = time.perf_counter()
+    attribute(r50, small, "occlusion", TARGET, sliding_window_shapes=(3, 16, 16), strides=(1, 1, 1))
+    lines.append(f"occlusion window 3x16x16 stride 1 (81 x 81 = 6,561 passes), resnet50, 96: "
+                 f"{time.perf_counter() - start:.1f} s, peak {peak():.2f} GiB")
+    return lines
+
+
 def format_together(r: dict) -> str:
     sep, sh = r["passes"]["separate"], r["passes"]["shared"]
     return (f"together ({', '.join(TOGETHER)}): one by one {sep['forward']} forward + "
@@ -222,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="*", default=None, help="method ids (default: all)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per variant (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--memory", action="store_true",
+                        help="also run IG with 512 steps on ResNet-50 and stride-1 occlusion, printing peak memory")
     parser.add_argument("--together", action="store_true",
                         help="also time methods asked for together (shared passes) against one by one")
     args = parser.parse_args(argv)
@@ -261,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     for method in chosen:
         rows.extend(bench_method(method, model, x, layer, args.repeat, device))
     print(format_table(rows))
+    if args.memory:
+        for line in memory_check(device):
+            print(line, flush=True)
     if args.together:
         print(format_together(bench_together(model, x, args.repeat, device)))
     for r in rows:

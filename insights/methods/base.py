@@ -355,11 +355,6 @@ class HookScope:
 
 # --------------------------------------------------------------------------- CUDA precision
 
-_tf32_lock = threading.Lock()
-_tf32_users = 0
-_tf32_saved: tuple[bool, bool] | None = None
-
-
 PRECISION_PARAM = Param("precision", "choice", "fp32", "Arithmetic of the model's passes: fp32 is "
                         "exact; bf16 is roughly twice as fast and gives a very close map.",
                         choices=("fp32", "bf16"))
@@ -371,6 +366,11 @@ def arithmetic(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return true_fp32(device)
+
+
+_tf32_lock = threading.Lock()
+_tf32_users = 0
+_tf32_saved: tuple[bool, bool] | None = None
 
 
 @contextmanager

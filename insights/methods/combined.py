@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import registry
-from .base import Context, Cost, HookScope, ParamError, get_layer, model_lock, probe, true_fp32
+from .base import Context, Cost, HookScope, ParamError, arithmetic, get_layer, model_lock, true_fp32
 from .cam import activations_and_gradients
 from .rules import guided_gradient
 
@@ -84,7 +84,12 @@ def attribute_many(model: nn.Module, inputs: torch.Tensor, requests: Sequence[An
         maps = []
         for (m, p), need, details in zip(checked, needs, infos):
             ctx.info = details
-            maps.append((m.from_passes(ctx, p, passes) if need is not None else m.run(ctx, p)).detach().float())
+            if need is not None:
+                out = m.from_passes(ctx, p, passes)
+            else:
+                with arithmetic(x.device, p.get("precision", "fp32")):
+                    out = m.run(ctx, p)
+            maps.append(out.detach().float())
             details.setdefault("shared", need is not None)
     if info is not None:
         info["passes"] = {"shared": shared.as_dict(),

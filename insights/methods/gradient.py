@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from . import registry
-from .base import (PRECISION_PARAM, Context, Cost, Method, Param, ParamError, arithmetic,
-                   expand_baseline, gradient)
+from .base import (PRECISION_PARAM, Context, Cost, Method, Param, ParamError, expand_baseline,
+                   gradient)
 
 NT_TYPES = ("none", "smoothgrad", "smoothgrad_sq", "vargrad")
 
@@ -60,13 +60,9 @@ class GradientMethod(Method):
         return Cost(n, n)
 
     def run(self, ctx: Context, p: dict) -> torch.Tensor:
-        # Full fp32 on CUDA unless the caller opted into bf16: with TF32 convolutions,
-        # DeepLift's maps of a random ResNet-18 missed the score difference by 2.5% and IG
-        # drifted 2e-4 from Captum's fp32 maps (H200).
-        with arithmetic(ctx.device, p.get("precision", "fp32")):
-            if p.get("nt_type", "none") == "none":
-                return self.compute(ctx, ctx.inputs, ctx.target, p)
-            return noise_tunnel(self, ctx, p)
+        if p.get("nt_type", "none") == "none":
+            return self.compute(ctx, ctx.inputs, ctx.target, p)
+        return noise_tunnel(self, ctx, p)
 
 
 def noise_tunnel(method: GradientMethod, ctx: Context, p: dict) -> torch.Tensor:

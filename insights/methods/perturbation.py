@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from . import registry
-from .base import (PRECISION_PARAM, Context, Cost, Method, Param, ParamError, arithmetic,
-                   expand_baseline, true_fp32)
+from .base import PRECISION_PARAM, Context, Cost, Method, Param, ParamError, expand_baseline
 
 BASELINES_PARAM = Param("baselines", "float", 0.0, "Value that replaces the occluded pixels, in "
                         "normalised input units (0 is the dataset mean). Python callers may pass "
@@ -28,12 +27,11 @@ BASELINES_PARAM = Param("baselines", "float", 0.0, "Value that replaces the occl
 
 
 @contextmanager
-def scoring(model: nn.Module, device: torch.device, precision: str):
+def scoring(model: nn.Module):
     """Yields ``score(x, target)``: the target logit of each row of a batch, in fp32, computed
-    without autograd, in channels-last layout and either in true fp32 (no TF32 on CUDA) or,
-    for ``precision="bf16"``, under bfloat16 autocast. One autocast region covers all
-    batches, so weights are cast to bf16 once."""
-    cast = arithmetic(device, precision)
+    without autograd and in channels-last layout. The arithmetic (true fp32, or bf16 autocast
+    for ``precision="bf16"``) is the one :func:`insights.attribute` set for the whole call, so
+    weights are cast to bf16 once for all batches."""
 
     def score(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:
@@ -42,7 +40,7 @@ def scoring(model: nn.Module, device: torch.device, precision: str):
         # Differences of scores are taken in fp32 in both modes.
         return logits.gather(1, target.view(-1, 1).to(logits.device)).squeeze(1).float()
 
-    with torch.inference_mode(), cast:
+    with torch.inference_mode():
         yield score
 
 
@@ -82,8 +80,7 @@ def positions(windows: Sequence[int], strides: Sequence[int], shape: Sequence[in
     return math.prod(math.ceil((d - w) / s) + 1 for w, s, d in zip(windows, strides, shape))
 
 
-def occlude(ctx: Context, windows: Sequence[int], strides: Sequence[int], baselines, precision: str
-            ) -> torch.Tensor:
+def occlude(ctx: Context, windows: Sequence[int], strides: Sequence[int], baselines) -> torch.Tensor:
     """Mean over the windows covering each element of f(x) - f(x with the window set to the
     baseline), at the target class. One forward pass per window position plus the clean one."""
     x, target = ctx.inputs, ctx.target
@@ -94,7 +91,7 @@ def occlude(ctx: Context, windows: Sequence[int], strides: Sequence[int], baseli
     total = math.prod(counts)
     base = expand_baseline(baselines, x)
     diffs = torch.empty(total * n, device=x.device)  # row r: window r // n, sample r % n
-    with scoring(ctx.model, x.device, precision) as score:
+    with scoring(ctx.model) as score:
         clean = score(x, target)
         ctx.advance(n)
         for s in ctx.chunks(total * n, grad=False):
@@ -135,7 +132,7 @@ class Occlusion(PerturbationMethod):
         return Cost(positions(p["sliding_window_shapes"], p["strides"], shape) + 1, 0)
 
     def run(self, ctx: Context, p: dict) -> torch.Tensor:
-        return occlude(ctx, p["sliding_window_shapes"], p["strides"], p["baselines"], p["precision"])
+        return occlude(ctx, p["sliding_window_shapes"], p["strides"], p["baselines"])
 
 
 # --------------------------------------------------------------------------- feature ablation
@@ -152,7 +149,7 @@ def expand_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
                          f"{tuple(x.shape)}") from None
 
 
-def ablate_features(ctx: Context, mask: torch.Tensor, baselines, precision: str) -> torch.Tensor:
+def ablate_features(ctx: Context, mask: torch.Tensor, baselines) -> torch.Tensor:
     """For each element: f(x) - f(x with every element of its feature set to the baseline)."""
     x, target = ctx.inputs, ctx.target
     n = x.shape[0]
@@ -160,7 +157,7 @@ def ablate_features(ctx: Context, mask: torch.Tensor, baselines, precision: str)
     ids = torch.unique(mask)
     base = expand_baseline(baselines, x)
     out = torch.zeros_like(x, dtype=torch.float32)
-    with scoring(ctx.model, x.device, precision) as score:
+    with scoring(ctx.model) as score:
         clean = score(x, target)
         ctx.advance(n)
         for s in ctx.chunks(ids.numel() * n, grad=False):
@@ -195,10 +192,10 @@ class FeatureAblation(PerturbationMethod):
 
     def run(self, ctx: Context, p: dict) -> torch.Tensor:
         if p["feature_mask"] is not None:
-            return ablate_features(ctx, p["feature_mask"], p["baselines"], p["precision"])
+            return ablate_features(ctx, p["feature_mask"], p["baselines"])
         # A grid of non-overlapping patches through all channels is occlusion with the window
         # equal to its stride; clipped border patches are the grid's partial cells.
         c, h, w = ctx.inputs.shape[1:]
         size = p["patch_size"]
         window = (c, min(size, h), min(size, w))
-        return occlude(ctx, window, window, p["baselines"], p["precision"])
+        return occlude(ctx, window, window, p["baselines"])
