@@ -30,6 +30,15 @@ def _describe(meta: dict) -> dict:
     return {"label": label, "method_label": method_label, "title": title, "description": description}
 
 
+NOISE_ONLY = ("nt_samples", "stdevs", "seed")  # meaningless while nt_type is "none"
+
+
+def shown_params(params: dict) -> list[tuple[str, object]]:
+    """The parameters worth showing on the share page, sorted by name."""
+    off = params.get("nt_type") == "none"
+    return sorted((k, v) for k, v in params.items() if not (off and k in NOISE_ONLY))
+
+
 @bp.app_template_filter("param_value")
 def param_value(value) -> str:
     """A parameter value as the API spells it: true/false, auto for null, 3×8×8 for lists."""
@@ -60,7 +69,7 @@ def share(result_id: str):
         "share.html",
         meta=meta,
         words=words,
-        params=sorted((meta.get("params") or {}).items()),
+        params=shown_params(meta.get("params") or {}),
         og_image=f"{base}/api/results/{meta['id']}/overlay.png",
         og_url=f"{base}{url_for('pages.share', result_id=meta['id'])}",
     )

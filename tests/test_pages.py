@@ -129,6 +129,16 @@ def test_share_page_shows_list_params_and_escapes_labels(app, client):
     assert parse(html).meta["og:title"].startswith("<b>cat</b> — Occlusion")  # unescaped by the parser
 
 
+def test_share_page_leaves_out_noise_settings_while_the_tunnel_is_off(app, client):
+    off = store_result(app, params={"abs": True, "nt_type": "none", "nt_samples": 10, "stdevs": 0.3, "seed": 0})
+    html = client.get(f"/r/{off['id']}").get_data(as_text=True)
+    assert "<code>abs</code>" in html and "<code>nt_type</code>" in html
+    assert "<code>nt_samples</code>" not in html and "<code>stdevs</code>" not in html
+    on = store_result(app, params={"abs": True, "nt_type": "smoothgrad", "nt_samples": 10, "stdevs": 0.3, "seed": 0})
+    html = client.get(f"/r/{on['id']}").get_data(as_text=True)
+    assert "<code>nt_samples</code>" in html and "<code>stdevs</code>" in html and "<code>seed</code>" in html
+
+
 @pytest.mark.parametrize("rid", ["0" * 64, "not-an-id", "abc"])
 def test_unknown_result_is_a_friendly_404(client, rid):
     res = client.get(f"/r/{rid}")

@@ -455,8 +455,12 @@ async function cancelJob() {
 
 // ---------------------------------------------------------------------------- result
 
+// Noise-tunnel settings mean nothing while the tunnel is off: leave them out of the summary.
+const NOISE_ONLY = ["nt_samples", "stdevs", "seed"];
+
 function describeParams(params) {
-  const entries = Object.entries(params || {});
+  const off = params && params.nt_type === "none";
+  const entries = Object.entries(params || {}).filter(([k]) => !(off && NOISE_ONLY.includes(k)));
   if (!entries.length) return "defaults";
   return entries.map(([k, v]) => `${k}=${Array.isArray(v) ? v.join("×") : v === null ? "auto" : v}`).join(", ");
 }
