@@ -266,15 +266,17 @@ class Predict(Work):
         self.name, self.image_id, self.k = name, image_id, k
         self.spec = self.s.models.spec(name)
         self.batch_key = ("predict", name)
-        self.x = None if self.s.logits.get((name, image_id)) is not None else \
-            load_inputs(self.s, self.spec, image_id)[0]
+        self.known = self.s.logits.get((name, image_id))  # kept here: the cache may drop it
+        self.x = None if self.known is not None else load_inputs(self.s, self.spec, image_id)[0]
 
     def compute_many(self, works: list["Predict"], jobs: list) -> list:
-        model = self.s.models.get(self.name)
-        todo = [w for w in works if w.x is not None]
-        x = torch.cat([w.x for w in todo]).to(self.s.models.device) if todo else None
-        rows = {id(w): r for w, r in zip(todo, scores(self.s, self.name, model, todo, x))} if todo else {}
-        return [rows.get(id(w)) if id(w) in rows else self.s.logits.get((self.name, w.image_id)) for w in works]
+        todo = [w for w in works if w.known is None]
+        if todo:
+            model = self.s.models.get(self.name)
+            x = torch.cat([w.x for w in todo]).to(self.s.models.device)
+            for w, row in zip(todo, scores(self.s, self.name, model, todo, x)):
+                w.known = row
+        return [w.known for w in works]
 
     def finish(self, logits: torch.Tensor) -> list[dict]:
         return top_predictions(logits, self.spec.labels, self.k)
