@@ -40,8 +40,8 @@ def attribute_many(model: nn.Module, inputs: torch.Tensor, requests: Sequence[An
     ``info["methods"]`` holds each method's own details (e.g. the Grad-CAM layer)."""
     from . import _check_call  # the same input and target checks as attribute()
 
-    asked = [(registry.get(m), m, p) for m, p in _requests(requests)]
-    checked = [(m, m.validate(p)) for m, _id, p in asked]
+    methods = [(registry.get(method), params) for method, params in _requests(requests)]
+    checked = [(m, m.validate(params)) for m, params in methods]
     x, t = _check_call(model, inputs, target)
     shape = tuple(x.shape[1:])
     n = x.shape[0]
