@@ -77,13 +77,20 @@ def cam_from(act: torch.Tensor, grad: torch.Tensor, name: str, relu: bool) -> to
     return F.relu(cam) if relu else cam
 
 
-def grad_cam_map(ctx: Context, module: nn.Module, name: str, relu: bool) -> torch.Tensor:
-    """Grad-CAM at the layer's own resolution, N×1×h×w, in budget-sized chunks."""
-    parts = []
+def layer_passes(ctx: Context, layers: dict[str, nn.Module], input_grad: bool = False) -> dict:
+    """One forward and backward pass over ``ctx.inputs`` in budget-sized chunks: ``{"layer:<name>":
+    (activation, gradient)}`` for each layer, and ``"grad"`` (the input gradient) when asked."""
+    grads, acts = [], {name: ([], []) for name in layers}
     for s in ctx.chunks(ctx.inputs.shape[0], grad=True):
-        _, pairs = activations_and_gradients(ctx.model, {name: module}, ctx.inputs[s], ctx.target[s])
-        parts.append(cam_from(*pairs[name], name, relu))
-    return torch.cat(parts)
+        g, pairs = activations_and_gradients(ctx.model, layers, ctx.inputs[s], ctx.target[s], input_grad)
+        grads.append(g)
+        for name, (act, grad) in pairs.items():
+            acts[name][0].append(act)
+            acts[name][1].append(grad)
+    passes: dict = {"layer:" + name: (torch.cat(a), torch.cat(g)) for name, (a, g) in acts.items()}
+    if input_grad:
+        passes["grad"] = torch.cat(grads)
+    return passes
 
 
 @registry.register
@@ -106,8 +113,7 @@ class GradCam(Method):
 
     def run(self, ctx: Context, p: dict) -> torch.Tensor:
         name, module = resolve_layer(ctx, p["layer"])
-        cam = grad_cam_map(ctx, module, name, p["relu_attributions"])
-        return F.interpolate(cam, size=tuple(ctx.inputs.shape[2:]), mode="bilinear")
+        return self.from_passes(ctx, p, layer_passes(ctx, {name: module}))
 
     def shared_needs(self, ctx, p):
         return {"layer:" + resolve_layer(ctx, p["layer"])[0]}
@@ -139,9 +145,9 @@ class GuidedGradCam(Method):
 
     def run(self, ctx: Context, p: dict) -> torch.Tensor:
         name, module = resolve_layer(ctx, p["layer"])
-        cam = grad_cam_map(ctx, module, name, relu=True)
-        cam = F.interpolate(cam, size=tuple(ctx.inputs.shape[2:]), mode=p["interpolate_mode"])
-        return guided_gradient(ctx, ctx.inputs, ctx.target, "guided") * cam
+        passes = layer_passes(ctx, {name: module})
+        passes["guided"] = guided_gradient(ctx, ctx.inputs, ctx.target, "guided")
+        return self.from_passes(ctx, p, passes)
 
     def shared_needs(self, ctx, p):
         return {"layer:" + resolve_layer(ctx, p["layer"])[0], "guided"}

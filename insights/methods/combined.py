@@ -15,7 +15,7 @@ from torch import nn
 
 from . import registry
 from .base import Context, Cost, HookScope, ParamError, arithmetic, get_layer, model_lock, true_fp32
-from .cam import activations_and_gradients
+from .cam import layer_passes
 from .rules import guided_gradient
 
 
@@ -66,18 +66,8 @@ def attribute_many(model: nn.Module, inputs: torch.Tensor, requests: Sequence[An
 
         passes: dict[str, Any] = {}
         if plain:
-            modules = {name: get_layer(model, name) for name in layers}
-            grads, pairs = [], {name: ([], []) for name in layers}
-            for s in ctx.chunks(n, grad=True):
-                g, got = activations_and_gradients(model, modules, x[s], t[s], input_grad="grad" in wanted)
-                grads.append(g)
-                for name, (act, grad) in got.items():
-                    pairs[name][0].append(act)
-                    pairs[name][1].append(grad)
-            if "grad" in wanted:
-                passes["grad"] = torch.cat(grads)
-            for name, (acts, grads_) in pairs.items():
-                passes["layer:" + name] = (torch.cat(acts), torch.cat(grads_))
+            passes.update(layer_passes(ctx, {name: get_layer(model, name) for name in layers},
+                                       input_grad="grad" in wanted))
         if "guided" in wanted:
             passes["guided"] = guided_gradient(ctx, x, t, "guided")
 

@@ -37,6 +37,7 @@ class GradientMethod(Method):
     base_params: tuple[Param, ...] = ()
     passes_per_sample = 1  # forward (and backward) passes per image without noise
     noise_tunnel = True  # False: the method draws its own noise and has no nt_* parameters
+    shared_pass: str | None = None  # the shared pass (see Method.shared_needs) it can use without noise
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -58,6 +59,11 @@ class GradientMethod(Method):
         nt = p.get("nt_type", "none")
         n = self.passes(p, shape) * (1 if nt == "none" else p["nt_samples"])
         return Cost(n, n)
+
+    def shared_needs(self, ctx: Context, p: dict) -> set[str] | None:
+        if self.shared_pass is None or p.get("nt_type", "none") != "none":
+            return None
+        return {self.shared_pass}
 
     def run(self, ctx: Context, p: dict) -> torch.Tensor:
         if p.get("nt_type", "none") == "none":
@@ -90,6 +96,7 @@ class Saliency(GradientMethod):
     base_params = (
         Param("abs", "bool", True, "Take the absolute value of the gradient."),
     )
+    shared_pass = "grad"
 
     def base_signed(self, p: dict) -> bool:
         return not p["abs"]
@@ -97,9 +104,6 @@ class Saliency(GradientMethod):
     def compute(self, ctx, x, target, p):
         grad = ctx.gradient(x, target)
         return grad.abs() if p["abs"] else grad
-
-    def shared_needs(self, ctx, p):
-        return {"grad"} if p["nt_type"] == "none" else None
 
     def from_passes(self, ctx, p, passes):
         return passes["grad"].abs() if p["abs"] else passes["grad"]
@@ -111,12 +115,10 @@ class InputXGradient(GradientMethod):
     label = "Input × Gradient"
     description = "The gradient multiplied by the input: a first-order estimate of each pixel's " \
                   "contribution relative to an all-zero input. One backward pass."
+    shared_pass = "grad"
 
     def compute(self, ctx, x, target, p):
         return ctx.gradient(x, target) * x
-
-    def shared_needs(self, ctx, p):
-        return {"grad"} if p["nt_type"] == "none" else None
 
     def from_passes(self, ctx, p, passes):
         return passes["grad"] * ctx.inputs

@@ -218,12 +218,10 @@ class GuidedBackprop(GradientMethod):
                   "where the unit was active: sharp, edge-like maps of what the network responds " \
                   "to. One backward pass."
     exclusive = True
+    shared_pass = "guided"
 
     def compute(self, ctx, x, target, p):
         return guided_gradient(ctx, x, target, "guided")
-
-    def shared_needs(self, ctx, p):
-        return {"guided"} if p["nt_type"] == "none" else None
 
     def from_passes(self, ctx, p, passes):
         return passes["guided"]
