@@ -38,3 +38,38 @@ def test_together_line_reports_fewer_shared_passes():
                                              "shared": {"forward": 2, "backward": 2}},
                                   "separate_ms": 300.0, "shared_ms": 100.0})
     assert "one by one 6 forward + 6 backward" in line and "shared 2 + 2" in line and "(3.00x)" in line
+
+
+def _row(method, captum, best, ours, **extra):
+    return {"method": method, "captum_ms": captum, "captum_best_ms": best, "ours_ms": ours,
+            "peer": True, "captum_error": None, **extra}
+
+
+def test_targets_read_ratios_and_carry_ig_times_to_the_anchor_machine():
+    rows = [_row("occlusion", 13000.0, 12000.0, 10000.0),  # 1.30x: met
+            _row("occlusion (bf16)", 13000.0, 12000.0, 4000.0, corr_fp32=0.985),  # 3.25x, corr low
+            # Captum 5.8 s / 2.8 s here against 2.9 s / 1.4 s there: this machine is 2x slower.
+            _row("integrated_gradients", 5800.0, 2800.0, 2000.0),  # 1,000 ms there: met
+            _row("integrated_gradients (bf16)", 5800.0, 2800.0, 1300.0, corr_fp32=0.995)]
+    lines = bench.format_targets(rows)
+    assert lines[0].startswith("targets")
+    assert lines[1].endswith("1.30x Captum's default (need 1.3x): met")
+    assert "3.25x" in lines[2] and "corr 0.9850" in lines[2] and lines[2].endswith("NOT met")
+    assert "2,000 ms here" in lines[3] and "1,000 ms (scaled by Captum's default) / 1,000 ms" in lines[3]
+    assert lines[3].endswith(": met")
+    assert "650 ms" in lines[4] and lines[4].endswith("NOT met")  # 650 > 600
+    # Where the two scalings disagree, the slower one decides.
+    lines = bench.format_targets([_row("integrated_gradients", 2900.0, 2800.0, 2000.0)])
+    assert "2,000 ms (scaled by Captum's default) / 1,000 ms" in lines[1] and lines[1].endswith("NOT met")
+
+
+def test_fp64_columns_show_distance_from_the_float64_map(capsys):
+    assert bench.main(["--methods", "saliency", "--repeat", "1", "--fp64"]) == 0
+    out = capsys.readouterr().out
+    head, _, row = out.splitlines()[:3]
+    assert "captum vs fp64" in head and "ours vs fp64" in head
+    captum64, ours64 = (float(v) for v in row.split()[-2:])
+    # Our saliency is Captum's bit for bit, so both sit equally far from the float64 map; a
+    # random ResNet-18's pointwise gradient is ill-conditioned (a few ReLUs and max-pool
+    # choices flip with fp32 rounding), so that distance is well above fp32's 1e-7.
+    assert captum64 == ours64 and 0 < ours64 < 0.1

@@ -458,6 +458,7 @@ def default_layer(model: nn.Module, inputs: torch.Tensor) -> str:
 
 DEFAULT_BUDGET_CPU = 2 << 30  # bytes of activations one chunk may hold
 MAX_CHUNK_CPU = 32
+MAX_CHUNK_CPU_GRAD = 10  # forward + backward batches beyond ~10 images ran slower per image on CPU
 MAX_CHUNK_CUDA = 256
 
 
@@ -511,13 +512,17 @@ class Context:
         """How many samples one batch may hold under the memory budget."""
         per_sample = probe(self.model, self.inputs)["activation_bytes"] * (3.0 if grad else 1.0) * factor
         budget = self.memory_budget or default_budget(self.device)
-        cap = MAX_CHUNK_CUDA if self.device.type == "cuda" else MAX_CHUNK_CPU
+        if self.device.type == "cuda":
+            cap = MAX_CHUNK_CUDA
+        else:
+            cap = MAX_CHUNK_CPU_GRAD if grad else MAX_CHUNK_CPU
         return max(1, min(cap, int(budget // max(per_sample, 1))))
 
     def chunks(self, count: int, grad: bool, factor: float = 1.0) -> Iterator[slice]:
         """Yields slices covering range(count) in budget-sized chunks; after each chunk is
         consumed, reports its size as progress and checks for cancellation."""
         size = self.chunk_size(grad, factor)
+        size = math.ceil(count / math.ceil(count / size)) if count else size  # even chunks
         for start in range(0, count, size):
             stop = min(count, start + size)
             self.check()

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from . import registry
-from .base import (PRECISION_PARAM, Context, Cost, Method, Param, ParamError, expand_baseline,
-                   gradient)
+from .base import (PRECISION_PARAM, Context, Cost, Method, Param, ParamError, default_budget,
+                   expand_baseline, gradient)
+from .twin import twin
 
 NT_TYPES = ("none", "smoothgrad", "smoothgrad_sq", "vargrad")
 
@@ -198,6 +199,10 @@ class IntegratedGradients(GradientMethod):
         sizes, alphas = integration_weights(p["integration"], p["n_steps"])
         alpha = torch.tensor(alphas, dtype=x.dtype, device=x.device)
         weight = torch.tensor(sizes, dtype=torch.float32, device=x.device).to(x.dtype)
+        fast = twin(ctx.model, x)
+        if fast is not None and fast.stem is not None and self._stem_fits(ctx, fast, x):
+            return self._through_stem(ctx, fast, x, base, target, alpha, weight)
+        net = fast.module if fast is not None else ctx.model
         rows = x.shape[0]
         diff = x - base
         total = torch.zeros_like(x)
@@ -208,11 +213,44 @@ class IntegratedGradients(GradientMethod):
             step, row = index // rows, index % rows
             view = (-1,) + (1,) * (x.dim() - 1)
             scaled = base[row] + alpha[step].view(view) * diff[row]
-            if p["precision"] == "bf16":  # oneDNN's and cuDNN's bf16 kernels prefer NHWC
-                scaled = scaled.contiguous(memory_format=torch.channels_last)
-            grad = gradient(ctx.model, scaled, target[row])
+            scaled = scaled.contiguous(memory_format=torch.channels_last)
+            grad = gradient(net, scaled, target[row])
             total.index_add_(0, row, grad * weight[step].view(view))
         return total * diff
+
+    @staticmethod
+    def _stem_fits(ctx: Context, fast, x: torch.Tensor) -> bool:
+        """Whether three stem outputs per row (start, step, summed gradient) fit in a quarter
+        of the memory budget."""
+        with torch.no_grad():
+            per_row = fast.stem(x[:1]).numel() * x.element_size()
+        return 3 * per_row * x.shape[0] <= (ctx.memory_budget or default_budget(ctx.device)) / 4
+
+    @staticmethod
+    def _through_stem(ctx, fast, x, base, target, alpha, weight) -> torch.Tensor:
+        """The same integral, with the model's affine first layer (the stem) taken out of the
+        loop: stem(base + a (x - base)) = stem(base) + a (stem(x) - stem(base)), so the stem
+        runs twice instead of once per step; and its gradient is the same at every point, so
+        the weighted gradients at its output are summed first and carried back through it once.
+        The stem runs in fp32 in both precisions, which keeps the early max-pool's choices
+        exact in bf16 mode."""
+        rows = x.shape[0]
+        cl = torch.channels_last
+        with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+            start = fast.stem(base.contiguous(memory_format=cl))
+            step = fast.stem(x.contiguous(memory_format=cl)) - start
+        view = (-1,) + (1,) * (start.dim() - 1)
+        total = torch.zeros_like(start)
+        for s in ctx.chunks(rows * alpha.numel(), grad=True):
+            index = torch.arange(s.start, s.stop, device=x.device)
+            k, row = index // rows, index % rows
+            point = (start[row] + alpha[k].view(view) * step[row]).contiguous(memory_format=cl)
+            grad = gradient(fast.rest, point, target[row])
+            total.index_add_(0, row, grad * weight[k].view(view))
+        with torch.autocast(x.device.type, enabled=False), torch.enable_grad():
+            at = x.detach().contiguous(memory_format=cl).requires_grad_(True)
+            (through,) = torch.autograd.grad(fast.stem(at), at, total)
+        return through * (x - base)
 
 
 @registry.register

@@ -20,6 +20,7 @@ from torch import nn
 
 from . import registry
 from .base import PRECISION_PARAM, Context, Cost, Method, Param, ParamError, expand_baseline
+from .twin import twin
 
 BASELINES_PARAM = Param("baselines", "float", 0.0, "Value that replaces the occluded pixels, in "
                         "normalised input units (0 is the dataset mean). Python callers may pass "
@@ -27,16 +28,19 @@ BASELINES_PARAM = Param("baselines", "float", 0.0, "Value that replaces the occl
 
 
 @contextmanager
-def scoring(model: nn.Module):
+def scoring(model: nn.Module, sample: torch.Tensor):
     """Yields ``score(x, target)``: the target logit of each row of a batch, in fp32, computed
-    without autograd and in channels-last layout. The arithmetic (true fp32, or bf16 autocast
-    for ``precision="bf16"``) is the one :func:`insights.attribute` set for the whole call, so
+    without autograd, in channels-last layout and by the model's twin (batch norms folded into
+    the convolutions) where it has one. The arithmetic (true fp32, or bf16 autocast for
+    ``precision="bf16"``) is the one :func:`insights.attribute` set for the whole call, so
     weights are cast to bf16 once for all batches."""
+    fast = twin(model, sample)
+    net = fast.module if fast is not None else model
 
     def score(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        logits = model(x)
+        logits = net(x)
         # Differences of scores are taken in fp32 in both modes.
         return logits.gather(1, target.view(-1, 1).to(logits.device)).squeeze(1).float()
 
@@ -91,7 +95,7 @@ def occlude(ctx: Context, windows: Sequence[int], strides: Sequence[int], baseli
     total = math.prod(counts)
     base = expand_baseline(baselines, x)
     diffs = torch.empty(total * n, device=x.device)  # row r: window r // n, sample r % n
-    with scoring(ctx.model) as score:
+    with scoring(ctx.model, x) as score:
         clean = score(x, target)
         ctx.advance(n)
         for s in ctx.chunks(total * n, grad=False):
@@ -157,7 +161,7 @@ def ablate_features(ctx: Context, mask: torch.Tensor, baselines) -> torch.Tensor
     ids = torch.unique(mask)
     base = expand_baseline(baselines, x)
     out = torch.zeros_like(x, dtype=torch.float32)
-    with scoring(ctx.model) as score:
+    with scoring(ctx.model, x) as score:
         clean = score(x, target)
         ctx.advance(n)
         for s in ctx.chunks(ids.numel() * n, grad=False):

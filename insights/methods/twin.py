@@ -1,0 +1,205 @@
+"""A faster twin of a model, for passes that need no hooks (perturbation scores, integrated
+gradients).
+
+The twin is a traced copy (torch.fx) with every batch norm that follows a convolution folded into
+that convolution's weights, in channels-last layout. In eval mode a batch norm is an affine map,
+so the folded network computes the same function; only the rounding of the last bits differs, as
+it does between any two memory layouts.
+
+When the input feeds a single convolution and nothing else (the stem of almost every CNN), the
+twin is also split into ``stem`` and ``rest``: ``model(x) == rest(stem(x))``. The stem is linear
+(plus a bias), which lets integrated gradients evaluate it twice instead of once per step and
+back-propagate through it once for the whole path (see ``gradient.py``).
+
+``twin(model, sample)`` returns None, and callers use the model itself, whenever the shortcut
+might not be the same model: in training mode, with hooks registered, for TorchScript modules,
+for non-fp32 weights, when tracing fails, or when the twin's logits for ``sample`` do not match
+the model's. Twins are cached per model and rebuilt when a parameter or buffer changes.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+_BN = (nn.BatchNorm2d,)
+
+
+@dataclass
+class Twin:
+    module: nn.Module  # the folded, channels-last copy: module(x) ≈ model(x)
+    stem: nn.Conv2d | None = None  # the first layer, when the input feeds only it
+    rest: nn.Module | None = None  # rest(stem(x)) ≈ model(x)
+
+
+_cache: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Twin | None]]" = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def twin(model: nn.Module, sample: torch.Tensor) -> Twin | None:
+    """The model's twin, or None where the model itself must run (see the module docstring).
+    ``sample`` (one input row or more) checks a newly built twin against the model."""
+    if (model.training or isinstance(model, torch.jit.ScriptModule) or sample.dtype != torch.float32
+            or _has_hooks(model)):
+        return None
+    key = _state_key(model)
+    if key is None:
+        return None
+    with _lock:
+        hit = _cache.get(model)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        built = _build(model, sample[:1])
+        _cache[model] = (key, built)
+        return built
+
+
+def _has_hooks(model: nn.Module) -> bool:
+    from torch.nn.modules import module as base
+
+    if (base._global_forward_hooks or base._global_forward_pre_hooks
+            or base._global_backward_hooks or base._global_backward_pre_hooks):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+               or m._backward_pre_hooks for m in model.modules())
+
+
+def _state_key(model: nn.Module) -> tuple | None:
+    """Identifies the weights: any in-place update (load_state_dict, an optimiser step) bumps a
+    tensor's version; None for weights that are not all fp32."""
+    key = []
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point() and t.dtype != torch.float32:
+            return None
+        key.append((t.data_ptr(), t._version, t.device.type))
+    return tuple(key)
+
+
+def _build(model: nn.Module, sample: torch.Tensor) -> Twin | None:
+    try:
+        copied = copy.deepcopy(model)
+        traced = fx.GraphModule(copied, _ConvLeafTracer().trace(copied))
+        _fold_batch_norms(traced)
+        traced = traced.to(memory_format=torch.channels_last)
+        built = Twin(traced, *_split_stem(traced))
+        with torch.no_grad():
+            want = model(sample)
+            if not _close(built.module(sample), want):
+                return None
+        if built.stem is not None and not _stem_works(built, sample, want):
+            built.stem = built.rest = None
+        return built
+    except Exception:  # any model tracing cannot follow runs as it is
+        return None
+
+
+def _stem_works(built: Twin, sample: torch.Tensor, want: torch.Tensor) -> bool:
+    """Whether the stem is affine and rest() takes its output as a leaf that gradients are
+    taken at (an in-place operation on it, hidden behind a pass-through module, would fail)."""
+    if not _affine(built.stem, sample):
+        return False
+    try:
+        with torch.enable_grad():
+            leaf = built.stem(sample).detach().requires_grad_(True)
+            got = built.rest(leaf)
+            torch.autograd.grad(got.sum(), leaf)
+    except RuntimeError:
+        return False
+    return _close(got.detach(), want)
+
+
+class _ConvLeafTracer(fx.Tracer):
+    """Keeps every Conv2d, subclasses included (e.g. "same"-padding variants), as one module
+    call, so that batch norms after them can be folded."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, nn.Conv2d) or super().is_leaf_module(m, qualname)
+
+
+def _affine(stem: nn.Module, sample: torch.Tensor) -> bool:
+    """Whether stem(a + t(b - a)) == stem(a) + t(stem(b) - stem(a)) on random a, b."""
+    gen = torch.Generator(device=sample.device).manual_seed(0)
+    a, b = (torch.randn(sample.shape, generator=gen, device=sample.device) for _ in range(2))
+    with torch.no_grad():
+        fa, fb, mid = stem(a), stem(b), stem(a + 0.3 * (b - a))
+    return _close(mid, fa + 0.3 * (fb - fa))
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    scale = want.abs().max().clamp_min(1e-12)
+    return got.shape == want.shape and bool(((got - want).abs().max() / scale) < 1e-4)
+
+
+def _fold_batch_norms(traced: fx.GraphModule) -> None:
+    """Replaces conv → batch norm (where the batch norm is the convolution's only user and
+    tracks running statistics). The folded convolution keeps the original's class, so a
+    subclass keeps its own padding. by one convolution with the batch norm folded in."""
+    modules = dict(traced.named_modules())
+    for node in list(traced.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), _BN):
+            continue
+        source = node.args[0] if node.args else None
+        if not (isinstance(source, fx.Node) and source.op == "call_module"
+                and isinstance(modules.get(source.target), nn.Conv2d) and len(source.users) == 1):
+            continue
+        bn, conv = modules[node.target], modules[source.target]
+        if bn.running_mean is None or bn.running_var is None:
+            continue
+        folded = fuse_conv_bn_eval(conv, bn)
+        parent, _, name = source.target.rpartition(".")
+        setattr(traced.get_submodule(parent) if parent else traced, name, folded)
+        modules[source.target] = folded
+        node.replace_all_uses_with(source)
+        traced.graph.erase_node(node)
+    traced.graph.lint()
+    traced.delete_all_unused_submodules()
+    traced.recompile()
+
+
+def _batch_size_of(node: fx.Node, x: fx.Node) -> bool:
+    return node.op == "call_method" and node.target == "size" and (
+        node.args == (x, 0) or (node.args == (x,) and node.kwargs == {"dim": 0}))
+
+
+def _split_stem(traced: fx.GraphModule) -> tuple[nn.Conv2d | None, nn.Module | None]:
+    """(stem, rest) when the graph's one input feeds exactly one Conv2d (the caller checks
+    that it is affine), else (None, None). Operations that would modify the stem's output in place (an in-place ReLU)
+    get an out-of-place copy in ``rest``: the output is a leaf that gradients are taken at."""
+    inputs = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        return None, None
+    # Besides the stem, the input may only be asked its batch size (x.size(0)), which the
+    # stem's output shares.
+    users = [u for u in inputs[0].users if not _batch_size_of(u, inputs[0])]
+    if len(users) != 1:
+        return None, None
+    (first,) = users
+    stem = traced.get_submodule(first.target) if first.op == "call_module" else None
+    if not isinstance(stem, nn.Conv2d) or first.args != (inputs[0],) or first.kwargs:
+        return None, None
+    graph = fx.Graph()
+    stem_out = graph.placeholder("stem_out")
+    mapping: dict[fx.Node, fx.Node] = {inputs[0]: stem_out, first: stem_out}
+    for node in traced.graph.nodes:
+        if node not in mapping:
+            mapping[node] = graph.node_copy(node, lambda n: mapping[n])
+    rest = fx.GraphModule(traced, graph)
+    for user in list(stem_out.users):
+        if user.op == "call_module":
+            module = rest.get_submodule(user.target)
+            if getattr(module, "inplace", False):
+                safe = copy.copy(module)
+                safe.inplace = False
+                user.target = "stem_out_" + str(user.target).replace(".", "_")
+                rest.add_submodule(user.target, safe)
+        elif user.op == "call_function" and user.kwargs.get("inplace"):
+            user.kwargs = {**user.kwargs, "inplace": False}
+        elif user.op == "call_method" and str(user.target).endswith("_"):
+            return None, None
+    rest.recompile()
+    return stem, rest

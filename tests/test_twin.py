@@ -1,0 +1,195 @@
+"""The model twin (insights/methods/twin.py): folded batch norms, the affine stem, and when the
+engine must fall back to the model itself."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import insights
+from conftest import SmallCNN, rel_error, seeded
+from insights.methods.base import Context
+from insights.methods.gradient import IntegratedGradients
+from insights.methods.twin import twin
+
+
+def test_resnet_twin_folds_every_batch_norm_and_computes_the_same_logits(resnet18, images):
+    fast = twin(resnet18, images)
+    assert fast is not None
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in resnet18.modules()) == 20
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.module.modules())
+    with torch.no_grad():
+        want = resnet18(images)
+        assert rel_error(fast.module(images), want) < 1e-5
+        assert rel_error(fast.rest(fast.stem(images)), want) < 1e-5
+    assert fast.stem.weight.shape == (64, 3, 7, 7)
+    assert twin(resnet18, images) is fast  # cached
+
+
+def test_twin_leaves_the_model_untouched(small_cnn, images):
+    before = {k: v.clone() for k, v in small_cnn.state_dict().items()}
+    fast = twin(small_cnn, images)
+    assert fast is not None and fast.stem is not None
+    assert small_cnn.relu1.inplace  # the rest's out-of-place copy is its own module
+    assert isinstance(small_cnn.bn1, nn.BatchNorm2d)
+    for k, v in small_cnn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_twin_follows_new_weights(small_cnn, images):
+    old = twin(small_cnn, images)
+    other = seeded(SmallCNN, seed=5)
+    small_cnn.load_state_dict(other.state_dict())
+    new = twin(small_cnn, images)
+    assert new is not old
+    with torch.no_grad():
+        assert rel_error(new.module(images), other(images)) < 1e-5
+        assert rel_error(old.module(images), other(images)) > 0.01
+
+
+class Branchy(nn.Module):
+    """Control flow on tensor values: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.mean() > 0:
+            x = x * 2
+        return self.fc(x.mean((2, 3)))
+
+
+class InplaceOnStem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).relu_().mean((2, 3)))
+
+
+class SamePadConv(nn.Conv2d):
+    """A Conv2d subclass that pads in its own forward, like EfficientNet ports do."""
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias, self.stride)
+
+
+class PaddedStem(nn.Module):
+    def __init__(self, offset: float = 0.0):
+        super().__init__()
+        self.stem = SamePadConv(3, 6, 3, stride=2)
+        self.bn = nn.BatchNorm2d(6)
+        self.act = nn.ReLU6(inplace=True)
+        self.fc = nn.Linear(6, 10)
+        self.offset = offset
+
+    def forward(self, x):
+        batch = x.size(0)
+        x = self.act(self.bn(self.stem(x)))
+        return self.fc(x.mean((2, 3)).reshape(batch, -1))
+
+
+class SquaredConv(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) ** 2
+
+
+class SquaredStem(PaddedStem):
+    """A stem that is a Conv2d subclass but not affine; ``bn=False`` leaves nothing to fold."""
+
+    def __init__(self, bn: bool = True):
+        super().__init__()
+        self.stem = SquaredConv(3, 6, 3, stride=2, padding=1)
+        if not bn:
+            self.bn = nn.Identity()
+
+
+def test_models_the_twin_cannot_copy_run_as_they_are(small_cnn, images):
+    hooked = seeded(SmallCNN)
+    hooked.conv2.register_forward_hook(lambda m, i, o: None)
+    training = seeded(SmallCNN).train()
+    scripted = torch.jit.script(seeded(SmallCNN))
+    for model in (seeded(Branchy), hooked, training, scripted, seeded(SmallCNN).double()):
+        sample = images.double() if next(model.parameters()).dtype == torch.float64 else images
+        assert twin(model, sample) is None
+    assert twin(small_cnn, images.double()) is None  # fp64 inputs keep the model's own arithmetic
+
+
+def test_an_in_place_method_on_the_stem_keeps_the_twin_but_not_the_split(images):
+    fast = twin(seeded(InplaceOnStem), images)
+    assert fast is not None and fast.stem is None
+
+
+def test_a_padding_conv_subclass_is_a_stem_and_its_batch_norm_folds(images):
+    model = seeded(PaddedStem)
+    fast = twin(model, images)
+    assert isinstance(fast.stem, SamePadConv)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.module.modules())
+    with torch.no_grad():
+        assert rel_error(fast.rest(fast.stem(images)), model(images)) < 1e-5
+
+
+
+def test_a_conv_subclass_that_is_not_affine_is_neither_a_stem_nor_folded(images):
+    model = seeded(lambda: SquaredStem(bn=False))
+    fast = twin(model, images)
+    assert fast is not None and fast.stem is None  # fails the affinity check
+    # Folding a batch norm into it would change the function: the check against the model's
+    # own logits drops the twin, and attributions run on the model itself.
+    model = seeded(SquaredStem)
+    assert twin(model, images) is None
+    ours = insights.attribute(model, images, "integrated_gradients", [3, 7], n_steps=8)
+    assert ours.abs().sum() > 0
+
+
+def test_integrated_gradients_through_the_stem_equals_the_step_by_step_sum(images):
+    model = seeded(PaddedStem)
+    fast = twin(model, images)
+    base = torch.full_like(images, 0.25)
+    method = IntegratedGradients()
+    p = method.validate({"n_steps": 16, "baselines": 0.25})
+    ctx = Context(model=model, inputs=images, target=torch.tensor([3, 7]))
+    alpha = torch.linspace(0.05, 0.95, 16)
+    weight = torch.full((16,), 1 / 16)
+    hoisted = method._through_stem(ctx, fast, images, base, ctx.target, alpha, weight)
+    expected = torch.zeros_like(images)
+    for a, w in zip(alpha, weight):
+        point = (base + a * (images - base)).requires_grad_(True)
+        out = model(point).gather(1, ctx.target.view(-1, 1)).sum()
+        expected += w * torch.autograd.grad(out, point)[0]
+    expected *= images - base
+    assert rel_error(hoisted, expected) < 1e-5
+    assert expected.abs().max() > 0
+    full = insights.attribute(model, images, "integrated_gradients", [3, 7], **p)
+    completeness = full.sum((1, 2, 3))
+    with torch.no_grad():
+        delta = (model(images) - model(base)).gather(1, ctx.target.view(-1, 1)).squeeze(1)
+    assert torch.allclose(completeness, delta, rtol=0.05, atol=1e-3)
+
+
+class PassThroughInplace(nn.Module):
+    """An in-place activation behind a pass-through module: rest() cannot take a leaf."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.keep = nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(self.act(self.keep(self.conv(x))).mean((2, 3)))
+
+
+def test_a_stem_whose_output_is_changed_in_place_later_is_not_split(images):
+    model = seeded(PassThroughInplace)
+    fast = twin(model, images)
+    assert fast is not None and fast.stem is None
+    ours = insights.attribute(model, images, "integrated_gradients", [3, 7], n_steps=8)
+    delta = (model(images) - model(torch.zeros_like(images))).detach()[[0, 1], [3, 7]]
+    assert torch.allclose(ours.sum((1, 2, 3)), delta, rtol=0.05, atol=1e-3)
