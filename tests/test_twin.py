@@ -193,3 +193,15 @@ def test_a_stem_whose_output_is_changed_in_place_later_is_not_split(images):
     ours = insights.attribute(model, images, "integrated_gradients", [3, 7], n_steps=8)
     delta = (model(images) - model(torch.zeros_like(images))).detach()[[0, 1], [3, 7]]
     assert torch.allclose(ours.sum((1, 2, 3)), delta, rtol=0.05, atol=1e-3)
+
+
+def test_the_twin_is_built_in_fp32_even_inside_a_bf16_call(images):
+    model = seeded(PaddedStem)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = twin(model, images)
+    assert fast is not None and fast.stem is not None
+    fp32 = insights.attribute(model, images, "integrated_gradients", [3, 7], n_steps=8)
+    bf16 = insights.attribute(model, images, "integrated_gradients", [3, 7], n_steps=8,
+                              precision="bf16")
+    corr = torch.corrcoef(torch.stack([fp32.flatten(), bf16.flatten()]).double())[0, 1]
+    assert corr > 0.99 and not torch.equal(fp32, bf16)  # close, and really computed in bf16

@@ -27,6 +27,8 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .base import true_fp32
+
 _BN = (nn.BatchNorm2d,)
 
 
@@ -54,7 +56,10 @@ def twin(model: nn.Module, sample: torch.Tensor) -> Twin | None:
         hit = _cache.get(model)
         if hit is not None and hit[0] == key:
             return hit[1]
-        built = _build(model, sample[:1])
+        # Built and checked in exact fp32 whatever the caller's precision: the comparison
+        # with the model's logits is at 1e-4.
+        with torch.autocast(sample.device.type, enabled=False), true_fp32(sample.device):
+            built = _build(model, sample[:1])
         _cache[model] = (key, built)
         return built
 
