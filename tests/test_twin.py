@@ -205,3 +205,38 @@ def test_the_twin_is_built_in_fp32_even_inside_a_bf16_call(images):
                               precision="bf16")
     corr = torch.corrcoef(torch.stack([fp32.flatten(), bf16.flatten()]).double())[0, 1]
     assert corr > 0.99 and not torch.equal(fp32, bf16)  # close, and really computed in bf16
+
+
+class StemPool(nn.Module):
+    """ResNet's stem: convolution, batch norm, in-place ReLU, then max-pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.pool(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+def test_relu_then_max_pool_becomes_max_pool_then_relu_with_equal_values_and_gradients(images):
+    model = seeded(StemPool)
+    fast = twin(model, images)
+    order = [type(fast.module.get_submodule(n.target)).__name__
+             for n in fast.module.graph.nodes if n.op == "call_module"]
+    assert order[:3] == ["Conv2d", "MaxPool2d", "ReLU"]
+    assert isinstance(model.pool, nn.MaxPool2d) and model.relu.inplace  # the model is as it was
+
+    def grad(net):
+        x = images.clone().requires_grad_(True)
+        out = net(x)[:, 3].sum()
+        return out.detach(), torch.autograd.grad(out, x)[0]
+
+    (want, want_grad), (got, got_grad) = grad(model), grad(fast.module)
+    assert rel_error(got, want) < 1e-5
+    assert rel_error(got_grad, want_grad) < 1e-5 and want_grad.abs().max() > 0

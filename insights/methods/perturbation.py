@@ -44,7 +44,10 @@ def scoring(model: nn.Module, sample: torch.Tensor):
         # Differences of scores are taken in fp32 in both modes.
         return logits.gather(1, target.view(-1, 1).to(logits.device)).squeeze(1).float()
 
-    with torch.inference_mode():
+    # No autograd either way; but in bf16, autocast keeps its bf16 copies of the weights for
+    # the whole call only outside inference mode (inside it, every batch cast them again).
+    bf16 = torch.is_autocast_enabled(sample.device.type)
+    with torch.no_grad() if bf16 else torch.inference_mode():
         yield score
 
 
@@ -93,8 +96,13 @@ def occlude(ctx: Context, windows: Sequence[int], strides: Sequence[int], baseli
     masks = [window_masks(d, w, s, x.device) for d, w, s in zip(x.shape[1:], windows, strides)]
     counts = [m.shape[0] for m in masks]
     total = math.prod(counts)
-    base = expand_baseline(baselines, x)
+    # Batches are built in channels-last order (N, H, W, C in memory), the layout the model
+    # runs in, so that no batch is copied again to change layout.
+    cl = torch.channels_last
+    base = expand_baseline(baselines, x).contiguous(memory_format=cl)
+    x = x.contiguous(memory_format=cl)
     diffs = torch.empty(total * n, device=x.device)  # row r: window r // n, sample r % n
+    every_channel = bool(masks[0].all())  # windows through all channels (the usual case)
     with scoring(ctx.model, x) as score:
         clean = score(x, target)
         ctx.advance(n)
@@ -103,9 +111,15 @@ def occlude(ctx: Context, windows: Sequence[int], strides: Sequence[int], baseli
             window, sample = rows // n, rows % n
             kc, rest = window // (counts[1] * counts[2]), window % (counts[1] * counts[2])
             kh, kw = rest // counts[2], rest % counts[2]
-            hidden = (masks[0][kc][:, :, None, None] & masks[1][kh][:, None, :, None]
-                      & masks[2][kw][:, None, None, :])
-            batch = torch.where(hidden, base[sample], x[sample])
+            shape = (len(rows),) + tuple(x.shape[1:])
+            hidden = (masks[1][kh][:, :, None] & masks[2][kw][:, None, :]).unsqueeze(3)  # B×H×W×1
+            if not every_channel:
+                hidden = hidden & masks[0][kc][:, None, None, :]
+            hidden = hidden.expand(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
+            if n == 1:  # one image: broadcast it instead of gathering copies
+                batch = torch.where(hidden, base.expand(shape), x.expand(shape))
+            else:
+                batch = torch.where(hidden, base[sample], x[sample])
             diffs[s] = clean[sample] - score(batch, target[sample])
 
     # The map is separable: sum over windows of diff × (mask_c ⊗ mask_h ⊗ mask_w), divided by

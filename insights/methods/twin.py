@@ -24,6 +24,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -90,7 +91,12 @@ def _build(model: nn.Module, sample: torch.Tensor) -> Twin | None:
         copied = copy.deepcopy(model)
         traced = fx.GraphModule(copied, _ConvLeafTracer().trace(copied))
         _fold_batch_norms(traced)
+        _pool_before_relu(traced)
         traced = traced.to(memory_format=torch.channels_last)
+        for param in traced.parameters():
+            # bf16 autocast keeps one cast copy of a weight per call only if it requires grad
+            # (folded biases did not); no pass takes gradients of weights.
+            param.requires_grad_(True)
         built = Twin(traced, *_split_stem(traced))
         with torch.no_grad():
             want = model(sample)
@@ -163,6 +169,35 @@ def _fold_batch_norms(traced: fx.GraphModule) -> None:
         traced.graph.erase_node(node)
     traced.graph.lint()
     traced.delete_all_unused_submodules()
+    traced.recompile()
+
+
+def _is_relu(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU
+    return node.op == "call_function" and node.target in (torch.relu, F.relu) and len(node.args) == 1
+
+
+def _pool_before_relu(traced: fx.GraphModule) -> None:
+    """Rewrites relu → max-pool as max-pool → relu (where the pool is the relu's only user).
+    The maximum of a window commutes with any non-decreasing function, so the values are the
+    same, and so are the gradients (the pool routes to the same element, or the ReLU stops it
+    either way); the ReLU then runs on the pooled, 4x smaller tensor (ResNet's stem)."""
+    modules = dict(traced.named_modules())
+    for pool in list(traced.graph.nodes):
+        if not (pool.op == "call_module" and type(modules.get(pool.target)) is nn.MaxPool2d
+                and not modules[pool.target].return_indices and len(pool.args) == 1):
+            continue
+        relu = pool.args[0]
+        if not (isinstance(relu, fx.Node) and _is_relu(relu, modules) and len(relu.users) == 1
+                and not relu.kwargs):
+            continue
+        source = relu.args[0]
+        pool.replace_all_uses_with(relu)
+        pool.args = (source,)
+        relu.args = (pool,)
+        relu.prepend(pool)  # keep the graph in topological order: pool, then relu
+    traced.graph.lint()
     traced.recompile()
 
 
