@@ -64,6 +64,9 @@ class Client:
     def explain(self, payload: dict) -> dict:
         return self.call("POST", "/api/explain", json.dumps(payload).encode(), {"Content-Type": "application/json"})
 
+    def close(self) -> None:
+        self.conn.close()
+
 
 def run_clients(port: int, requests: list[dict], clients: int) -> tuple[float, list[float], list[int]]:
     """Sends ``requests`` from ``clients`` threads; returns wall time, latencies and batch sizes."""
@@ -75,21 +78,24 @@ def run_clients(port: int, requests: list[dict], clients: int) -> tuple[float, l
 
     def worker():
         client = Client(port)
-        while True:
-            with lock:
-                if not queue:
+        try:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    payload = queue.pop(0)
+                start = time.perf_counter()
+                try:
+                    answer = client.explain(payload)
+                except BaseException as err:  # reported after the run
+                    errors.append(err)
                     return
-                payload = queue.pop(0)
-            start = time.perf_counter()
-            try:
-                answer = client.explain(payload)
-            except BaseException as err:  # reported after the run
-                errors.append(err)
-                return
-            took = time.perf_counter() - start
-            with lock:
-                latencies.append(took)
-                batches.append(answer["result"].get("batch_size", 1))
+                took = time.perf_counter() - start
+                with lock:
+                    latencies.append(took)
+                    batches.append(answer["result"].get("batch_size", 1))
+        finally:
+            client.close()
 
     start = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(clients)]
@@ -131,8 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     port = server.socket.getsockname()[1]
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
+    client = Client(port)
     try:
-        client = Client(port)
         ids = [client.upload(p) for p in photos(8)]
         # Warm the model (load, first passes) outside the timed runs.
         client.explain({"model": args.model, "image": ids[0], "method": args.method, "target": 999})
@@ -150,8 +156,23 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"throughput ratio ({args.clients} clients / 1 client): {ratio:.2f}x", flush=True)
         return {"one": one, "many": many, "ratio": ratio}
     finally:
-        server.close()
+        client.close()
+        stop(server)
+        thread.join(timeout=30)
+        server.task_dispatcher.shutdown()  # its request threads
         app.extensions["insights"].jobs.shutdown()
+
+
+def stop(server) -> None:
+    """Ends a waitress server running in another thread: its connections and listening socket
+    are closed from inside its own loop (closing them from outside left the loop polling a
+    closed descriptor), and the loop returns once nothing is left to poll."""
+
+    def close_all() -> None:
+        for channel in list(server._map.values()):
+            channel.close()
+
+    server.trigger.pull_trigger(close_all)
 
 
 if __name__ == "__main__":
