@@ -2,9 +2,10 @@
 gradients).
 
 The twin is a traced copy (torch.fx) with every batch norm that follows a convolution folded into
-that convolution's weights, in channels-last layout. In eval mode a batch norm is an affine map,
-so the folded network computes the same function; only the rounding of the last bits differs, as
-it does between any two memory layouts.
+that convolution's weights, each ReLU → max-pool pair run as max-pool → ReLU, in channels-last
+layout. In eval mode a batch norm is an affine map, and a window's maximum commutes with a ReLU,
+so the twin computes the same function with the same gradients; only the rounding of the last
+bits differs, as it does between any two memory layouts.
 
 When the input feeds a single convolution and nothing else (the stem of almost every CNN), the
 twin is also split into ``stem`` and ``rest``: ``model(x) == rest(stem(x))``. The stem is linear
