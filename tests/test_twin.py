@@ -2,6 +2,7 @@
 engine must fall back to the model itself."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -240,3 +241,60 @@ def test_relu_then_max_pool_becomes_max_pool_then_relu_with_equal_values_and_gra
     (want, want_grad), (got, got_grad) = grad(model), grad(fast.module)
     assert rel_error(got, want) < 1e-5
     assert rel_error(got_grad, want_grad) < 1e-5 and want_grad.abs().max() > 0
+
+
+def _ig_without_twin(model, images, **params):
+    handle = model.register_forward_hook(lambda *args: None)  # hooks turn the twin off
+    try:
+        return insights.attribute(model, images, "integrated_gradients", [3, 7], **params)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("change", ["data", "module", "attribute"])
+def test_the_twin_follows_changes_that_leave_weight_versions_alone(small_cnn, images, change):
+    insights.attribute(small_cnn, images, "integrated_gradients", [3, 7], n_steps=4)
+    first = twin(small_cnn, images)
+    if change == "data":
+        small_cnn.conv2.weight.data.mul_(2)  # does not bump the tensor's version
+    elif change == "module":
+        small_cnn.relu2 = nn.Tanh()
+    else:
+        small_cnn.conv3.stride = (1, 1)
+    ours = insights.attribute(small_cnn, images, "integrated_gradients", [3, 7], n_steps=4)
+    assert twin(small_cnn, images) is not first
+    assert rel_error(ours, _ig_without_twin(small_cnn, images, n_steps=4)) < 1e-4
+
+
+def test_no_twin_while_any_module_is_in_training_mode(small_cnn, images):
+    assert twin(small_cnn, images) is not None
+    small_cnn.bn1.train()  # e.g. Monte Carlo dropout: the model is meant to behave differently
+    assert twin(small_cnn, images) is None
+    small_cnn.bn1.eval()
+    assert twin(small_cnn, images) is not None
+
+
+class ReluFeedsTwo(nn.Module):
+    """An in-place ReLU whose input is also read elsewhere: that reader sees the ReLU'd tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.conv(x)
+        pooled = self.pool(self.relu(y))
+        return self.fc(torch.cat([pooled.mean((2, 3)), y.mean((2, 3))], 1))
+
+
+def test_relu_and_pool_stay_in_order_when_the_relu_input_has_other_readers(images):
+    model = seeded(ReluFeedsTwo)
+    fast = twin(model, images)
+    order = [type(fast.module.get_submodule(n.target)).__name__
+             for n in fast.module.graph.nodes if n.op == "call_module"]
+    assert order[:3] == ["Conv2d", "ReLU", "MaxPool2d"]
+    with torch.no_grad():
+        assert rel_error(fast.module(images), model(images)) < 1e-5

@@ -13,9 +13,10 @@ twin is also split into ``stem`` and ``rest``: ``model(x) == rest(stem(x))``. Th
 back-propagate through it once for the whole path (see ``gradient.py``).
 
 ``twin(model, sample)`` returns None, and callers use the model itself, whenever the shortcut
-might not be the same model: in training mode, with hooks registered, for TorchScript modules,
-for non-fp32 weights, when tracing fails, or when the twin's logits for ``sample`` do not match
-the model's. Twins are cached per model and rebuilt when a parameter or buffer changes.
+might not be the same model: with any module in training mode, with hooks registered, for
+TorchScript modules, for non-fp32 weights, when tracing fails, or when the twin's logits for
+``sample`` do not match the model's. Twins are cached per model, checked against the model on
+every call and rebuilt when they no longer match.
 """
 from __future__ import annotations
 
@@ -47,21 +48,29 @@ _lock = threading.Lock()
 
 def twin(model: nn.Module, sample: torch.Tensor) -> Twin | None:
     """The model's twin, or None where the model itself must run (see the module docstring).
-    ``sample`` (one input row or more) checks a newly built twin against the model."""
-    if (model.training or isinstance(model, torch.jit.ScriptModule) or sample.dtype != torch.float32
-            or _has_hooks(model)):
+
+    ``sample`` (one input row or more) checks the twin against the model on every call, not only
+    when it is built: its first row's logits must agree. Weight versions alone miss edits made
+    through ``.data``, swapped parameter-free modules and changed module attributes (a stride,
+    an eps); one extra forward pass of one row catches them all, and the twin is rebuilt."""
+    if (isinstance(model, torch.jit.ScriptModule) or sample.dtype != torch.float32
+            or any(m.training for m in model.modules()) or _has_hooks(model)):
         return None
     key = _state_key(model)
     if key is None:
         return None
-    with _lock:
-        hit = _cache.get(model)
-        if hit is not None and hit[0] == key:
-            return hit[1]
+    one = sample[:1]
+    with _lock, torch.autocast(one.device.type, enabled=False), true_fp32(one.device):
         # Built and checked in exact fp32 whatever the caller's precision: the comparison
         # with the model's logits is at 1e-4.
-        with torch.autocast(sample.device.type, enabled=False), true_fp32(sample.device):
-            built = _build(model, sample[:1])
+        hit = _cache.get(model)
+        if hit is not None and hit[0] == key and hit[1] is None:
+            return None  # tried for these weights, and the model cannot have a twin
+        with torch.no_grad():
+            want = model(one)
+            if hit is not None and hit[0] == key and _close(hit[1].module(one), want):
+                return hit[1]
+        built = _build(model, one, want)
         _cache[model] = (key, built)
         return built
 
@@ -87,7 +96,8 @@ def _state_key(model: nn.Module) -> tuple | None:
     return tuple(key)
 
 
-def _build(model: nn.Module, sample: torch.Tensor) -> Twin | None:
+def _build(model: nn.Module, sample: torch.Tensor, want: torch.Tensor) -> Twin | None:
+    """A new twin, checked against ``want``, the model's logits for ``sample``."""
     try:
         copied = copy.deepcopy(model)
         traced = fx.GraphModule(copied, _ConvLeafTracer().trace(copied))
@@ -100,7 +110,6 @@ def _build(model: nn.Module, sample: torch.Tensor) -> Twin | None:
             param.requires_grad_(True)
         built = Twin(traced, *_split_stem(traced))
         with torch.no_grad():
-            want = model(sample)
             if not _close(built.module(sample), want):
                 return None
         if built.stem is not None and not _stem_works(built, sample, want):
@@ -194,6 +203,8 @@ def _pool_before_relu(traced: fx.GraphModule) -> None:
                 and not relu.kwargs):
             continue
         source = relu.args[0]
+        if not (isinstance(source, fx.Node) and len(source.users) == 1):
+            continue  # an in-place ReLU would also change what the input's other users see
         pool.replace_all_uses_with(relu)
         pool.args = (source,)
         relu.args = (pool,)
