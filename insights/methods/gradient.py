@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from . import registry
-from .base import (PRECISION_PARAM, Context, Cost, Method, Param, ParamError, default_budget,
-                   expand_baseline, gradient)
+from .base import (PRECISION_PARAM, Context, Cost, Method, Param, ParamError, add_rows,
+                   default_budget, expand_baseline, gradient)
 from .twin import twin
 
 NT_TYPES = ("none", "smoothgrad", "smoothgrad_sq", "vargrad")
@@ -123,16 +123,6 @@ class InputXGradient(GradientMethod):
 
     def from_passes(self, ctx, p, passes):
         return passes["grad"] * ctx.inputs
-
-
-def add_rows(total: torch.Tensor, row: torch.Tensor, values: torch.Tensor) -> None:
-    """total[row[i]] += values[i] for every i. On the CPU one add per row: index_add_ (and a
-    sum over the batch of a channels-last tensor) ran 10-20x slower than that there."""
-    if total.device.type != "cpu":
-        total.index_add_(0, row, values)
-        return
-    for i, r in enumerate(row.tolist()):
-        total[r] += values[i]
 
 
 def baseline_rows(value: Any, x: torch.Tensor, n_inputs: int) -> torch.Tensor:
@@ -319,5 +309,5 @@ class GradientShap(GradientMethod):
             base = dist[choice[s]]
             a = alpha[s].view(view)
             grad = gradient(ctx.model, a * noisy + (1 - a) * base, target[image])
-            total.index_add_(0, image, grad * (noisy - base))
+            add_rows(total, image, grad * (noisy - base))
         return total / k

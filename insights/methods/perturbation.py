@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from . import registry
-from .base import PRECISION_PARAM, Context, Cost, Method, Param, ParamError, expand_baseline
+from .base import (PRECISION_PARAM, Context, Cost, Method, Param, ParamError, add_rows,
+                   expand_baseline)
 from .twin import twin
 
 BASELINES_PARAM = Param("baselines", "float", 0.0, "Value that replaces the occluded pixels, in "
@@ -184,7 +185,7 @@ def ablate_features(ctx: Context, mask: torch.Tensor, baselines) -> torch.Tensor
             hidden = mask[sample] == feature.view(-1, 1, 1, 1)
             batch = torch.where(hidden, base[sample], x[sample])
             diff = clean[sample] - score(batch, target[sample])
-            out.index_add_(0, sample, diff.view(-1, 1, 1, 1) * hidden)
+            add_rows(out, sample, diff.view(-1, 1, 1, 1) * hidden)
     return out
 
 

@@ -163,8 +163,8 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 def _fold_batch_norms(traced: fx.GraphModule) -> None:
     """Replaces conv → batch norm (where the batch norm is the convolution's only user and
-    tracks running statistics). The folded convolution keeps the original's class, so a
-    subclass keeps its own padding. by one convolution with the batch norm folded in."""
+    tracks running statistics) by one convolution with the batch norm folded in. The folded
+    convolution keeps the original's class, so a subclass keeps its own padding."""
     modules = dict(traced.named_modules())
     for node in list(traced.graph.nodes):
         if node.op != "call_module" or not isinstance(modules.get(node.target), _BN):
@@ -225,8 +225,9 @@ def _batch_size_of(node: fx.Node, x: fx.Node) -> bool:
 
 def _split_stem(traced: fx.GraphModule) -> tuple[nn.Conv2d | None, nn.Module | None]:
     """(stem, rest) when the graph's one input feeds exactly one Conv2d (the caller checks
-    that it is affine), else (None, None). Operations that would modify the stem's output in place (an in-place ReLU)
-    get an out-of-place copy in ``rest``: the output is a leaf that gradients are taken at."""
+    that it is affine), else (None, None). Operations that would modify the stem's output in
+    place (an in-place ReLU) get an out-of-place copy in ``rest``: the output is a leaf that
+    gradients are taken at."""
     inputs = [n for n in traced.graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         return None, None
