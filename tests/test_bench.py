@@ -67,6 +67,24 @@ def test_targets_read_ratios_and_carry_ig_times_to_the_anchor_machine():
     assert "1,400 ms scaled by" in lines[1] and lines[1].endswith("NOT met")
 
 
+def test_gpu_targets_take_any_precision_whose_map_is_close_enough():
+    rows = [_row("occlusion", 860.0, 46.0, 30.0),
+            _row("occlusion (bf16)", 860.0, 46.0, 7.5, corr_fp32=0.9991),  # met
+            _row("integrated_gradients", 11.7, 16.0, 9.0),
+            _row("integrated_gradients (bf16)", 11.7, 16.0, 3.5, corr_fp32=0.985),  # corr low
+            _row("saliency", 6.6, 6.6, 1.0)]
+    lines = bench.format_gpu_targets(rows, "resnet18")
+    assert lines[0] == "targets (issue 5, GPU; resnet18):"
+    assert lines[1] == ("  occlusion: occlusion 30.0 ms, occlusion (bf16) 7.5 ms (corr 0.9991) "
+                        "(need <= 8 ms): met")
+    assert "integrated_gradients (bf16) 3.5 ms (corr 0.9850)" in lines[2]
+    assert lines[2].endswith("(need <= 4 ms): NOT met")
+    assert len(lines) == 3  # saliency has no target
+    lines = bench.format_gpu_targets(rows[:2], "resnet50")
+    assert lines[1].endswith("(need <= 15 ms): met")
+    assert bench.format_gpu_targets(rows, "vgg11") == []
+
+
 def test_fp64_columns_show_distance_from_the_float64_map(capsys):
     assert bench.main(["--methods", "saliency", "--repeat", "1", "--fp64"]) == 0
     out = capsys.readouterr().out

@@ -298,3 +298,18 @@ def test_relu_and_pool_stay_in_order_when_the_relu_input_has_other_readers(image
     assert order[:3] == ["Conv2d", "ReLU", "MaxPool2d"]
     with torch.no_grad():
         assert rel_error(fast.module(images), model(images)) < 1e-5
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_checksums_repeat_and_move_with_in_place_edits(fused):
+    from insights.methods.twin import checksums
+
+    gen = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(4, 3, 3, generator=gen), torch.randn(7, generator=gen)]
+    first = checksums(tensors, fused)
+    assert checksums(tensors, fused) == first
+    for edit in (lambda t: t.neg_(), lambda t: t.mul_(1.001), lambda t: t.zero_(),
+                 lambda t: t.add_(1e-3), lambda t: t.fill_(0.5)):
+        copy_ = [t.clone() for t in tensors]
+        edit(copy_[1])
+        assert checksums(copy_, fused) != first

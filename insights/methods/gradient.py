@@ -16,6 +16,7 @@ import torch
 from . import registry
 from .base import (PRECISION_PARAM, Context, Cost, Method, Param, ParamError, add_rows,
                    default_budget, expand_baseline, gradient)
+from .graphs import replayed
 from .twin import twin
 
 NT_TYPES = ("none", "smoothgrad", "smoothgrad_sq", "vargrad")
@@ -211,19 +212,24 @@ class IntegratedGradients(GradientMethod):
         for s in ctx.chunks(rows * len(sizes), grad=True):
             index = torch.arange(s.start, s.stop, device=x.device)
             step, row = index // rows, index % rows
-            view = (-1,) + (1,) * (x.dim() - 1)
-            scaled = base[row] + alpha[step].view(view) * diff[row]
-            scaled = scaled.contiguous(memory_format=torch.channels_last)
-            grad = gradient(net, scaled, target[row])
-            add_rows(total, row, grad.mul_(weight[step].view(view)))
+
+            def chunk(base, diff, a, w, t, row):
+                return _weighted_gradient(net, base, diff, a, w, t, row)
+
+            _accumulate(total, row, replayed(fast.graphs if fast is not None else None, "ig",
+                                             chunk, base, diff, alpha[step], weight[step],
+                                             target[row], row))
         return total * diff
 
     @staticmethod
     def _stem_fits(ctx: Context, fast, x: torch.Tensor) -> bool:
         """Whether three stem outputs per row (start, step, summed gradient) fit in a quarter
         of the memory budget."""
-        with torch.no_grad():
-            per_row = fast.stem(x[:1]).numel() * x.element_size()
+        shape = tuple(x.shape[1:])
+        if shape not in fast.stem_sizes:
+            with torch.no_grad():
+                fast.stem_sizes[shape] = fast.stem(x[:1]).numel()
+        per_row = fast.stem_sizes[shape] * x.element_size()
         return 3 * per_row * x.shape[0] <= (ctx.memory_budget or default_budget(ctx.device)) / 4
 
     @staticmethod
@@ -239,21 +245,48 @@ class IntegratedGradients(GradientMethod):
         with torch.autocast(x.device.type, enabled=False), torch.no_grad():
             start = fast.stem(base.contiguous(memory_format=cl))
             step = fast.stem(x.contiguous(memory_format=cl)) - start
-        view = (-1,) + (1,) * (start.dim() - 1)
         total = torch.zeros_like(start)
         for s in ctx.chunks(rows * alpha.numel(), grad=True):
             index = torch.arange(s.start, s.stop, device=x.device)
             k, row = index // rows, index % rows
-            if rows == 1:  # broadcast rather than gather copies of the one image's tensors
-                point = torch.addcmul(start, alpha[k].view(view), step)
-            else:
-                point = torch.addcmul(start[row], alpha[k].view(view), step[row])
-            grad = gradient(fast.rest, point.contiguous(memory_format=cl), target[row])
-            add_rows(total, row, grad.mul_(weight[k].view(view)))
+
+            def chunk(start, step, a, w, t, row):
+                return _weighted_gradient(fast.rest, start, step, a, w, t, row)
+
+            _accumulate(total, row, replayed(fast.graphs, "ig-stem", chunk, start, step,
+                                             alpha[k], weight[k], target[row], row))
         with torch.autocast(x.device.type, enabled=False), torch.enable_grad():
             at = x.detach().contiguous(memory_format=cl).requires_grad_(True)
             (through,) = torch.autograd.grad(fast.stem(at), at, total)
         return through * (x - base)
+
+
+def _weighted_gradient(net, start: torch.Tensor, span: torch.Tensor, a: torch.Tensor,
+                       w: torch.Tensor, target: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """w[i] × the gradient of ``net``'s target logit at start[row[i]] + a[i] span[row[i]], for
+    the rows i of one batch of path points. On a GPU the rows are then summed per image (the
+    result is images × ...) inside the same CUDA graph; on the CPU they are returned as they
+    are and :func:`_accumulate` adds them up (one add per row is fastest there)."""
+    view = (-1,) + (1,) * (start.dim() - 1)
+    if start.shape[0] == 1:  # broadcast rather than gather copies of the one image's tensors
+        point = torch.addcmul(start, a.view(view), span)
+    else:
+        point = torch.addcmul(start[row], a.view(view), span[row])
+    grad = gradient(net, point.contiguous(memory_format=torch.channels_last), target)
+    grad.mul_(w.view(view))
+    if grad.device.type == "cpu":
+        return grad
+    if start.shape[0] == 1:
+        return grad.sum(0, keepdim=True)
+    return torch.zeros_like(start).index_add_(0, row, grad)
+
+
+def _accumulate(total: torch.Tensor, row: torch.Tensor, part: torch.Tensor) -> None:
+    """Adds a batch's part from :func:`_weighted_gradient` into the per-image total."""
+    if total.device.type != "cpu":
+        total += part
+    else:
+        add_rows(total, row, part)
 
 
 @registry.register

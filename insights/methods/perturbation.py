@@ -21,6 +21,8 @@ from torch import nn
 from . import registry
 from .base import (PRECISION_PARAM, Context, Cost, Method, Param, ParamError, add_rows,
                    expand_baseline)
+from . import graphs
+from .graphs import replayed
 from .twin import twin
 
 BASELINES_PARAM = Param("baselines", "float", 0.0, "Value that replaces the occluded pixels, in "
@@ -32,18 +34,23 @@ BASELINES_PARAM = Param("baselines", "float", 0.0, "Value that replaces the occl
 def scoring(model: nn.Module, sample: torch.Tensor):
     """Yields ``score(x, target)``: the target logit of each row of a batch, in fp32, computed
     without autograd, in channels-last layout and by the model's twin (batch norms folded into
-    the convolutions) where it has one. The arithmetic (true fp32, or bf16 autocast for
-    ``precision="bf16"``) is the one :func:`insights.attribute` set for the whole call, so
-    weights are cast to bf16 once for all batches."""
+    the convolutions) where it has one; on a GPU the twin's batches are replayed CUDA graphs
+    (see ``graphs.py``). The arithmetic (true fp32, or bf16 autocast for ``precision="bf16"``)
+    is the one :func:`insights.attribute` set for the whole call, so weights are cast to bf16
+    once for all batches."""
     fast = twin(model, sample)
     net = fast.module if fast is not None else model
+
+    def logits_at(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = net(x)
+        # Differences of scores are taken in fp32 in both modes.
+        return logits.gather(1, target.view(-1, 1).to(logits.device)).squeeze(1).float()
 
     def score(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        logits = net(x)
-        # Differences of scores are taken in fp32 in both modes.
-        return logits.gather(1, target.view(-1, 1).to(logits.device)).squeeze(1).float()
+        return replayed(fast.graphs if fast is not None else None, "score", logits_at, x,
+                        target.to(x.device))
 
     # No autograd either way; but in bf16, autocast keeps its bf16 copies of the weights for
     # the whole call only outside inference mode (inside it, every batch cast them again).
@@ -104,11 +111,18 @@ def occlude(ctx: Context, windows: Sequence[int], strides: Sequence[int], baseli
     x = x.contiguous(memory_format=cl)
     diffs = torch.empty(total * n, device=x.device)  # row r: window r // n, sample r % n
     every_channel = bool(masks[0].all())  # windows through all channels (the usual case)
+    # Replayed CUDA graphs are recorded per batch shape: a shorter last batch is padded with
+    # copies of its last row (whose scores are dropped) rather than recorded again.
+    padded = 0 if not graphs.active(x.device) else None
     with scoring(ctx.model, x) as score:
         clean = score(x, target)
         ctx.advance(n)
         for s in ctx.chunks(total * n, grad=False):
             rows = torch.arange(s.start, s.stop, device=x.device)
+            if padded is None:
+                padded = len(rows)
+            if len(rows) < padded:
+                rows = torch.cat([rows, rows[-1:].expand(padded - len(rows))])
             window, sample = rows // n, rows % n
             kc, rest = window // (counts[1] * counts[2]), window % (counts[1] * counts[2])
             kh, kw = rest // counts[2], rest % counts[2]
@@ -121,7 +135,7 @@ def occlude(ctx: Context, windows: Sequence[int], strides: Sequence[int], baseli
                 batch = torch.where(hidden, base.expand(shape), x.expand(shape))
             else:
                 batch = torch.where(hidden, base[sample], x[sample])
-            diffs[s] = clean[sample] - score(batch, target[sample])
+            diffs[s] = (clean[sample] - score(batch, target[sample]))[: s.stop - s.start]
 
     # The map is separable: sum over windows of diff × (mask_c ⊗ mask_h ⊗ mask_w), divided by
     # the number of windows covering each element, itself an outer product of per-axis counts.

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .base import true_fp32
+from .graphs import GraphCache
 
 _BN = (nn.BatchNorm2d,)
 
@@ -40,6 +41,8 @@ class Twin:
     module: nn.Module  # the folded, channels-last copy: module(x) ≈ model(x)
     stem: nn.Conv2d | None = None  # the first layer, when the input feeds only it
     rest: nn.Module | None = None  # rest(stem(x)) ≈ model(x)
+    graphs: GraphCache = field(default_factory=GraphCache)  # CUDA graphs of its batches
+    stem_sizes: dict = field(default_factory=dict)  # input C×H×W → elements of one stem output
 
 
 _cache: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Twin | None]]" = weakref.WeakKeyDictionary()
@@ -82,8 +85,8 @@ _PLAIN = (bool, int, float, str, type(None))
 
 def _state_key(model: nn.Module) -> tuple | None:
     """What the twin was copied from: each module's name, type and plain attributes (a stride,
-    an eps, a flag) and each weight's storage, version and sum. The sum catches edits made
-    through ``.data``, which leave the version alone; a swapped module changes the names and
+    an eps, a flag) and each weight's storage, version and checksums. The checksums catch
+    edits made through ``.data``, which leave the version alone; a swapped module changes the names and
     types. None for weights that are not all fp32."""
     tensors = list(model.parameters()) + list(model.buffers())
     if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors):
@@ -94,10 +97,25 @@ def _state_key(model: nn.Module) -> tuple | None:
             isinstance(e, _PLAIN) for e in v))))))
         for name, m in model.named_modules())
     storage = tuple((t.data_ptr(), t._version, t.device.type) for t in tensors)
+    floats = [t.detach() for t in tensors if t.is_floating_point()]
+    return layout, storage, checksums(floats, fused=all(t.is_cuda for t in floats))
+
+
+def checksums(tensors: list[torch.Tensor], fused: bool) -> bytes:
+    """Per-tensor numbers that change when a tensor's values do (NaN-safe to compare as bytes).
+    Plain: each tensor's sum, one small reduction per tensor (2 ms on a ResNet-18 on the CPU).
+    Fused (on a GPU, where 100-300 separate launches cost 3-10 ms): each tensor's L1 norm,
+    and the L1 norm of the tensor plus 0.25, which also moves when signs flip; four launches
+    for all tensors together."""
+    if not tensors:
+        return b""
     with torch.no_grad():
-        floats = [t.detach().sum() for t in tensors if t.is_floating_point()]
-        sums = torch.stack(floats).cpu().numpy().tobytes() if floats else b""  # NaN-safe compare
-    return layout, storage, sums
+        if fused:
+            parts = (torch._foreach_norm(tensors, 1)
+                     + torch._foreach_norm(torch._foreach_add(tensors, 0.25), 1))
+        else:
+            parts = [t.sum() for t in tensors]
+        return torch.stack(parts).cpu().numpy().tobytes()
 
 
 def _build(model: nn.Module, sample: torch.Tensor) -> Twin | None:

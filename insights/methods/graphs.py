@@ -1,0 +1,151 @@
+"""CUDA graphs for the twin's repeated batches (occlusion's scores, integrated gradients' path).
+
+On a GPU a ResNet-18 batch takes longer to launch than to compute: Python, autocast and
+autograd issue hundreds of small kernels one by one. A CUDA graph records the kernels of one
+call once and replays them all with a single launch. :func:`replayed` runs ``fn(*inputs)``
+that way whenever it can, and plainly otherwise.
+
+What keeps a replay the same function as the plain call:
+
+* A graph is keyed by its inputs' shapes, strides, dtypes and device, and by everything that
+  decides which kernels run: autocast (on, dtype), the TF32 flags, grad and inference mode.
+* ``fn`` must take every tensor that changes between calls as an input (a tensor it closes
+  over is baked into the graph by address). Inputs are copied into the graph's own tensors
+  before each replay and outputs cloned after it, under a lock per graph.
+* Under bf16 autocast, recording runs with autocast's weight cache off, so the casts are part
+  of the graph rather than references to cached copies that die with the caller's autocast.
+* Graphs live in a :class:`GraphCache` held by the twin they were recorded from: a changed
+  model gets a new twin, so never replays a graph of old weights. Each cache keeps at most
+  ``limit`` graphs (least recently used dropped), since each holds its own memory.
+* A key whose recording fails runs plainly from then on.
+* Off on the CPU, inside another recording, and when the environment sets
+  ``INSIGHTS_CUDA_GRAPHS=0``.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+WARMUP = 2  # plain runs on a side stream before recording (lazy initialisation, algorithm choice)
+MAX_GRAPHS = 6  # per twin: occlusion and IG in both precisions
+
+
+def enabled() -> bool:
+    return os.environ.get("INSIGHTS_CUDA_GRAPHS", "1") != "0"
+
+
+@dataclass
+class _Recorded:
+    graph: Any  # torch.cuda.CUDAGraph (or a test double with replay())
+    inputs: tuple[torch.Tensor, ...]
+    outputs: tuple[torch.Tensor, ...]
+    single: bool  # fn returned one tensor rather than a tuple
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class GraphCache:
+    """The graphs recorded for one twin, least recently used first."""
+
+    def __init__(self, limit: int = MAX_GRAPHS):
+        self.limit = limit
+        self.entries: "OrderedDict[tuple, _Recorded | None]" = OrderedDict()
+        self.lock = threading.Lock()
+        self.recorded = 0  # recordings made (for tests and the benchmark)
+        self.replays = 0
+
+
+def _usable(device: torch.device) -> bool:
+    return device.type == "cuda" and enabled() and not torch.cuda.is_current_stream_capturing()
+
+
+def active(device: torch.device) -> bool:
+    """Whether batches on ``device`` are replayed graphs (callers then keep batch shapes equal,
+    since each new shape is recorded anew)."""
+    return _usable(device)
+
+
+def key_of(name: str, inputs: tuple[torch.Tensor, ...]) -> tuple:
+    """What a recording depends on besides ``fn`` itself."""
+    device = inputs[0].device
+    return (name, str(device),
+            tuple((tuple(t.shape), t.stride(), t.dtype) for t in inputs),
+            torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type),
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+            torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+
+
+def replayed(cache: GraphCache | None, name: str, fn: Callable, *inputs: torch.Tensor) -> Any:
+    """``fn(*inputs)``, computed by replaying a recorded CUDA graph where one can be used."""
+    if cache is None or not _usable(inputs[0].device):
+        return fn(*inputs)
+    key = key_of(name, inputs)
+    with cache.lock:
+        if key in cache.entries:
+            entry = cache.entries[key]
+            cache.entries.move_to_end(key)
+        else:
+            entry = _record(fn, inputs)
+            cache.recorded += entry is not None
+            cache.entries[key] = entry
+            while len(cache.entries) > cache.limit:
+                cache.entries.popitem(last=False)
+    if entry is None:
+        return fn(*inputs)
+    with entry.lock:
+        for static, given in zip(entry.inputs, inputs):
+            static.copy_(given)
+        entry.graph.replay()
+        out = tuple(t.clone() for t in entry.outputs)
+        cache.replays += 1
+    return out[0] if entry.single else out
+
+
+def _weight_cache_off():
+    """Autocast as the caller set it, but recording the weight casts instead of caching them."""
+    device = "cuda"
+    if not torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return torch.autocast(device, dtype=torch.get_autocast_dtype(device), cache_enabled=False)
+
+
+def new_graph() -> Any:
+    return torch.cuda.CUDAGraph()
+
+
+def record_into(graph: Any, fn: Callable, inputs: tuple) -> Any:
+    """Records ``fn(*inputs)`` into ``graph`` and returns its outputs (tests replace this)."""
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        return fn(*inputs)
+
+
+def _record(fn: Callable, inputs: tuple[torch.Tensor, ...]) -> _Recorded | None:
+    """Warms ``fn`` up on a side stream, then records it on copies of ``inputs``; None where
+    recording fails (an operation that cannot be recorded, say)."""
+    with torch.inference_mode(False):  # buffers that later replays may copy into in any mode
+        static = tuple(t.detach().clone() for t in inputs)
+    try:
+        with _weight_cache_off():
+            if inputs[0].device.type == "cuda":
+                side = torch.cuda.Stream(device=inputs[0].device)
+                side.wait_stream(torch.cuda.current_stream(inputs[0].device))
+                with torch.cuda.stream(side):
+                    for _ in range(WARMUP):
+                        fn(*static)
+                torch.cuda.current_stream(inputs[0].device).wait_stream(side)
+            graph = new_graph()
+            out = record_into(graph, fn, static)
+    except Exception:
+        if inputs[0].device.type == "cuda":
+            try:
+                torch.cuda.synchronize(inputs[0].device)
+            except Exception:
+                pass
+        return None
+    single = isinstance(out, torch.Tensor)
+    outputs = (out,) if single else tuple(out)
+    return _Recorded(graph, static, outputs, single)

@@ -1,0 +1,158 @@
+"""CUDA graph replay of the twin's batches (insights/methods/graphs.py).
+
+This machine has no GPU, so the recording itself is replaced by a stand-in with a CUDA graph's
+contract: recording runs ``fn`` once on the graph's own input tensors and keeps its outputs;
+a replay runs the *recorded* ``fn`` again on those same input tensors and writes into those
+same output tensors. A method that let a per-call tensor into ``fn`` other than as an input
+(which a real graph would bake in by address) gets the first call's values back on replay,
+and its maps go wrong here. The real recording is exercised by the GPU benchmark run
+(README, "GPU")."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import insights
+from conftest import rel_error
+from insights.methods import graphs
+from insights.methods.base import MAX_CHUNK_CPU
+from insights.methods.twin import twin
+
+
+class StandInGraph:
+    def __init__(self):
+        self.fn = self.inputs = self.outputs = None
+        self.replays = 0
+
+    def replay(self):
+        out = self.fn(*self.inputs)
+        for static, new in zip(self.outputs, (out,) if isinstance(out, torch.Tensor) else out):
+            static.copy_(new)
+        self.replays += 1
+
+
+def stand_in_record(graph, fn, inputs):
+    out = fn(*inputs)
+    graph.fn, graph.inputs = fn, inputs
+    graph.outputs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+    return out
+
+
+@pytest.fixture
+def recording(monkeypatch):
+    """Graph replay switched on for CPU tensors, with the stand-in recorder."""
+    monkeypatch.setattr(graphs, "_usable", lambda device: graphs.enabled())
+    monkeypatch.setattr(graphs, "new_graph", StandInGraph)
+    monkeypatch.setattr(graphs, "record_into", stand_in_record)
+
+
+def plain(monkeypatch, fn):
+    """fn() with graph replay off."""
+    with monkeypatch.context() as m:
+        m.setenv("INSIGHTS_CUDA_GRAPHS", "0")
+        return fn()
+
+
+OCCLUSION = dict(sliding_window_shapes=(3, 16, 16), strides=(3, 8, 8))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_occlusion_from_replayed_graphs_equals_the_plain_map(recording, monkeypatch, small_cnn,
+                                                              images, precision):
+    first, second = images[:1], images[1:]
+    for x, target in ((first, 3), (second, 7), (first, 3)):  # replays see each call's inputs
+        got = insights.attribute(small_cnn, x, "occlusion", target, precision=precision, **OCCLUSION)
+        want = plain(monkeypatch, lambda: insights.attribute(
+            small_cnn, x, "occlusion", target, precision=precision, **OCCLUSION))
+        assert torch.equal(got, want)
+        assert got.abs().max() > 0
+    cache = twin(small_cnn, images).graphs
+    # Two batch shapes, each recorded once: the clean row, and the 49 windows in even
+    # batches under the CPU's cap of 32 (25, then 24 padded to 25 with a repeated row).
+    assert MAX_CHUNK_CPU == 32
+    assert cache.recorded == 2
+    assert sorted(k[2][0][0][0] for k in cache.entries) == [1, 25]
+    assert cache.replays == 3 * 3
+
+
+def test_integrated_gradients_through_the_stem_from_replayed_graphs(recording, monkeypatch,
+                                                                     small_cnn, images):
+    fast = twin(small_cnn, images)
+    assert fast.stem is not None
+    for x, target, base in ((images[:1], 3, 0.0), (images[1:], 5, 0.5), (images, [1, 2], -0.2)):
+        got = insights.attribute(small_cnn, x, "integrated_gradients", target, n_steps=12,
+                                 baselines=base)
+        want = plain(monkeypatch, lambda: insights.attribute(
+            small_cnn, x, "integrated_gradients", target, n_steps=12, baselines=base))
+        assert rel_error(got, want) < 1e-6
+    assert {k[0] for k in fast.graphs.entries} == {"ig-stem"}
+    # Batches of at most 10 on the CPU: 12 rows as 6 + 6 (twice), then 24 rows as 8 + 8 + 8.
+    assert fast.graphs.replays == 2 + 2 + 3
+
+
+def test_integrated_gradients_without_a_stem_from_replayed_graphs(recording, monkeypatch, images):
+    from conftest import seeded
+    from test_twin import InplaceOnStem  # a twin without the stem split
+
+    model = seeded(InplaceOnStem)
+    fast = twin(model, images)
+    assert fast is not None and fast.stem is None
+    for x, target in ((images[:1], 3), (images[1:], 6)):
+        got = insights.attribute(model, x, "integrated_gradients", target, n_steps=8)
+        want = plain(monkeypatch, lambda: insights.attribute(
+            model, x, "integrated_gradients", target, n_steps=8))
+        assert rel_error(got, want) < 1e-6
+    assert {k[0] for k in fast.graphs.entries} == {"ig"}
+
+
+def test_replay_copies_inputs_and_hands_out_fresh_outputs(recording):
+    cache = graphs.GraphCache()
+    weight = torch.tensor([2.0, 3.0])
+    fn = lambda x: x * weight  # noqa: E731
+    a = graphs.replayed(cache, "mul", fn, torch.tensor([1.0, 1.0]))
+    b = graphs.replayed(cache, "mul", fn, torch.tensor([5.0, -1.0]))
+    assert a.tolist() == [2.0, 3.0] and b.tolist() == [10.0, -3.0]
+    b += 100  # the caller's copy, not the graph's output
+    assert graphs.replayed(cache, "mul", fn, torch.tensor([0.5, 0.0])).tolist() == [1.0, 0.0]
+    assert cache.recorded == 1 and cache.replays == 3
+
+
+def test_a_new_shape_or_precision_records_a_new_graph_and_old_ones_are_dropped(recording):
+    cache = graphs.GraphCache(limit=2)
+    fn = lambda x: x + 1  # noqa: E731
+    graphs.replayed(cache, "add", fn, torch.zeros(2))
+    graphs.replayed(cache, "add", fn, torch.zeros(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        graphs.replayed(cache, "add", fn, torch.zeros(3))
+    assert cache.recorded == 3
+    assert len(cache.entries) == 2  # the least recently used (shape 2) went
+    assert all(k[2][0][0] == (3,) for k in cache.entries)
+    assert graphs.replayed(cache, "add", fn, torch.full((2,), 4.0)).tolist() == [5.0, 5.0]
+    assert cache.recorded == 4
+
+
+def test_a_call_that_cannot_be_recorded_runs_plainly(recording, monkeypatch):
+    def refuse(graph, fn, inputs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "record_into", refuse)
+    cache = graphs.GraphCache()
+    calls = []
+
+    def fn(x):
+        calls.append(1)
+        return x * 2
+
+    assert graphs.replayed(cache, "f", fn, torch.ones(2)).tolist() == [2.0, 2.0]
+    assert graphs.replayed(cache, "f", fn, torch.ones(2)).tolist() == [2.0, 2.0]
+    assert cache.recorded == 0 and list(cache.entries.values()) == [None]
+    assert len(calls) == 2  # one plain call each (no second recording attempt)
+
+
+def test_off_on_the_cpu_and_when_the_environment_says_so(monkeypatch, small_cnn, images):
+    insights.attribute(small_cnn, images, "occlusion", 1, **OCCLUSION)
+    assert twin(small_cnn, images).graphs.recorded == 0  # this machine has no GPU
+    monkeypatch.setenv("INSIGHTS_CUDA_GRAPHS", "0")
+    assert not graphs.enabled()
+    monkeypatch.setenv("INSIGHTS_CUDA_GRAPHS", "1")
+    assert graphs.enabled()
