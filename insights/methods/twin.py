@@ -80,7 +80,7 @@ def _has_hooks(model: nn.Module) -> bool:
                or m._backward_pre_hooks for m in model.modules())
 
 
-_PLAIN = (bool, int, float, str, type(None))
+_PLAIN = frozenset((bool, int, float, str, type(None)))
 
 
 def _state_key(model: nn.Module) -> tuple | None:
@@ -91,10 +91,11 @@ def _state_key(model: nn.Module) -> tuple | None:
     tensors = list(model.parameters()) + list(model.buffers())
     if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors):
         return None
-    layout = tuple((name, type(m), tuple(sorted(
-        (k, repr(v)) for k, v in vars(m).items()
-        if not k.startswith("_") and (isinstance(v, _PLAIN) or (isinstance(v, tuple) and all(
-            isinstance(e, _PLAIN) for e in v))))))
+    # Plain attributes in the module's own order; floats by repr, so that a NaN equals itself.
+    layout = tuple((name, type(m), tuple(
+        (k, repr(v) if type(v) is float else v) for k, v in m.__dict__.items()
+        if k[0] != "_" and (type(v) in _PLAIN or (type(v) is tuple and all(
+            type(e) in _PLAIN for e in v)))))
         for name, m in model.named_modules())
     storage = tuple((t.data_ptr(), t._version, t.device.type) for t in tensors)
     floats = [t.detach() for t in tensors if t.is_floating_point()]
