@@ -22,6 +22,7 @@ from . import registry
 from .base import (PRECISION_PARAM, Context, Cost, Method, Param, ParamError, add_rows,
                    expand_baseline)
 from . import graphs
+from .fused import fused_for
 from .graphs import replayed
 from .twin import twin
 
@@ -35,11 +36,14 @@ def scoring(model: nn.Module, sample: torch.Tensor):
     """Yields ``score(x, target)``: the target logit of each row of a batch, in fp32, computed
     without autograd, in channels-last layout and by the model's twin (batch norms folded into
     the convolutions) where it has one; on a GPU the twin's batches are replayed CUDA graphs
-    (see ``graphs.py``). The arithmetic (true fp32, or bf16 autocast for ``precision="bf16"``)
+    (``graphs.py``), and bf16 batches run its fused copy (``fused.py``). The arithmetic (true fp32, or bf16 autocast for ``precision="bf16"``)
     is the one :func:`insights.attribute` set for the whole call, so weights are cast to bf16
     once for all batches."""
     fast = twin(model, sample)
     net = fast.module if fast is not None else model
+    name = "score"
+    if fast is not None and fused_for(fast, sample) is not None:
+        net, name = fast.fused, "score-fused"
 
     def logits_at(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = net(x)
@@ -49,7 +53,7 @@ def scoring(model: nn.Module, sample: torch.Tensor):
     def score(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return replayed(fast.graphs if fast is not None else None, "score", logits_at, x,
+        return replayed(fast.graphs if fast is not None else None, name, logits_at, x,
                         target.to(x.device))
 
     # No autograd either way; but in bf16, autocast keeps its bf16 copies of the weights for
