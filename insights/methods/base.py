@@ -356,9 +356,10 @@ class HookScope:
 # --------------------------------------------------------------------------- CUDA precision
 
 PRECISION_PARAM = Param("precision", "choice", "fp32", "Arithmetic of the model's passes: fp32 is "
-                        "exact; bf16 is up to 2x faster on CPUs with bf16 support and on GPUs, "
-                        "with a close but not equal map (on EfficientNet-Lite0, IG gains little "
-                        "and drifts more).",
+                        "exact; bf16 is about 2x faster on CPUs with bf16 support and 2-5x on GPUs, "
+                        "with a close but not equal map. It drifts most where the score changes "
+                        "little next to its own size (small feature-ablation patches; IG on "
+                        "EfficientNet-Lite0, which also gains little speed).",
                         choices=("fp32", "bf16"))
 
 
