@@ -53,10 +53,12 @@ _lock = threading.Lock()
 def twin(model: nn.Module, sample: torch.Tensor) -> Twin | None:
     """The model's twin, or None where the model itself must run (see the module docstring).
     ``sample`` (one input row or more) checks a newly built twin against the model."""
-    if (isinstance(model, torch.jit.ScriptModule) or sample.dtype != torch.float32
-            or any(m.training for m in model.modules()) or _has_hooks(model)):
+    if isinstance(model, torch.jit.ScriptModule) or sample.dtype != torch.float32:
         return None
-    key = _state_key(model)
+    named = list(model.named_modules())  # one walk of the module tree for all the checks
+    if any(m.training for _, m in named) or _has_hooks([m for _, m in named]):
+        return None
+    key = _state_key(model, named)
     if key is None:
         return None
     with _lock:
@@ -71,20 +73,20 @@ def twin(model: nn.Module, sample: torch.Tensor) -> Twin | None:
         return built
 
 
-def _has_hooks(model: nn.Module) -> bool:
+def _has_hooks(modules: list[nn.Module]) -> bool:
     from torch.nn.modules import module as base
 
     if (base._global_forward_hooks or base._global_forward_pre_hooks
             or base._global_backward_hooks or base._global_backward_pre_hooks):
         return True
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-               or m._backward_pre_hooks for m in model.modules())
+               or m._backward_pre_hooks for m in modules)
 
 
 _PLAIN = frozenset((bool, int, float, str, type(None)))
 
 
-def _state_key(model: nn.Module) -> tuple | None:
+def _state_key(model: nn.Module, named: list[tuple[str, nn.Module]]) -> tuple | None:
     """What the twin was copied from: each module's name, type and plain attributes (a stride,
     an eps, a flag) and each weight's storage, version and checksums. The checksums catch
     edits made through ``.data``, which leave the version alone; a swapped module changes the names and
@@ -97,7 +99,7 @@ def _state_key(model: nn.Module) -> tuple | None:
         (k, repr(v) if type(v) is float else v) for k, v in m.__dict__.items()
         if k[0] != "_" and (type(v) in _PLAIN or (type(v) is tuple and all(
             type(e) in _PLAIN for e in v)))))
-        for name, m in model.named_modules())
+        for name, m in named)
     storage = tuple((t.data_ptr(), t._version, t.device.type) for t in tensors)
     floats = [t.detach() for t in tensors if t.is_floating_point()]
     return layout, storage, checksums(floats, fused=all(t.is_cuda for t in floats))
