@@ -355,11 +355,10 @@ class HookScope:
 
 # --------------------------------------------------------------------------- CUDA precision
 
-PRECISION_PARAM = Param("precision", "choice", "fp32", "Arithmetic of the model's passes: fp32 is "
-                        "exact; bf16 is about 2x faster on CPUs with bf16 support and 2-5x on GPUs, "
-                        "with a close but not equal map. It drifts most where the score changes "
-                        "little next to its own size (small feature-ablation patches; IG on "
-                        "EfficientNet-Lite0, which also gains little speed).",
+PRECISION_PARAM = Param("precision", "choice", "fp32", "fp32 is exact. bf16 runs about 2× faster "
+                        "on a CPU with bf16 support and 2 to 5× on a GPU, with a close but not "
+                        "identical map; it drifts most where the score barely moves (small "
+                        "feature-ablation patches, IG on EfficientNet-Lite0).",
                         choices=("fp32", "bf16"))
 
 
