@@ -82,3 +82,72 @@ def test_no_fused_copy_off_the_gpu_or_in_fp32(small_cnn, images, monkeypatch):
         assert fused_for(fast, images) is None
     assert fused_for(fast, images) is None
     assert fast.fused is None  # never built here
+
+
+class InPlaceBetween(nn.Module):
+    """An in-place ReLU on the convolution's input runs between the convolution and its ReLU:
+    a fused call at the ReLU's position would read the changed input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(3, 10)
+
+    def forward(self, x):
+        h = x * 2  # the in-place ReLU changes this copy, not the caller's input
+        y = self.conv(h)
+        z = self.act(h)
+        return self.fc((self.relu(y) + z).mean((2, 3)))
+
+
+class Doubled(nn.Module):
+    """relu(conv(x) + conv(x)) with one convolution node read twice by the add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc(torch.relu(y + y).mean((2, 3)))
+
+
+class InputSkip(nn.Module):
+    """relu(conv(x) + x): under autocast the residual x stays fp32, so the sum is fp32."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(3, 10)
+
+    def forward(self, x):
+        return self.fc(self.relu(self.conv(x) + x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("build, fused", [(InPlaceBetween, 0), (Doubled, 0), (InputSkip, 1)])
+def test_rewrite_keeps_the_function_where_reads_move_or_dtypes_differ(images, build, fused):
+    model = seeded(build)
+    fast = twin(model, images)
+    assert fast is not None
+    gm, count = fused_copy(fast.module)
+    assert count == fused
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(images)
+        got = gm(images)
+    assert got.dtype == want.dtype
+    assert rel_error(got.float(), want.float()) < 2e-2
+
+
+def test_input_skip_keeps_the_fp32_sum(images):
+    model = seeded(InputSkip)
+    gm, _ = fused_copy(twin(model, images).module)
+    block = next(m for m in gm.modules() if isinstance(m, ConvAddReLU))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(images, images)
+        want = torch.relu(model.conv(images) + images)
+    assert out.dtype == torch.float32
+    assert rel_error(out, want.float()) < 1e-2

@@ -31,7 +31,8 @@ class StandInGraph:
         self.replays += 1
 
 
-def stand_in_record(graph, fn, inputs):
+def stand_in_record(graph, fn, inputs, stream):
+    assert stream is None  # CPU tensors here: no CUDA stream
     out = fn(*inputs)
     graph.fn, graph.inputs = fn, inputs
     graph.outputs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
@@ -132,7 +133,7 @@ def test_a_new_shape_or_precision_records_a_new_graph_and_old_ones_are_dropped(r
 
 
 def test_a_call_that_cannot_be_recorded_runs_plainly(recording, monkeypatch):
-    def refuse(graph, fn, inputs):
+    def refuse(graph, fn, inputs, stream):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(graphs, "record_into", refuse)

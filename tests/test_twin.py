@@ -2,6 +2,9 @@
 engine must fall back to the model itself."""
 from __future__ import annotations
 
+import enum
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -266,6 +269,43 @@ def test_the_twin_follows_changes_that_leave_weight_versions_alone(small_cnn, im
     assert rel_error(ours, _ig_without_twin(small_cnn, images, n_steps=4)) < 1e-4
 
 
+class Mode(enum.IntEnum):
+    PLAIN = 0
+    SCALED = 1
+
+
+class Switch(nn.Module):
+    """Branches on attributes whose types subclass plain ones (an IntEnum, a numpy float)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 10)
+        self.mode = Mode.PLAIN
+        self.gain = np.float64(1.0)
+
+    def forward(self, x):
+        x = self.conv(x) * float(self.gain)
+        if self.mode == Mode.SCALED:
+            x = x * 3
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("change", ["mode", "gain"])
+def test_attributes_of_plain_subclass_types_are_part_of_the_twin_key(images, change):
+    model = seeded(Switch)
+    first = twin(model, images)
+    assert first is not None
+    if change == "mode":
+        model.mode = Mode.SCALED
+    else:
+        model.gain = np.float64(2.5)
+    again = twin(model, images)
+    assert again is not first
+    with torch.no_grad():
+        assert rel_error(again.module(images), model(images)) < 1e-5
+
+
 def test_no_twin_while_any_module_is_in_training_mode(small_cnn, images):
     assert twin(small_cnn, images) is not None
     small_cnn.bn1.train()  # e.g. Monte Carlo dropout: the model is meant to behave differently
@@ -313,3 +353,6 @@ def test_checksums_repeat_and_move_with_in_place_edits(fused):
         copy_ = [t.clone() for t in tensors]
         edit(copy_[1])
         assert checksums(copy_, fused) != first
+    # Equal L1 norms before and after, and equal L1 norms after adding 0.25: the L2 norm differs.
+    pair = [torch.tensor([1.0, -1.0])]
+    assert checksums(pair, fused) != checksums([torch.tensor([1.5, -0.5])], fused)

@@ -14,7 +14,8 @@ bias and ReLU 0.31 ms, fused 0.14 ms; with the residual add 0.38 ms, fused 0.16 
 * conv → max-pool → relu        becomes ConvReLU → max-pool (the twin's pool-before-ReLU
   order undone: the ReLU is free inside the convolution, and a pool commutes with it)
 
-for plain ``nn.Conv2d`` modules whose output has no other reader. Weights are stored once in
+for plain ``nn.Conv2d`` modules whose output has no other reader, where nothing between the
+convolution and the ReLU works in place (the fused call runs where the ReLU was). Weights are stored once in
 the fused dtype. These cuDNN calls have no gradients, and no TF32 switch, so the copy serves
 only scoring under bf16 autocast on CUDA; off the GPU its modules compute the same function
 with ordinary operations (which is how the CPU tests check the rewrite).
@@ -32,6 +33,10 @@ from torch import fx, nn
 from .twin import _is_relu
 
 _ADDS = (operator.add, operator.iadd, torch.add)
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
+                       operator.ixor, operator.ilshift, operator.irshift, operator.imatmul,
+                       operator.setitem}
 
 
 class ConvReLU(nn.Module):
@@ -64,11 +69,12 @@ class ConvAddReLU(ConvReLU):
     """relu(conv(x) + z) in one cuDNN call on a GPU."""
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        z = z.to(self.weight.dtype)
-        if x.is_cuda:
+        if x.is_cuda and z.dtype == self.weight.dtype:
             return torch.cudnn_convolution_add_relu(
                 self._input(x), self.weight, z.contiguous(memory_format=torch.channels_last),
                 1.0, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        # A z in another dtype (an fp32 tensor that autocast left alone) is added as the
+        # original graph adds it: in the promoted dtype.
         return F.relu(self._plain(x) + z)
 
 
@@ -81,6 +87,30 @@ def _plain_conv(node, modules: dict) -> nn.Conv2d | None:
     if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return None
     return conv
+
+
+def _in_place(node: fx.Node, modules: dict) -> bool:
+    """Whether the node may change one of its inputs in place."""
+    if node.op == "call_module":
+        return getattr(modules.get(node.target), "inplace", False) is True
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    if node.op == "call_function":
+        return (node.target in _IN_PLACE_OPERATORS or node.kwargs.get("inplace") is True
+                or getattr(node.target, "__name__", "").endswith("_"))
+    return False
+
+
+def _quiet(first: fx.Node, last: fx.Node, modules: dict) -> bool:
+    """Whether no node strictly between ``first`` and ``last`` (in graph order) works in
+    place: the fused call runs at ``last``'s position, reading the convolution's input (and
+    the residual) later than the convolution did."""
+    node = first.next
+    while node is not last:
+        if _in_place(node, modules):
+            return False
+        node = node.next
+    return True
 
 
 def fused_copy(module: fx.GraphModule, dtype: torch.dtype = torch.bfloat16) -> tuple[fx.GraphModule, int]:
@@ -102,7 +132,7 @@ def fused_copy(module: fx.GraphModule, dtype: torch.dtype = torch.bfloat16) -> t
         if not _is_relu(relu, modules) or relu.kwargs or not isinstance(relu.args[0], fx.Node):
             continue
         source = relu.args[0]
-        if _plain_conv(source, modules) is not None:
+        if _plain_conv(source, modules) is not None and _quiet(source, relu, modules):
             new = install(source, ConvReLU, source.args, relu)
             relu.replace_all_uses_with(new)
             gm.graph.erase_node(relu)
@@ -114,14 +144,15 @@ def fused_copy(module: fx.GraphModule, dtype: torch.dtype = torch.bfloat16) -> t
                 continue
             conv = convs[0]
             other = source.args[1] if source.args[0] is conv else source.args[0]
-            if not isinstance(other, fx.Node):
+            if not isinstance(other, fx.Node) or other is conv or not _quiet(conv, relu, modules):
                 continue
             new = install(conv, ConvAddReLU, (conv.args[0], other), relu)
             relu.replace_all_uses_with(new)
             for node in (relu, source, conv):
                 gm.graph.erase_node(node)
         elif (source.op == "call_module" and type(modules.get(source.target)) is nn.MaxPool2d
-              and len(source.users) == 1 and _plain_conv(source.args[0], modules) is not None):
+              and len(source.users) == 1 and _plain_conv(source.args[0], modules) is not None
+              and _quiet(source.args[0], source, modules) and _quiet(source, relu, modules)):
             conv = source.args[0]
             new = install(conv, ConvReLU, conv.args, source)
             source.args = (new,)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -46,6 +47,7 @@ class _Recorded:
     outputs: tuple[torch.Tensor, ...]
     single: bool  # fn returned one tensor rather than a tuple
     lock: threading.Lock = field(default_factory=threading.Lock)
+    done: Any = None  # CUDA event after the last replay's output copies (replays on other streams wait)
 
 
 class GraphCache:
@@ -76,6 +78,8 @@ def key_of(name: str, inputs: tuple[torch.Tensor, ...]) -> tuple:
             tuple((tuple(t.shape), t.stride(), t.dtype) for t in inputs),
             torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type),
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.enabled, torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark,
             torch.is_grad_enabled(), torch.is_inference_mode_enabled())
 
 
@@ -97,10 +101,17 @@ def replayed(cache: GraphCache | None, name: str, fn: Callable, *inputs: torch.T
     if entry is None:
         return fn(*inputs)
     with entry.lock:
+        cuda = inputs[0].device.type == "cuda"
+        if cuda and entry.done is not None:
+            # The lock orders the threads; this orders their GPU work when their streams differ.
+            torch.cuda.current_stream(inputs[0].device).wait_event(entry.done)
         for static, given in zip(entry.inputs, inputs):
             static.copy_(given)
         entry.graph.replay()
         out = tuple(t.clone() for t in entry.outputs)
+        if cuda:
+            entry.done = torch.cuda.Event()
+            entry.done.record(torch.cuda.current_stream(inputs[0].device))
         cache.replays += 1
     return out[0] if entry.single else out
 
@@ -117,35 +128,45 @@ def new_graph() -> Any:
     return torch.cuda.CUDAGraph()
 
 
-def record_into(graph: Any, fn: Callable, inputs: tuple) -> Any:
-    """Records ``fn(*inputs)`` into ``graph`` and returns its outputs (tests replace this)."""
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+def record_into(graph: Any, fn: Callable, inputs: tuple, stream: Any) -> Any:
+    """Records ``fn(*inputs)`` into ``graph`` on ``stream`` and returns its outputs (tests
+    replace this)."""
+    with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
         return fn(*inputs)
 
 
+# One recording at a time in the process (CUDA allows one capture per process in the mode
+# torch uses by default; and a recording must not see another thread's kernels).
+_recording = threading.Lock()
+
+
 def _record(fn: Callable, inputs: tuple[torch.Tensor, ...]) -> _Recorded | None:
-    """Warms ``fn`` up on a side stream, then records it on copies of ``inputs``; None where
-    recording fails (an operation that cannot be recorded, say)."""
+    """Warms ``fn`` up on a stream of its own, then records it on copies of ``inputs``, with
+    the inputs' device current; None where recording fails (an operation that cannot be
+    recorded, say). The caller's stream is current again afterwards, also after a failure."""
+    device = inputs[0].device
     with torch.inference_mode(False):  # buffers that later replays may copy into in any mode
         static = tuple(t.detach().clone() for t in inputs)
-    try:
-        with _weight_cache_off():
-            if inputs[0].device.type == "cuda":
-                side = torch.cuda.Stream(device=inputs[0].device)
-                side.wait_stream(torch.cuda.current_stream(inputs[0].device))
-                with torch.cuda.stream(side):
-                    for _ in range(WARMUP):
-                        fn(*static)
-                torch.cuda.current_stream(inputs[0].device).wait_stream(side)
-            graph = new_graph()
-            out = record_into(graph, fn, static)
-    except Exception:
-        if inputs[0].device.type == "cuda":
-            try:
-                torch.cuda.synchronize(inputs[0].device)
-            except Exception:
-                pass
-        return None
+    cuda = device.type == "cuda"
+    with _recording, (torch.cuda.device(device) if cuda else nullcontext()):
+        caller = torch.cuda.current_stream(device) if cuda else None
+        try:
+            with _weight_cache_off():
+                stream = None
+                if cuda:
+                    stream = torch.cuda.Stream(device=device)
+                    stream.wait_stream(caller)
+                    with torch.cuda.stream(stream):
+                        for _ in range(WARMUP):
+                            fn(*static)
+                    caller.wait_stream(stream)
+                graph = new_graph()
+                out = record_into(graph, fn, static, stream)
+        except Exception:
+            return None
+        finally:
+            if cuda:
+                torch.cuda.set_stream(caller)
     single = isinstance(out, torch.Tensor)
     outputs = (out,) if single else tuple(out)
     return _Recorded(graph, static, outputs, single)
