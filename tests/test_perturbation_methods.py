@@ -227,3 +227,29 @@ def test_true_fp32_turns_tf32_off_and_restores_it_after_the_last_overlapping_cal
             assert torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("n, windows, strides, tensor_base", [
+    (1, (3, 16, 16), (3, 8, 8), False),   # windows through all channels, clipped at the border
+    (2, (3, 20, 12), (3, 7, 9), True),    # two images, a per-pixel baseline
+    (3, (2, 9, 9), (1, 5, 5), True),      # windows over some channels only
+])
+def test_cpu_batches_pasted_row_by_row_equal_the_masked_batches(n, windows, strides, tensor_base):
+    from insights.methods.perturbation import _masked_batch, _paste_windows, window_masks
+
+    gen = torch.Generator().manual_seed(n)
+    cl = torch.channels_last
+    x = torch.randn(n, 3, 40, 36, generator=gen).contiguous(memory_format=cl)
+    base = (torch.randn(n, 3, 40, 36, generator=gen) if tensor_base
+            else torch.full((n, 3, 40, 36), 0.25)).contiguous(memory_format=cl)
+    masks = [window_masks(d, w, s, x.device) for d, w, s in zip(x.shape[1:], windows, strides)]
+    counts = [m.shape[0] for m in masks]
+    rows = torch.arange(math.prod(counts) * n)
+    window, sample = rows // n, rows % n
+    kc, rest = window // (counts[1] * counts[2]), window % (counts[1] * counts[2])
+    index = (kc, rest // counts[2], rest % counts[2])
+    pasted = _paste_windows(x, base, sample, index, windows, strides)
+    masked = _masked_batch(x, base, sample, masks, index, bool(masks[0].all()))
+    assert torch.equal(pasted, masked)
+    assert pasted.is_contiguous(memory_format=cl)
+    assert (pasted != x[sample]).any()  # windows were pasted
