@@ -42,7 +42,7 @@ def stand_in_record(graph, fn, inputs, stream):
 @pytest.fixture
 def recording(monkeypatch):
     """Graph replay switched on for CPU tensors, with the stand-in recorder."""
-    monkeypatch.setattr(graphs, "_usable", lambda device: graphs.enabled())
+    monkeypatch.setattr(graphs, "active", lambda device: graphs.enabled())
     monkeypatch.setattr(graphs, "new_graph", StandInGraph)
     monkeypatch.setattr(graphs, "record_into", stand_in_record)
 

@@ -218,13 +218,10 @@ class IntegratedGradients(GradientMethod):
         total = torch.zeros_like(x)
         # Step-major rows (all images at alpha 0, then at alpha 1, ...), built chunk by chunk so
         # that only one chunk of scaled inputs is ever in memory.
+        chunk = functools.partial(_weighted_gradient, net)
         for s in ctx.chunks(rows * len(sizes), grad=True):
             index = torch.arange(s.start, s.stop, device=x.device)
             step, row = index // rows, index % rows
-
-            def chunk(base, diff, a, w, t, row):
-                return _weighted_gradient(net, base, diff, a, w, t, row)
-
             _accumulate(total, row, replayed(fast.graphs if fast is not None else None, "ig",
                                              chunk, base, diff, alpha[step], weight[step],
                                              target[row], row))
@@ -255,13 +252,10 @@ class IntegratedGradients(GradientMethod):
             start = fast.stem(base.contiguous(memory_format=cl))
             step = fast.stem(x.contiguous(memory_format=cl)) - start
         total = torch.zeros_like(start)
+        chunk = functools.partial(_weighted_gradient, fast.rest)
         for s in ctx.chunks(rows * alpha.numel(), grad=True):
             index = torch.arange(s.start, s.stop, device=x.device)
             k, row = index // rows, index % rows
-
-            def chunk(start, step, a, w, t, row):
-                return _weighted_gradient(fast.rest, start, step, a, w, t, row)
-
             _accumulate(total, row, replayed(fast.graphs, "ig-stem", chunk, start, step,
                                              alpha[k], weight[k], target[row], row))
         with torch.autocast(x.device.type, enabled=False), torch.enable_grad():

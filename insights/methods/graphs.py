@@ -61,14 +61,10 @@ class GraphCache:
         self.replays = 0
 
 
-def _usable(device: torch.device) -> bool:
-    return device.type == "cuda" and enabled() and not torch.cuda.is_current_stream_capturing()
-
-
 def active(device: torch.device) -> bool:
     """Whether batches on ``device`` are replayed graphs (callers then keep batch shapes equal,
     since each new shape is recorded anew)."""
-    return _usable(device)
+    return device.type == "cuda" and enabled() and not torch.cuda.is_current_stream_capturing()
 
 
 def key_of(name: str, inputs: tuple[torch.Tensor, ...]) -> tuple:
@@ -85,7 +81,7 @@ def key_of(name: str, inputs: tuple[torch.Tensor, ...]) -> tuple:
 
 def replayed(cache: GraphCache | None, name: str, fn: Callable, *inputs: torch.Tensor) -> Any:
     """``fn(*inputs)``, computed by replaying a recorded CUDA graph where one can be used."""
-    if cache is None or not _usable(inputs[0].device):
+    if cache is None or not active(inputs[0].device):
         return fn(*inputs)
     key = key_of(name, inputs)
     with cache.lock:
@@ -116,9 +112,8 @@ def replayed(cache: GraphCache | None, name: str, fn: Callable, *inputs: torch.T
     return out[0] if entry.single else out
 
 
-def _weight_cache_off():
+def _weight_cache_off(device: str):
     """Autocast as the caller set it, but recording the weight casts instead of caching them."""
-    device = "cuda"
     if not torch.is_autocast_enabled(device):
         return torch.autocast(device, enabled=False)
     return torch.autocast(device, dtype=torch.get_autocast_dtype(device), cache_enabled=False)
@@ -151,7 +146,7 @@ def _record(fn: Callable, inputs: tuple[torch.Tensor, ...]) -> _Recorded | None:
     with _recording, (torch.cuda.device(device) if cuda else nullcontext()):
         caller = torch.cuda.current_stream(device) if cuda else None
         try:
-            with _weight_cache_off():
+            with _weight_cache_off(device.type):
                 stream = None
                 if cuda:
                     stream = torch.cuda.Stream(device=device)

@@ -23,7 +23,6 @@ from .base import (PRECISION_PARAM, Context, Cost, Method, Param, ParamError, ad
                    expand_baseline)
 from . import graphs
 from .fused import fused_for
-from .graphs import replayed
 from .twin import twin
 
 BASELINES_PARAM = Param("baselines", "float", 0.0, "Value that replaces the occluded pixels, in "
@@ -36,14 +35,15 @@ def scoring(model: nn.Module, sample: torch.Tensor):
     """Yields ``score(x, target)``: the target logit of each row of a batch, in fp32, computed
     without autograd, in channels-last layout and by the model's twin (batch norms folded into
     the convolutions) where it has one; on a GPU the twin's batches are replayed CUDA graphs
-    (``graphs.py``), and bf16 batches run its fused copy (``fused.py``). The arithmetic (true fp32, or bf16 autocast for ``precision="bf16"``)
-    is the one :func:`insights.attribute` set for the whole call, so weights are cast to bf16
-    once for all batches."""
+    (``graphs.py``), and bf16 batches run its fused copy (``fused.py``). The arithmetic (true
+    fp32, or bf16 autocast for ``precision="bf16"``) is the one :func:`insights.attribute` set
+    for the whole call, so weights are cast to bf16 once for all batches."""
     fast = twin(model, sample)
     net = fast.module if fast is not None else model
     name = "score"
-    if fast is not None and fused_for(fast, sample) is not None:
-        net, name = fast.fused, "score-fused"
+    fused = fused_for(fast, sample) if fast is not None else None
+    if fused is not None:
+        net, name = fused, "score-fused"
 
     def logits_at(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = net(x)
@@ -53,7 +53,7 @@ def scoring(model: nn.Module, sample: torch.Tensor):
     def score(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return replayed(fast.graphs if fast is not None else None, name, logits_at, x,
+        return graphs.replayed(fast.graphs if fast is not None else None, name, logits_at, x,
                         target.to(x.device))
 
     # No autograd either way; but in bf16, autocast keeps its bf16 copies of the weights for
@@ -145,17 +145,17 @@ def occlude(ctx: Context, windows: Sequence[int], strides: Sequence[int], baseli
     diffs = torch.empty(total * n, device=x.device)  # row r: window r // n, sample r % n
     every_channel = bool(masks[0].all())  # windows through all channels (the usual case)
     # Replayed CUDA graphs are recorded per batch shape: a shorter last batch is padded with
-    # copies of its last row (whose scores are dropped) rather than recorded again.
-    padded = 0 if not graphs.active(x.device) else None
+    # copies of its last row (whose scores are dropped) to the first batch's size.
+    pad = graphs.active(x.device)
+    size = None
     with scoring(ctx.model, x) as score:
         clean = score(x, target)
         ctx.advance(n)
         for s in ctx.chunks(total * n, grad=False):
             rows = torch.arange(s.start, s.stop, device=x.device)
-            if padded is None:
-                padded = len(rows)
-            if len(rows) < padded:
-                rows = torch.cat([rows, rows[-1:].expand(padded - len(rows))])
+            size = size or len(rows)
+            if pad and len(rows) < size:
+                rows = torch.cat([rows, rows[-1:].expand(size - len(rows))])
             window, sample = rows // n, rows % n
             kc, rest = window // (counts[1] * counts[2]), window % (counts[1] * counts[2])
             kh, kw = rest // counts[2], rest % counts[2]
