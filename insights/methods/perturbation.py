@@ -23,6 +23,7 @@ from .base import (PRECISION_PARAM, Context, Cost, Method, Param, ParamError, ad
                    expand_baseline)
 from . import graphs
 from .fused import fused_for
+from .slices import sliced_for
 from .twin import twin
 
 BASELINES_PARAM = Param("baselines", "float", 0.0, "Value that replaces the occluded pixels, in "
@@ -35,7 +36,8 @@ def scoring(model: nn.Module, sample: torch.Tensor):
     """Yields ``score(x, target)``: the target logit of each row of a batch, in fp32, computed
     without autograd, in channels-last layout and by the model's twin (batch norms folded into
     the convolutions) where it has one; on a GPU the twin's batches are replayed CUDA graphs
-    (``graphs.py``), and bf16 batches run its fused copy (``fused.py``). The arithmetic (true
+    (``graphs.py``), and bf16 batches run its fused copy (``fused.py``); on the CPU its
+    high-resolution layers run in cache-sized slices of each batch (``slices.py``). The arithmetic (true
     fp32, or bf16 autocast for ``precision="bf16"``) is the one :func:`insights.attribute` set
     for the whole call, so weights are cast to bf16 once for all batches."""
     fast = twin(model, sample)
@@ -44,6 +46,9 @@ def scoring(model: nn.Module, sample: torch.Tensor):
     fused = fused_for(fast, sample) if fast is not None else None
     if fused is not None:
         net, name = fused, "score-fused"
+    sliced = sliced_for(fast, sample) if fast is not None else None
+    if sliced is not None:
+        net = sliced
 
     def logits_at(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = net(x)

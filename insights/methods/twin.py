@@ -44,6 +44,7 @@ class Twin:
     graphs: GraphCache = field(default_factory=GraphCache)  # CUDA graphs of its batches
     stem_sizes: dict = field(default_factory=dict)  # input C×H×W → elements of one stem output
     fused: object = None  # the fused bf16 copy for GPU scoring (fused.py); False: none
+    sliced: object = None  # the copy that scores CPU batches in slices (slices.py); False: none
 
 
 _cache: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Twin | None]]" = weakref.WeakKeyDictionary()

@@ -1,0 +1,142 @@
+"""Scoring CPU batches with the twin's high-resolution layers in slices (insights/methods/slices.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import insights
+from conftest import rel_error, seeded
+from insights.methods import slices
+from insights.methods.slices import sliced_for, split
+from insights.methods.twin import twin
+
+
+def head_batches(sliced) -> list[int]:
+    """The batch sizes the head runs on from now on."""
+    seen: list[int] = []
+    sliced.head.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    return seen
+
+
+def last_head_node(sliced) -> str:
+    return [n for n in sliced.head.graph.nodes if n.op != "output"][-1].name
+
+
+def test_resnet18_head_ends_after_the_stride_8_stage_and_slices_evenly(resnet18, monkeypatch):
+    x = torch.randn(7, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    fast = twin(resnet18, x[:1])
+    sliced = sliced_for(fast, x[:1])
+    # layer2 (stride 8) is the last stage in the head; layer3 (stride 16) starts the tail.
+    assert last_head_node(sliced) == "layer2_1_relu_1"
+    assert not any(n.name.startswith("layer3") for n in sliced.head.graph.nodes)
+    assert sliced.elements == 64 * 32 * 32  # the stem's output, per image
+    assert sliced.rows(4) == slices.SLICE_BYTES // (64 * 32 * 32 * 4)
+
+    monkeypatch.setattr(slices, "SLICE_BYTES", 2 * 64 * 32 * 32 * 4)  # two fp32 rows per slice
+    seen = head_batches(sliced)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got, want = sliced(cl), resnet18(x)
+    assert seen == [2, 2, 2, 1]
+    assert rel_error(got, want) < 1e-5
+
+
+def test_a_batch_that_fits_one_slice_runs_the_head_once(resnet18):
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    sliced = sliced_for(twin(resnet18, x[:1]), x[:1])
+    seen = head_batches(sliced)
+    with torch.no_grad():
+        sliced(x.contiguous(memory_format=torch.channels_last))
+    assert seen == [3]
+
+
+def test_bf16_slices_are_sized_for_two_byte_activations(resnet18, monkeypatch):
+    x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    sliced = sliced_for(twin(resnet18, x[:1]), x[:1])
+    monkeypatch.setattr(slices, "SLICE_BYTES", 4 * 64 * 32 * 32 * 2)  # four bf16 rows
+    seen = head_batches(sliced)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        sliced(x.contiguous(memory_format=torch.channels_last))
+    assert seen == [4, 4]
+
+
+class FlatHead(nn.Module):
+    """Asks the input's batch size for the final view, as EfficientNet implementations do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(8, 16, 3, stride=4, padding=1)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        n = x.size(0)
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(torch.relu(self.conv3(h)).reshape(n, -1))
+
+
+def test_a_batch_size_read_from_the_input_is_read_from_the_tail_input(monkeypatch):
+    model = seeded(FlatHead).eval()
+    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    sliced = sliced_for(twin(model, x[:1]), x[:1])
+    assert sliced is not None
+    assert last_head_node(sliced) == "relu_1"  # 16×16 (stride 4); conv3 reaches stride 16
+    monkeypatch.setattr(slices, "SLICE_BYTES", 8 * 32 * 32 * 4)  # one row per slice
+    with torch.no_grad():
+        assert rel_error(sliced(x.contiguous(memory_format=torch.channels_last)), model(x)) < 1e-5
+
+
+class BatchMixer(nn.Module):
+    """Subtracts the batch mean after the first layer: its rows depend on each other."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=16, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        h = h - h.mean(0, keepdim=True)
+        return self.fc(torch.relu(self.conv2(h)).mean((2, 3)))
+
+
+def test_a_head_that_mixes_rows_of_the_batch_is_not_sliced():
+    model = seeded(BatchMixer).eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    fast = twin(model, x)
+    assert fast is not None and split(fast.module, x) is not None  # a split exists...
+    assert sliced_for(fast, x) is None  # ...but the check on distinct rows refuses it
+    assert fast.sliced is False
+
+
+def test_no_slicing_on_request_or_without_a_split(resnet18, monkeypatch):
+    x = torch.randn(1, 3, 64, 64)
+    monkeypatch.setenv("INSIGHTS_CPU_SLICES", "0")
+    assert sliced_for(twin(resnet18, x), x) is None
+    monkeypatch.delenv("INSIGHTS_CPU_SLICES")
+    flat = seeded(lambda: nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, 10))).eval()
+    assert split(twin(flat, x).module, x) is None
+
+
+@pytest.mark.parametrize("method, params", [
+    ("occlusion", {"sliding_window_shapes": (3, 16, 16), "strides": (3, 8, 8)}),
+    ("feature_ablation", {"patch_size": 16}),
+])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_maps_are_the_same_with_and_without_slices(resnet18, monkeypatch, method, params, precision):
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    monkeypatch.setattr(slices, "SLICE_BYTES", 3 * 64 * 32 * 32 * 4)  # 3 to 6 rows per slice
+    calls = []
+    forward = slices.Sliced.forward
+    monkeypatch.setattr(slices.Sliced, "forward", lambda self, b: calls.append(len(b)) or forward(self, b))
+    on = insights.attribute(resnet18, x, method, 208, precision=precision, **params)
+    assert calls and max(calls) > 6  # the batches were larger than a slice
+    monkeypatch.setenv("INSIGHTS_CPU_SLICES", "0")
+    twin(resnet18, x).sliced = None
+    off = insights.attribute(resnet18, x, method, 208, precision=precision, **params)
+    assert rel_error(on, off) < (1e-5 if precision == "fp32" else 2e-2)
+    assert off.abs().max() > 0
