@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from .methods import attribute, attribute_many, methods, registry
-from .methods import graphs
+from .methods import graphs, slices
 from .methods.base import default_layer
 
 TARGET = 208
@@ -408,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()} threads, {'fastest' if args.stat == 'min' else 'median'} of "
           f"{args.repeat}; Grad-CAM layer {layer}"
           + (f"; CUDA graphs {'on' if graphs.enabled() else 'off (INSIGHTS_CUDA_GRAPHS=0)'}"
-             if device.type == "cuda" else ""),
+             if device.type == "cuda" else
+             f"; sliced scoring {'on' if slices.enabled() else 'off (INSIGHTS_CPU_SLICES=0)'}"),
           file=sys.stderr)
     rows = []
     for method in chosen:

@@ -12,7 +12,13 @@ activations small, so they run best on the whole batch (a 512-channel 7×7 convo
 two residual blocks, say): the ``head`` holds the layers at strides up to 8 (spatial size at
 least 1/64 of the input's), the ``tail`` the rest. The head runs on slices of the batch sized
 to :data:`SLICE_BYTES` per activation, the tail on the whole batch. Measured on this 2-core
-CPU, batch of 32: ResNet-18 bf16 370 → 332 ms, fp32 646 → 565 ms; ResNet-50 bf16 911 → 737 ms.
+CPU, one batch of 32, fastest of 4: ResNet-18 bf16 325 → 290 ms, fp32 614 → 542 ms; ResNet-50
+bf16 859 → 723 ms; EfficientNet-Lite0 (whose 112×112 stages are wide) bf16 320 → 153 ms, fp32
+558 → 335 ms. Budgets of 4 and 16 MiB were slower than 8.
+
+Gradient passes are not sliced: autograd runs the backward of every slice after all of their
+forwards, so the saved activations are out of cache again, and integrated gradients on
+ResNet-18 ran slower sliced (fp32 1.79 → 2.06 s, bf16 0.97 → 1.15 s).
 
 Slicing changes no arithmetic: each image goes through the same operations, so fp32 stays
 exact. A model whose head mixes images of a batch would change, so the split is checked on a
