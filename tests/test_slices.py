@@ -52,6 +52,21 @@ def test_a_batch_that_fits_one_slice_runs_the_head_once(resnet18):
     assert seen == [3]
 
 
+def test_slices_shrink_for_larger_inputs(resnet18, monkeypatch):
+    """The split is built at one input size; an input with 4× the pixels has 4× larger
+    activations, so its slices hold a quarter of the rows."""
+    x = torch.randn(1, 3, 64, 64)
+    sliced = sliced_for(twin(resnet18, x), x)
+    monkeypatch.setattr(slices, "SLICE_BYTES", 8 * 64 * 32 * 32 * 4)  # 8 fp32 rows at 64×64
+    assert (sliced.rows(4), sliced.rows(4, 128 * 128), sliced.rows(4, 512 * 512)) == (8, 2, 1)
+    big = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(9))
+    seen = head_batches(sliced)
+    with torch.no_grad():
+        got = sliced(big.contiguous(memory_format=torch.channels_last))
+        assert rel_error(got, resnet18(big)) < 1e-5
+    assert seen == [2, 2]
+
+
 def test_bf16_slices_are_sized_for_two_byte_activations(resnet18, monkeypatch):
     x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     sliced = sliced_for(twin(resnet18, x[:1]), x[:1])
@@ -85,6 +100,33 @@ def test_a_batch_size_read_from_the_input_is_read_from_the_tail_input(monkeypatc
     assert sliced is not None
     assert last_head_node(sliced) == "relu_1"  # 16×16 (stride 4); conv3 reaches stride 16
     monkeypatch.setattr(slices, "SLICE_BYTES", 8 * 32 * 32 * 4)  # one row per slice
+    with torch.no_grad():
+        assert rel_error(sliced(x.contiguous(memory_format=torch.channels_last)), model(x)) < 1e-5
+
+
+class Squeezed(nn.Module):
+    """A squeeze-and-excitation block at full resolution: its 1×1 branch must not end the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.excite = nn.Conv2d(8, 8, 1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, 3, stride=8, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        h = h * torch.sigmoid(self.excite(h.mean((2, 3), keepdim=True)))
+        h = torch.relu(self.conv2(h))
+        return self.fc(torch.relu(self.conv3(h)).mean((2, 3)))
+
+
+def test_a_squeeze_and_excitation_branch_does_not_end_the_head():
+    model = seeded(Squeezed).eval()
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(10))
+    sliced = sliced_for(twin(model, x[:1]), x[:1])
+    assert last_head_node(sliced) == "relu_1"  # after conv2 (stride 2); conv3 reaches stride 16
     with torch.no_grad():
         assert rel_error(sliced(x.contiguous(memory_format=torch.channels_last)), model(x)) < 1e-5
 

@@ -42,19 +42,22 @@ _MAX_STRIDE = 8  # layers whose output has at least 1/_MAX_STRIDE² of the input
 class Sliced(nn.Module):
     """tail(head(x)) with ``head`` run on slices of the batch."""
 
-    def __init__(self, head: fx.GraphModule, tail: fx.GraphModule, elements: int):
+    def __init__(self, head: fx.GraphModule, tail: fx.GraphModule, elements: int, pixels: int):
         super().__init__()
         self.head, self.tail = head, tail
-        self.elements = elements  # of the head's largest activation, per image
+        # The head's largest activation per image, for inputs of ``pixels`` pixels; activations
+        # of other input sizes scale with their pixel count.
+        self.elements, self.pixels = elements, pixels
 
-    def rows(self, dtype_bytes: int) -> int:
-        return max(1, SLICE_BYTES // (self.elements * dtype_bytes))
+    def rows(self, dtype_bytes: int, pixels: int | None = None) -> int:
+        elements = self.elements * (pixels or self.pixels) / self.pixels
+        return max(1, int(SLICE_BYTES // (elements * dtype_bytes)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kind = x.device.type
         size = (torch.get_autocast_dtype(kind).itemsize if torch.is_autocast_enabled(kind)
                 else x.element_size())
-        count = math.ceil(len(x) / self.rows(size))
+        count = math.ceil(len(x) / self.rows(size, x.shape[-2] * x.shape[-1]))
         if count <= 1:
             return self.tail(self.head(x))
         # Slices of even size (32 rows at 5 per slice: 5, 5, 5, 5, 4, 4, 4, not 5 × 6 + 2).
@@ -91,22 +94,23 @@ def split(gm: fx.GraphModule, sample: torch.Tensor) -> Sliced | None:
     for i, node in enumerate(nodes):
         if node.op == "output":
             break
-        meta = node.meta.get("tensor_meta")
         if _batch_size_of(node, inputs[0]):
             continue  # the tail asks its own input, which has the same batch size
-        if not (isinstance(meta, TensorMetadata) and len(meta.shape) == 4 and meta.shape[0] == 1):
-            # a value that is not a batch of images (a size, a flag): no split while it lives
-            alive = {n for n in alive if last_use[n] > i} | ({node} if node.users else set())
-            continue
-        if meta.shape[2] * meta.shape[3] * _MAX_STRIDE ** 2 < pixels:
+        alive = {n for n in alive if last_use[n] > i} | ({node} if node.users else set())
+        meta = node.meta.get("tensor_meta")
+        image = isinstance(meta, TensorMetadata) and len(meta.shape) == 4 and meta.shape[0] == 1
+        if image:
+            largest = max(largest, meta.shape[1] * meta.shape[2] * meta.shape[3])
+        if alive != {node} or node.op == "placeholder":
+            continue  # not a split point: other values (a residual, a size) are still needed
+        # The resolution is judged at split points only, i.e. on the main path (a squeeze-and-
+        # excitation block's 1×1 branch does not end the head).
+        if not image or meta.shape[2] * meta.shape[3] * _MAX_STRIDE ** 2 < pixels:
             break
-        largest = max(largest, meta.shape[1] * meta.shape[2] * meta.shape[3])
-        alive = {n for n in alive if last_use[n] > i} | {node}
-        if alive == {node} and node.op != "placeholder":
-            cut, elements = node, largest
+        cut, elements = node, largest
     if cut is None:
         return None
-    return Sliced(*_halves(gm, nodes, cut), elements)
+    return Sliced(*_halves(gm, nodes, cut), elements, pixels)
 
 
 def _halves(gm: fx.GraphModule, nodes: list[fx.Node], cut: fx.Node):
