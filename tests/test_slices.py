@@ -155,6 +155,70 @@ def test_a_head_that_mixes_rows_of_the_batch_is_not_sliced():
     assert fast.sliced is False
 
 
+def test_a_blank_sample_still_catches_a_head_that_mixes_rows():
+    model = seeded(BatchMixer).eval()
+    x = torch.zeros(1, 3, 64, 64)  # an all-black image: flipped and halved, it is the same row
+    assert sliced_for(twin(model, x), x) is None
+
+
+class Tokens(nn.Module):
+    """A patchify layer, then a block that works on N×H×W×C tokens, then convolutions again."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 4, stride=4)
+        self.mix = nn.Linear(16, 16)
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.down = nn.Conv2d(16, 32, 2, stride=2)
+        self.deep = nn.Conv2d(32, 32, 3, stride=2, padding=1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        t = self.mix(self.patch(x).permute(0, 2, 3, 1))  # 1×16×16×16 for a 64×64 input
+        h = torch.relu(self.conv(t.permute(0, 3, 1, 2)))
+        h = torch.relu(self.down(h))  # stride 8
+        return self.fc(torch.relu(self.deep(h)).mean((2, 3)))  # stride 16
+
+
+def test_token_layouts_are_carried_through_but_not_cut_at():
+    model = seeded(Tokens).eval()
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(11))
+    fast = twin(model, x[:1])
+    sizes = slices._image_sizes(fast.module, x[:1])
+    names = {node.name: size for node, size in sizes.items()}
+    assert names["patch"] == (16, 256) and names["relu_1"] == (32, 64)
+    assert "mix" not in names and "permute" not in names  # N×H×W×C: C does not grow
+    sliced = sliced_for(fast, x[:1])
+    assert last_head_node(sliced) == "relu_1"  # past the token block, up to stride 8
+    with torch.no_grad():
+        assert rel_error(sliced(x.contiguous(memory_format=torch.channels_last)), model(x)) < 1e-5
+
+
+class UnusedInPlace(nn.Module):
+    """An in-place op whose result is not assigned (but which changes the tensor) in the tail."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=16, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.conv2(torch.relu(self.conv1(x)))
+        y.sub_(1.0)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_in_place_statements_in_the_tail_are_kept():
+    model = seeded(UnusedInPlace).eval()
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(12))
+    sliced = sliced_for(twin(model, x[:1]), x[:1])
+    assert sliced is not None
+    assert any(n.target == "sub_" for n in sliced.tail.graph.nodes)
+    with torch.no_grad():
+        assert rel_error(sliced(x.contiguous(memory_format=torch.channels_last)), model(x)) < 1e-5
+
+
 def test_no_slicing_on_request_or_without_a_split(resnet18, monkeypatch):
     x = torch.randn(1, 3, 64, 64)
     monkeypatch.setenv("INSIGHTS_CPU_SLICES", "0")
