@@ -36,7 +36,7 @@ import threading
 import torch
 from torch import fx, nn
 
-from .twin import _batch_size_of
+from .twin import _batch_size_of, _close
 
 SLICE_BYTES = 8 << 20  # a quarter of this CPU's L3 for the largest activation of a slice
 _MAX_STRIDE = 8  # layers whose output has at least 1/_MAX_STRIDE² of the input's pixels
@@ -71,6 +71,9 @@ def enabled() -> bool:
     return os.environ.get("INSIGHTS_CPU_SLICES", "1") != "0"
 
 
+_lock = threading.Lock()  # one build per twin
+
+
 def sliced_for(fast, sample: torch.Tensor) -> nn.Module | None:
     """The twin's sliced copy for scoring ``sample``'s batches on the CPU, or None (on a GPU,
     when slicing is off, or when the graph has no suitable split). Built once per twin."""
@@ -81,9 +84,6 @@ def sliced_for(fast, sample: torch.Tensor) -> nn.Module | None:
             if fast.sliced is None:
                 fast.sliced = _checked(fast.module, sample[:1]) or False
     return fast.sliced or None
-
-
-_lock = threading.Lock()
 
 
 class _Shapes(fx.Interpreter):
@@ -190,10 +190,8 @@ def _checked(gm: fx.GraphModule, sample: torch.Tensor) -> Sliced | None:
             noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(0))
             batch = torch.cat([sample, sample.flip(-1) + noise, 0.5 * sample - noise]).contiguous(
                 memory_format=torch.channels_last)
-            want = gm(batch)
-            got = sliced.tail(torch.cat([sliced.head(batch[i:i + 1]) for i in range(3)]))
-            scale = want.abs().max().clamp_min(1e-12)
-            ok = got.shape == want.shape and bool((got - want).abs().max() / scale < 1e-4)
+            ok = _close(sliced.tail(torch.cat([sliced.head(row) for row in batch.split(1)])),
+                        gm(batch))
     except Exception:  # a graph that cannot be split or run in slices runs whole
         return None
     return sliced if ok else None
