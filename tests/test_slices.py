@@ -20,6 +20,12 @@ def head_batches(sliced) -> list[int]:
     return seen
 
 
+def assert_same(sliced, model: nn.Module, x: torch.Tensor) -> None:
+    """The sliced copy's logits for the batch ``x`` are the model's."""
+    with torch.no_grad():
+        assert rel_error(sliced(x.contiguous(memory_format=torch.channels_last)), model(x)) < 1e-5
+
+
 def last_head_node(sliced) -> str:
     return [n for n in sliced.head.graph.nodes if n.op != "output"][-1].name
 
@@ -36,11 +42,8 @@ def test_resnet18_head_ends_after_the_stride_8_stage_and_slices_evenly(resnet18,
 
     monkeypatch.setattr(slices, "SLICE_BYTES", 2 * 64 * 32 * 32 * 4)  # two fp32 rows per slice
     seen = head_batches(sliced)
-    cl = x.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        got, want = sliced(cl), resnet18(x)
+    assert_same(sliced, resnet18, x)
     assert seen == [2, 2, 2, 1]
-    assert rel_error(got, want) < 1e-5
 
 
 def test_a_batch_that_fits_one_slice_runs_the_head_once(resnet18):
@@ -61,9 +64,7 @@ def test_slices_shrink_for_larger_inputs(resnet18, monkeypatch):
     assert (sliced.rows(4), sliced.rows(4, 128 * 128), sliced.rows(4, 512 * 512)) == (8, 2, 1)
     big = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(9))
     seen = head_batches(sliced)
-    with torch.no_grad():
-        got = sliced(big.contiguous(memory_format=torch.channels_last))
-        assert rel_error(got, resnet18(big)) < 1e-5
+    assert_same(sliced, resnet18, big)
     assert seen == [2, 2]
 
 
@@ -100,8 +101,7 @@ def test_a_batch_size_read_from_the_input_is_read_from_the_tail_input(monkeypatc
     assert sliced is not None
     assert last_head_node(sliced) == "relu_1"  # 16×16 (stride 4); conv3 reaches stride 16
     monkeypatch.setattr(slices, "SLICE_BYTES", 8 * 32 * 32 * 4)  # one row per slice
-    with torch.no_grad():
-        assert rel_error(sliced(x.contiguous(memory_format=torch.channels_last)), model(x)) < 1e-5
+    assert_same(sliced, model, x)
 
 
 class Squeezed(nn.Module):
@@ -127,18 +127,21 @@ def test_a_squeeze_and_excitation_branch_does_not_end_the_head():
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(10))
     sliced = sliced_for(twin(model, x[:1]), x[:1])
     assert last_head_node(sliced) == "relu_1"  # after conv2 (stride 2); conv3 reaches stride 16
-    with torch.no_grad():
-        assert rel_error(sliced(x.contiguous(memory_format=torch.channels_last)), model(x)) < 1e-5
+    assert_same(sliced, model, x)
 
 
-class BatchMixer(nn.Module):
-    """Subtracts the batch mean after the first layer: its rows depend on each other."""
+class TwoConvs(nn.Module):
+    """A full-resolution convolution, a stride-16 one and a classifier; subclasses wire them."""
 
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
         self.conv2 = nn.Conv2d(8, 8, 3, stride=16, padding=1)
         self.fc = nn.Linear(8, 10)
+
+
+class BatchMixer(TwoConvs):
+    """Subtracts the batch mean after the first layer: its rows depend on each other."""
 
     def forward(self, x):
         h = torch.relu(self.conv1(x))
@@ -190,18 +193,11 @@ def test_token_layouts_are_carried_through_but_not_cut_at():
     assert "mix" not in names and "permute" not in names  # N×H×W×C: C does not grow
     sliced = sliced_for(fast, x[:1])
     assert last_head_node(sliced) == "relu_1"  # past the token block, up to stride 8
-    with torch.no_grad():
-        assert rel_error(sliced(x.contiguous(memory_format=torch.channels_last)), model(x)) < 1e-5
+    assert_same(sliced, model, x)
 
 
-class UnusedInPlace(nn.Module):
+class UnusedInPlace(TwoConvs):
     """An in-place op whose result is not assigned (but which changes the tensor) in the tail."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, stride=16, padding=1)
-        self.fc = nn.Linear(8, 10)
 
     def forward(self, x):
         y = self.conv2(torch.relu(self.conv1(x)))
@@ -215,8 +211,7 @@ def test_in_place_statements_in_the_tail_are_kept():
     sliced = sliced_for(twin(model, x[:1]), x[:1])
     assert sliced is not None
     assert any(n.target == "sub_" for n in sliced.tail.graph.nodes)
-    with torch.no_grad():
-        assert rel_error(sliced(x.contiguous(memory_format=torch.channels_last)), model(x)) < 1e-5
+    assert_same(sliced, model, x)
 
 
 def test_no_slicing_on_request_or_without_a_split(resnet18, monkeypatch):

@@ -51,13 +51,17 @@ def test_twin_follows_new_weights(small_cnn, images):
         assert rel_error(old.module(images), other(images)) > 0.01
 
 
-class Branchy(nn.Module):
-    """Control flow on tensor values: torch.fx cannot trace it."""
+class ConvFc(nn.Module):
+    """One convolution and a classifier; subclasses wire them."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
         self.fc = nn.Linear(4, 10)
+
+
+class Branchy(ConvFc):
+    """Control flow on tensor values: torch.fx cannot trace it."""
 
     def forward(self, x):
         x = self.conv(x)
@@ -66,11 +70,8 @@ class Branchy(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-class InplaceOnStem(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.fc = nn.Linear(4, 10)
+class InplaceOnStem(ConvFc):
+    """A ReLU that changes the stem's output in place."""
 
     def forward(self, x):
         return self.fc(self.conv(x).relu_().mean((2, 3)))
