@@ -3,7 +3,7 @@
 The engine (``attribute``, ``methods``, ``method_info``) needs only torch; ``create_app`` builds
 the Flask dashboard and imports Flask lazily.
 """
-from .methods import (Cancelled, InsightsError, ParamError, UnknownMethod, attribute, attribute_many,
+from .engine import (Cancelled, InsightsError, ParamError, UnknownMethod, attribute, attribute_many,
                       method_info, methods)
 
 __version__ = "0.1.0"

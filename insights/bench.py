@@ -26,9 +26,9 @@ from typing import Callable
 
 import torch
 
-from .methods import attribute, attribute_many, methods, registry
-from .methods import graphs, slices
-from .methods.base import default_layer
+from .engine import attribute, attribute_many, methods, registry
+from .engine.fast import graphs, slices
+from .engine.base import default_layer
 
 TARGET = 208
 # Captum's own occlusion example, and the common IG setting.
@@ -218,7 +218,7 @@ def memory_check(device: torch.device) -> list[str]:
 
     import torchvision
 
-    from .methods.base import default_budget
+    from .engine.base import default_budget
 
     def peak() -> float:
         if device.type == "cuda":

@@ -26,7 +26,7 @@ import uuid
 from collections import OrderedDict
 from typing import Any, Callable
 
-from .methods import Cancelled
+from .engine import Cancelled
 
 log = logging.getLogger("insights.jobs")
 
@@ -115,7 +115,7 @@ class Job:
 
 def error_of(exc: BaseException) -> dict:
     """The ``{"code", "message", "field"}`` of an exception raised inside a job."""
-    from .methods import InsightsError, UnknownMethod
+    from .engine import InsightsError, UnknownMethod
     from .models import ModelUnavailable, UnknownModel
 
     if isinstance(exc, UnknownMethod):

@@ -17,7 +17,7 @@ def _describe(meta: dict) -> dict:
     label = meta.get("target_label") or f"class {meta.get('target')}"
     method = meta.get("method", "")
     try:
-        from .methods import method_info
+        from .engine import method_info
 
         method_label = method_info(method)["label"]
     except Exception:  # an old result whose method is no longer registered still gets a page

@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 
 from insights import create_app
-from insights.methods import registry
-from insights.methods.base import Cost, Method, Param
+from insights.engine import registry
+from insights.engine.base import Cost, Method, Param
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_CONFIG = os.path.join(HERE, "tiny_models.py")
-ENGINE = sys.modules["insights.methods"]
+ENGINE = sys.modules["insights.engine"]
 
 
 def png(size=(48, 40), color=(200, 30, 30), mode="RGB", fmt="PNG") -> bytes:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import insights
-from insights.methods import Cancelled, ParamError, UnknownMethod
+from insights.engine import Cancelled, ParamError, UnknownMethod
 
 from test_engine import assert_unchanged, snapshot
 

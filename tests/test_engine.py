@@ -1,4 +1,4 @@
-"""The engine as a whole (insights.methods): every registered method leaves the model as it
+"""The engine as a whole (insights.engine): every registered method leaves the model as it
 found it (also when it fails midway), concurrent calls do not disturb each other, and the
 public API validates its arguments and reports progress."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import insights
-from insights.methods import registry
-from insights.methods.base import probe
+from insights.engine import registry
+from insights.engine.base import probe
 
 from conftest import SmallCNN, seeded
 

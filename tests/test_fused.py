@@ -1,4 +1,4 @@
-"""The fused copy of a twin for bf16 scoring on a GPU (insights/methods/fused.py).
+"""The fused copy of a twin for bf16 scoring on a GPU (insights/engine/fast/fused.py).
 
 On the CPU the fused modules compute with ordinary operations, so these tests check the graph
 rewrite itself: which convolutions are fused, and that the function is unchanged. The cuDNN
@@ -13,8 +13,8 @@ import torchvision
 from torch import fx, nn
 
 from conftest import rel_error, seeded
-from insights.methods.fused import ConvAddReLU, ConvReLU, fused_copy, fused_for
-from insights.methods.twin import twin
+from insights.engine.fast.fused import ConvAddReLU, ConvReLU, fused_copy, fused_for
+from insights.engine.fast.twin import twin
 
 
 def kinds(gm: nn.Module) -> tuple[int, int]:

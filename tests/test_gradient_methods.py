@@ -1,4 +1,4 @@
-"""Gradient methods (insights/methods/gradient.py): parity with Captum, axioms, noise tunnel."""
+"""Gradient methods (insights/engine/families/gradient.py): parity with Captum, axioms, noise tunnel."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +10,7 @@ from torch import nn
 
 import insights
 from conftest import leaf, logits, rel_error
-from insights.methods.gradient import INTEGRATION_RULES, integration_weights
+from insights.engine.families.gradient import INTEGRATION_RULES, integration_weights
 
 TARGETS = [3, 7]
 MODELS = ["small_cnn", "resnet18"]

@@ -1,4 +1,4 @@
-"""CUDA graph replay of the twin's batches (insights/methods/graphs.py).
+"""CUDA graph replay of the twin's batches (insights/engine/fast/graphs.py).
 
 This machine has no GPU, so the recording itself is replaced by a stand-in with a CUDA graph's
 contract: recording runs ``fn`` once on the graph's own input tensors and keeps its outputs;
@@ -14,9 +14,9 @@ import torch
 
 import insights
 from conftest import rel_error
-from insights.methods import graphs
-from insights.methods.base import MAX_CHUNK_CPU
-from insights.methods.twin import twin
+from insights.engine.fast import graphs
+from insights.engine.base import MAX_CHUNK_CPU
+from insights.engine.fast.twin import twin
 
 
 class StandInGraph:

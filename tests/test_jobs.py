@@ -7,7 +7,7 @@ import time
 import pytest
 
 from insights.jobs import JobRunner
-from insights.methods import Cancelled, ParamError
+from insights.engine import Cancelled, ParamError
 
 
 @pytest.fixture

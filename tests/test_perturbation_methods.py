@@ -209,7 +209,7 @@ def test_feature_ablation_patch_cost():
 
 
 def test_true_fp32_turns_tf32_off_and_restores_it_after_the_last_overlapping_call():
-    from insights.methods.base import true_fp32
+    from insights.engine.base import true_fp32
 
     cuda = torch.device("cuda")  # the flags exist without a GPU; nothing runs on one here
     saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
@@ -235,7 +235,7 @@ def test_true_fp32_turns_tf32_off_and_restores_it_after_the_last_overlapping_cal
     (3, (2, 9, 9), (1, 5, 5), True),      # windows over some channels only
 ])
 def test_cpu_batches_pasted_row_by_row_equal_the_masked_batches(n, windows, strides, tensor_base):
-    from insights.methods.perturbation import _masked_batch, _paste_windows, window_masks
+    from insights.engine.families.perturbation import _masked_batch, _paste_windows, window_masks
 
     gen = torch.Generator().manual_seed(n)
     cl = torch.channels_last

@@ -1,4 +1,4 @@
-"""Modified-backward methods (insights/methods/rules.py): DeepLift, guided backpropagation and
+"""Modified-backward methods (insights/engine/families/rules.py): DeepLift, guided backpropagation and
 deconvolution — parity with Captum, summation-to-delta, per-call rules on re-used modules."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from captum.attr import GuidedBackprop as CaptumGuidedBackprop
 from torch import nn
 
 import insights
-from insights.methods.base import Context
-from insights.methods.rules import guided_gradient
+from insights.engine.base import Context
+from insights.engine.families.rules import guided_gradient
 
 from conftest import logits, rel_error, seeded
 
@@ -240,7 +240,7 @@ def test_gates_noise_tunnel(small_cnn, images):
 
 @pytest.mark.parametrize("method", ["deeplift", "guided_backprop", "deconvolution"])
 def test_rule_methods_take_the_model_exclusively_and_are_signed(method):
-    from insights.methods import registry
+    from insights.engine import registry
 
     assert registry.get(method).exclusive is True
     info = insights.method_info(method)

@@ -1,4 +1,4 @@
-"""Scoring CPU batches with the twin's high-resolution layers in slices (insights/methods/slices.py)."""
+"""Scoring CPU batches with the twin's high-resolution layers in slices (insights/engine/fast/slices.py)."""
 from __future__ import annotations
 
 import pytest
@@ -8,9 +8,9 @@ from torch import nn
 
 import insights
 from conftest import rel_error, seeded
-from insights.methods import slices
-from insights.methods.slices import sliced_for, split
-from insights.methods.twin import twin
+from insights.engine.fast import slices
+from insights.engine.fast.slices import sliced_for, split
+from insights.engine.fast.twin import twin
 
 
 def head_batches(sliced) -> list[int]:

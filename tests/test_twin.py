@@ -1,4 +1,4 @@
-"""The model twin (insights/methods/twin.py): folded batch norms, the affine stem, and when the
+"""The model twin (insights/engine/fast/twin.py): folded batch norms, the affine stem, and when the
 engine must fall back to the model itself."""
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from torch import nn
 
 import insights
 from conftest import SmallCNN, rel_error, seeded
-from insights.methods.base import Context
-from insights.methods.gradient import IntegratedGradients
-from insights.methods.twin import twin
+from insights.engine.base import Context
+from insights.engine.families.gradient import IntegratedGradients
+from insights.engine.fast.twin import twin
 
 
 def test_resnet_twin_folds_every_batch_norm_and_computes_the_same_logits(resnet18, images):
@@ -343,7 +343,7 @@ def test_relu_and_pool_stay_in_order_when_the_relu_input_has_other_readers(image
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_checksums_repeat_and_move_with_in_place_edits(fused):
-    from insights.methods.twin import checksums
+    from insights.engine.fast.twin import checksums
 
     gen = torch.Generator().manual_seed(3)
     tensors = [torch.randn(4, 3, 3, generator=gen), torch.randn(7, generator=gen)]

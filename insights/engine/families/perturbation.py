@@ -18,13 +18,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import registry
-from .base import (PRECISION_PARAM, Context, Cost, Method, Param, ParamError, add_rows,
+from .. import registry
+from ..base import (PRECISION_PARAM, Context, Cost, Method, Param, ParamError, add_rows,
                    expand_baseline)
-from . import graphs
-from .fused import fused_for
-from .slices import sliced_for
-from .twin import twin
+from ..fast import graphs
+from ..fast.fused import fused_for
+from ..fast.slices import sliced_for
+from ..fast.twin import twin
 
 BASELINES_PARAM = Param("baselines", "float", 0.0, "Value that replaces the occluded pixels, in "
                         "normalised input units (0 is the dataset mean). Python callers may pass "

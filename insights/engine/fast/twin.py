@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .base import true_fp32
+from ..base import true_fp32
 from .graphs import GraphCache
 
 _BN = (nn.BatchNorm2d,)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import registry
-from .base import Context, Cost, HookScope, Method, Param, ParamError, default_layer, get_layer
+from .. import registry
+from ..base import Context, Cost, HookScope, Method, Param, ParamError, default_layer, get_layer
 from .rules import guided_gradient
 
 LAYER_PARAM = Param("layer", "string", None, "Name of the spatial layer to explain, as in "

@@ -15,8 +15,8 @@ from torch import nn
 
 from . import registry
 from .base import Context, Cost, HookScope, ParamError, arithmetic, get_layer, model_lock, true_fp32
-from .cam import layer_passes
-from .rules import guided_gradient
+from .families.cam import layer_passes
+from .families.rules import guided_gradient
 
 
 def _requests(requests: Sequence[Any]) -> list[tuple[str, dict]]:

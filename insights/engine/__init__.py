@@ -12,10 +12,10 @@ from .base import (Cancelled, Context, HookScope, InsightsError, MethodRegistry,
 registry = MethodRegistry()
 
 # Importing the family modules registers their methods, in the order the UI lists them.
-from . import gradient  # noqa: E402,F401
-from . import rules  # noqa: E402,F401
-from . import cam  # noqa: E402,F401
-from . import perturbation  # noqa: E402,F401
+from .families import gradient  # noqa: E402,F401
+from .families import rules  # noqa: E402,F401
+from .families import cam  # noqa: E402,F401
+from .families import perturbation  # noqa: E402,F401
 
 
 def methods() -> list[str]:

@@ -14,11 +14,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import registry
-from .base import (PRECISION_PARAM, Context, Cost, Method, Param, ParamError, add_rows,
+from .. import registry
+from ..base import (PRECISION_PARAM, Context, Cost, Method, Param, ParamError, add_rows,
                    default_budget, expand_baseline, gradient)
-from .graphs import replayed
-from .twin import twin
+from ..fast.graphs import replayed
+from ..fast.twin import twin
 
 NT_TYPES = ("none", "smoothgrad", "smoothgrad_sq", "vargrad")
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import registry
-from .base import Context, HookScope, ParamError, gradient
+from .. import registry
+from ..base import Context, HookScope, ParamError, gradient
 from .gradient import BASELINES, GradientMethod, baseline_rows
 
 EPS = 1e-10  # below this input difference, a module keeps its own gradient (as in Captum)

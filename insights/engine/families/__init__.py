@@ -1,0 +1,1 @@
+"""The method families: each module registers its methods with the engine's registry."""
