@@ -304,3 +304,21 @@ def test_cancel_before_start_raises_cancelled_without_running(images):
     with pytest.raises(insights.Cancelled):
         insights.attribute(model, images, "deeplift", 0, cancel=lambda: True)
     assert model.trip.calls == 0
+
+
+
+@pytest.mark.parametrize("method", insights.methods())
+def test_batchable_methods_give_each_row_the_map_it_gets_alone(method, small_cnn, images):
+    """A method that calls itself batchable maps a row the same alone as in a batch."""
+    m = registry.get(method)
+    if not m.batchable(m.validate({})):
+        assert method == "gradient_shap"
+        return
+    both = insights.attribute(small_cnn, images, method, [1, 2])
+    alone = insights.attribute(small_cnn, images[1:], method, 2)
+    torch.testing.assert_close(both[1:], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_noise_drawn_for_the_whole_batch_is_not_batchable():
+    assert not registry.get("saliency").batchable(registry.get("saliency").validate({"nt_type": "smoothgrad"}))
+    assert registry.get("saliency").batchable(registry.get("saliency").validate({}))

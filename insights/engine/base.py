@@ -175,6 +175,11 @@ class Method:
     def signed(self, p: dict) -> bool:
         return True
 
+    def batchable(self, p: dict) -> bool:
+        """Whether each row's map is the same whether the row runs alone or in a batch with other
+        images (False for methods that draw noise for the whole batch at once)."""
+        return True
+
     def cost(self, p: dict, shape: Sequence[int]) -> Cost:
         return Cost(1, 1)
 

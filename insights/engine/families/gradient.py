@@ -55,6 +55,11 @@ class GradientMethod(Method):
     def signed(self, p: dict) -> bool:
         return p.get("nt_type", "none") in ("none", "smoothgrad") and self.base_signed(p)
 
+    def batchable(self, p: dict) -> bool:
+        # The noise is drawn for the whole batch from one seeded generator: another image in
+        # the batch would change this one's noise. Methods without a tunnel draw their own.
+        return self.noise_tunnel and p.get("nt_type", "none") == "none"
+
     def passes(self, p: dict, shape: Sequence[int]) -> int:
         return self.passes_per_sample
 
