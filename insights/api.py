@@ -599,31 +599,30 @@ def result_npy(rid: str):
 
 @bp.get("/results/<rid>/overlay.png")
 def result_overlay(rid: str):
-    """The map rendered over the input (mode, sign, cmap, alpha, outlier)."""
+    """The map rendered over the input from map.png, as the page draws it (insights/overlay.py)."""
+    from . import overlay  # the overlay specification, shared with static/js/render.js
+
     meta = stored_result(rid)
-    args = request.args
-    mode = args.get("mode", "blended_heat_map")
-    if mode not in imaging.MODES:
-        raise ApiError(400, "bad_param", f"mode: must be one of {', '.join(imaging.MODES)}; got {mode!r}", "mode")
-    sign = args.get("sign") or ("all" if meta["signed"] else "absolute_value")
-    if sign not in imaging.SIGNS:
-        raise ApiError(400, "bad_param", f"sign: must be one of {', '.join(imaging.SIGNS)}; got {sign!r}", "sign")
-    if mode in ("masked_image", "alpha_scaling") and sign == "all":
-        raise ApiError(400, "bad_param", f"sign: mode {mode} cannot show positive and negative values together; "
-                                         "choose positive, negative or absolute_value", "sign")
-    cmap = args.get("cmap") or None
-    if cmap is not None:
-        try:
-            imaging.colormap(cmap, sign)
-        except ValueError:
-            raise ApiError(400, "bad_param", f"cmap: unknown matplotlib colormap {cmap!r}", "cmap") from None
-    alpha = number(args.get("alpha", 0.5), "alpha", 0.0, 1.0)
-    outlier = number(args.get("outlier", 2), "outlier", 0.0, 50.0)
-    options = {"mode": mode, "sign": sign, "cmap": cmap, "alpha": alpha, "outlier": outlier}
-    etag = hashlib.sha256(f"{rid}:{json.dumps(options, sort_keys=True)}".encode()).hexdigest()
+    try:
+        opts = overlay.options(request.args, bool(meta["signed"]))
+    except overlay.OptionError as err:
+        raise ApiError(err.status, err.code, err.message, err.field) from None
+    etag = hashlib.sha256(f"{rid}:{overlay.VERSION}:{json.dumps(opts.as_dict(), sort_keys=True)}".encode()).hexdigest()
     if request.if_none_match and etag in request.if_none_match:
         return immutable(b"", "image/png", etag)  # answered 304 without rendering
     store = services().store
-    with Image.open(io.BytesIO(store.result_file(rid, "input.png"))) as view:
-        out = imaging.render_overlay(view.convert("RGB"), store.attribution(rid)[0], **options)
+    out = overlay.render_result(store.result_file(rid, "input.png"), store.result_file(rid, "map.png"),
+                                meta["encoding"], opts)
     return immutable(imaging.png_bytes(out), "image/png", etag)
+
+
+@bp.get("/colormaps/<name>.png")
+def colormap_table(name: str):
+    """A colour map as the 256×1 RGB lookup table both overlay renderers use."""
+    from . import overlay
+
+    try:
+        png = overlay.lut_png(name)
+    except KeyError:
+        raise ApiError(404, "not_found", f"no matplotlib colormap named {name!r}", "cmap") from None
+    return immutable(png, "image/png", hashlib.sha256(png).hexdigest())

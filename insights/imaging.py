@@ -1,5 +1,5 @@
-"""Pure image helpers: decode and validate uploads, preprocess for a model, encode attribution
-maps as 8-bit PNGs, and render overlays in the modes of Captum's ``visualize_image_attr``.
+"""Pure image helpers: decode and validate uploads, preprocess for a model, and encode attribution
+maps as 8-bit PNGs (overlays of those maps: :mod:`insights.overlay`).
 
 Nothing here keeps state; every function takes what it needs and returns a new value.
 """
@@ -26,10 +26,6 @@ FORMATS = {
 }
 EXTENSIONS = {ext: fmt for fmt, exts in FORMATS.items() for ext in exts}
 
-MODES = ("original_image", "heat_map", "blended_heat_map", "masked_image", "alpha_scaling")
-SIGNS = ("all", "positive", "negative", "absolute_value")
-
-
 class ImageError(ValueError):
     """An upload that is not a usable image; ``code`` is ``bad_image`` or ``too_large``."""
 
@@ -38,6 +34,7 @@ class ImageError(ValueError):
         self.message = message
         self.code = code
         self.field = field
+        self.status = 413 if code == "too_large" else 400  # the HTTP answer (insights.errors)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -180,96 +177,3 @@ def decode_map(png: bytes, encoding: dict) -> np.ndarray:
     if encoding["zero"] == 128:
         return (p - 128) / 127 * encoding["scale"]
     return p / 255 * encoding["scale"]
-
-
-# --------------------------------------------------------------------------- overlays
-
-
-def cumulative_threshold(values: np.ndarray, percentile: float) -> float:
-    """The smallest value v of ``values`` (≥ 0) such that the sorted values up to v hold at least
-    ``percentile`` % of the total sum; values above it are the outliers that get clipped."""
-    flat = np.sort(values.ravel())
-    if flat.size == 0:
-        return 0.0
-    sums = np.cumsum(flat)
-    index = int(np.searchsorted(sums, sums[-1] * 0.01 * percentile, side="left"))
-    return float(flat[min(index, flat.size - 1)])
-
-
-def normalize_map(m: np.ndarray, sign: str, outlier: float = 2.0) -> np.ndarray:
-    """The 2-D map kept to ``sign`` and scaled to [-1, 1] (all) or [0, 1] (other signs) by the
-    value below which ``100 - outlier`` % of the attribution mass lies."""
-    if sign not in SIGNS:
-        raise ValueError(f"sign must be one of {', '.join(SIGNS)}")
-    if sign == "positive":
-        m = np.maximum(m, 0)
-    elif sign == "negative":
-        m = np.minimum(m, 0)
-    elif sign == "absolute_value":
-        m = np.abs(m)
-    threshold = cumulative_threshold(np.abs(m), 100.0 - outlier)
-    if sign == "negative":
-        threshold = -threshold
-    if threshold == 0:
-        return np.zeros_like(m, dtype=np.float64)
-    return np.clip(m / threshold, -1, 1)
-
-
-def colormap(name: str | None, sign: str):
-    """A matplotlib colormap (the per-sign default when ``name`` is empty) and its value range."""
-    import matplotlib
-    from matplotlib.colors import LinearSegmentedColormap
-
-    vmin, vmax = (-1.0, 1.0) if sign == "all" else (0.0, 1.0)
-    if not name:
-        if sign == "all":
-            return LinearSegmentedColormap.from_list("RdWhGn", ["red", "white", "green"]), vmin, vmax
-        name = {"positive": "Greens", "negative": "Reds", "absolute_value": "Blues"}[sign]
-    try:
-        return matplotlib.colormaps[name], vmin, vmax
-    except KeyError:
-        raise ValueError(f"unknown colormap {name!r}") from None
-
-
-def colormap_names() -> list[str]:
-    import matplotlib
-
-    return sorted(matplotlib.colormaps)
-
-
-def render_overlay(view: Image.Image, attr: Any, mode: str = "blended_heat_map", sign: str = "all",
-                   cmap: str | None = None, alpha: float = 0.5, outlier: float = 2.0) -> Image.Image:
-    """Renders a channel-summed map over the image the model saw, as an RGB image of its size.
-
-    ``heat_map`` colours the normalised map; ``blended_heat_map`` lays it with opacity ``alpha``
-    over the grey image; ``masked_image`` multiplies the image by the map; ``alpha_scaling`` uses
-    the map as the image's opacity over white; ``original_image`` is the view itself."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}")
-    if mode in ("masked_image", "alpha_scaling") and sign == "all":
-        raise ValueError(f"mode {mode} cannot show positive and negative values together; choose another sign")
-    if not 0 <= alpha <= 1:
-        raise ValueError("alpha must be between 0 and 1")
-    if not 0 <= outlier <= 50:
-        raise ValueError("outlier must be between 0 and 50")
-    rgb = np.asarray(view.convert("RGB"), dtype=np.float64) / 255.0
-    if mode == "original_image":
-        return view.convert("RGB")
-    m = channel_sum(attr)
-    if m.shape != rgb.shape[:2]:
-        m = np.asarray(Image.fromarray(m.astype(np.float32), "F").resize((rgb.shape[1], rgb.shape[0]),
-                                                                          Image.BILINEAR), dtype=np.float64)
-    norm = normalize_map(m, sign, outlier)
-    if mode in ("heat_map", "blended_heat_map"):
-        cm, vmin, vmax = colormap(cmap, sign)
-        heat = cm(np.clip((norm - vmin) / (vmax - vmin), 0, 1))[..., :3]
-        if mode == "heat_map":
-            out = heat
-        else:
-            grey = rgb.mean(axis=2, keepdims=True).repeat(3, axis=2)
-            out = alpha * heat + (1 - alpha) * grey
-    elif mode == "masked_image":
-        out = rgb * norm[..., None]
-    else:  # alpha_scaling: the map is the opacity of each pixel, shown over white
-        out = rgb * norm[..., None] + (1 - norm[..., None])
-    return Image.fromarray(np.clip(np.round(out * 255), 0, 255).astype(np.uint8), "RGB")

@@ -322,7 +322,6 @@ def test_blended_overlay_mixes_grey_image_and_heat(client, fixed_result):
 @pytest.mark.parametrize("query, field, words", [
     ("mode=sketch", "mode", "one of"),
     ("sign=up", "sign", "one of"),
-    ("mode=masked_image&sign=all", "sign", "cannot show positive and negative"),
     ("cmap=NoSuchMap", "cmap", "unknown matplotlib colormap"),
     ("alpha=2", "alpha", "between 0.0 and 1.0"),
     ("alpha=x", "alpha", "must be a number"),
@@ -330,6 +329,14 @@ def test_blended_overlay_mixes_grey_image_and_heat(client, fixed_result):
 ])
 def test_overlay_bad_options(client, fixed_result, query, field, words):
     error_of(client.get(fixed_result["links"]["overlay"] + "?" + query), 400, "bad_param", field, words)
+
+
+@pytest.mark.parametrize("mode", ["masked_image", "alpha_scaling"])
+def test_magnitude_modes_with_sign_all_show_the_magnitude(client, fixed_result, mode):
+    url = fixed_result["links"]["overlay"] + f"?mode={mode}"
+    every, magnitude = client.get(url + "&sign=all"), client.get(url + "&sign=absolute_value")
+    assert every.status_code == 200 and every.mimetype == "image/png"
+    assert every.data == magnitude.data  # the page draws |v| for these modes too
 
 
 @pytest.mark.parametrize("link", ["input", "map", "overlay", "npy"])

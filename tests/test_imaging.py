@@ -1,4 +1,4 @@
-"""Image helpers: decoding and validation, conversion to RGB, preprocessing, map codec, overlays."""
+"""Image helpers: decoding and validation, conversion to RGB, preprocessing, map codec (overlays: test_overlay.py)."""
 from __future__ import annotations
 
 import io
@@ -140,70 +140,3 @@ def test_encode_signed_map_and_roundtrip():
 def test_encode_all_zero_map():
     _png, enc = imaging.encode_map(np.zeros((1, 4, 4)), signed=True)
     assert enc["scale"] == 0 and imaging.decode_map(_png, enc).tolist() == np.zeros((4, 4)).tolist()
-
-
-# --------------------------------------------------------------------------- overlays
-
-
-@pytest.mark.parametrize("sign", ["all", "positive", "negative", "absolute_value"])
-@pytest.mark.parametrize("outlier", [0, 2, 10])
-def test_normalize_matches_captum(sign, outlier):
-    from captum.attr._utils.visualization import _normalize_attr
-
-    m = np.random.default_rng(3).normal(size=(12, 10)) ** 3
-    ours = imaging.normalize_map(m, sign, outlier)
-    theirs = _normalize_attr(m, sign, outlier)
-    assert np.allclose(ours, theirs)
-
-
-def test_cumulative_threshold_clips_the_top_mass():
-    values = np.array([1.0] * 98 + [100.0, 100.0])
-    assert imaging.cumulative_threshold(values, 30) == 1.0  # 30 % of 298 lies within the 1s
-    assert imaging.cumulative_threshold(values, 40) == 100.0
-    assert imaging.cumulative_threshold(values, 100) == 100.0
-
-
-def overlay_px(mode, sign, cmap=None, alpha=0.5, m=None):
-    view = Image.new("RGB", (4, 2), (200, 100, 50))
-    m = np.array([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]) if m is None else m
-    return np.asarray(imaging.render_overlay(view, m, mode, sign, cmap, alpha, outlier=0)).astype(int)
-
-
-def test_heat_map_default_colormaps():
-    px = overlay_px("heat_map", "all")  # red-white-green: +1 green, 0 white
-    assert px[0, 0].tolist() == [0, 128, 0] and np.abs(px[0, 3] - 255).max() <= 1
-    neg = overlay_px("heat_map", "all", m=-np.ones((2, 4)))
-    assert neg[0, 0].tolist() == [255, 0, 0]
-    blues = overlay_px("heat_map", "absolute_value")
-    assert blues[0, 0].tolist() == [8, 48, 107] and blues[0, 3].tolist() == [247, 251, 255]
-
-
-def test_masked_and_alpha_scaling_and_original():
-    masked = overlay_px("masked_image", "positive")
-    assert masked[0, 0].tolist() == [200, 100, 50] and masked[0, 3].tolist() == [0, 0, 0]
-    alpha = overlay_px("alpha_scaling", "absolute_value")
-    assert alpha[0, 0].tolist() == [200, 100, 50] and alpha[0, 3].tolist() == [255, 255, 255]
-    assert overlay_px("original_image", "all", m=np.zeros((2, 4)))[1, 2].tolist() == [200, 100, 50]
-
-
-def test_blended_heat_map_weights_heat_by_alpha():
-    px = overlay_px("blended_heat_map", "positive", cmap="gray", alpha=0.25)
-    grey = (200 + 100 + 50) / 3
-    assert np.abs(px[0, 0] - (0.25 * 255 + 0.75 * grey)).max() <= 1  # map 1 → white heat
-    assert np.abs(px[0, 3] - 0.75 * grey).max() <= 1  # map 0 → black heat
-
-
-def test_overlay_rejects_bad_options():
-    with pytest.raises(ValueError, match="cannot show positive and negative"):
-        overlay_px("masked_image", "all")
-    with pytest.raises(ValueError, match="mode must be one of"):
-        overlay_px("sketch", "all")
-    with pytest.raises(ValueError, match="unknown colormap"):
-        overlay_px("heat_map", "all", cmap="NoSuchMap")
-
-
-def test_overlay_resizes_a_smaller_map_to_the_view():
-    view = Image.new("RGB", (8, 8), (0, 0, 0))
-    m = np.array([[1.0, 0.0], [1.0, 0.0]])
-    px = np.asarray(imaging.render_overlay(view, m, "heat_map", "positive", "gray", outlier=0))
-    assert px.shape == (8, 8, 3) and px[4, 0, 0] == 255 and px[4, 7, 0] == 0
