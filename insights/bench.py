@@ -9,16 +9,23 @@ parameters for both sides. Each timed call runs once untimed first (warm-up), th
 times, the variants interleaved so that a noisy machine hurts them alike. The fastest run of each
 is shown (``--stat min``, the default: on a shared machine other work only ever adds time, so the
 fastest run is the best estimate of each side's own cost), or the median (``--stat median``).
-Columns: Captum with its default settings, Captum with a batching option
-(``perturbations_per_eval=32`` / ``internal_batch_size=10``, the issue's anchor settings), ours,
-the speed-ups, the largest difference from Captum relative to Captum's largest value, for bf16
-rows the Pearson correlation with our fp32 map, and with ``--fp64`` how far Captum's and our
-exact maps are from the map of a float64 copy of the model. On the CPU with ResNet-18 the issue's
-targets follow the table, each marked met or not.
+
+The first table sets us against Captum: Captum with its default settings, Captum with a batching
+option (``perturbations_per_eval=32`` / ``internal_batch_size=10``), ours, the speed-ups, the
+largest difference from Captum relative to Captum's largest value, for bf16 rows the Pearson
+correlation with our fp32 map, and with ``--fp64`` how far Captum's and our exact maps are from
+the map of a float64 copy of the model.
+
+The second sets us against the hardware: the work a method asks for (its forward and backward
+passes per image, as the engine reports them, times the FLOPs of one pass counted by torch's
+FlopCounterMode), the time that work would take at this machine's peak, and the rate we reached
+as a share of that peak. The peak is measured in the same run, in each row's precision, as the
+better of a large matrix product and a ResNet-sized 3×3 convolution.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -38,7 +45,7 @@ PARAMS = {
     "integrated_gradients": {"n_steps": 50},
     "gradient_shap": {"n_samples": 20, "stdevs": 0.0, "baselines": 0.0},
 }
-# Captum's batching options for its "best" column: the settings the issue's anchor table used.
+# Captum's batching options for its "best" column.
 BEST_PER_EVAL = 32  # perturbations_per_eval (occlusion, feature ablation)
 BEST_INTERNAL_BATCH = 10  # internal_batch_size (integrated gradients)
 RANDOM = {"gradient_shap"}  # sampled: maps differ from Captum's by design
@@ -129,15 +136,17 @@ def fp64_reference(method: str, model, x: torch.Tensor, layer: str) -> torch.Ten
 
 def bench_method(method: str, model, x: torch.Tensor, layer: str, repeat: int, device,
                  fp64: bool = False, stat: Callable = min) -> list[dict]:
-    """One or two table rows (fp32, and bf16 when the method has a precision option). With
-    ``fp64``, also each exact map's distance from the float64 map."""
+    """One or two table rows (fp32, and bf16 when the method has a precision option), each with
+    the passes our call made. With ``fp64``, also each exact map's distance from the float64 map."""
     params = dict(PARAMS.get(method, {}))
     accepted = {p.name for p in registry.get(method).params}
     params = {k: v for k, v in params.items() if k in accepted}
+    infos: dict[str, dict] = {"ours": {}, "bf16": {}}
     variants: dict[str, Callable] = {
-        "ours": lambda: attribute(model, x, method, TARGET, **params)}
+        "ours": lambda: attribute(model, x, method, TARGET, info=infos["ours"], **params)}
     if "precision" in accepted:
-        variants["bf16"] = lambda: attribute(model, x, method, TARGET, precision="bf16", **params)
+        variants["bf16"] = lambda: attribute(model, x, method, TARGET, precision="bf16",
+                                             info=infos["bf16"], **params)
     peers = captum_calls(method, model, x, layer) or {}
     for name, fn in peers.items():
         variants["captum_" + name] = fn
@@ -174,7 +183,8 @@ def bench_method(method: str, model, x: torch.Tensor, layer: str, repeat: int, d
         mine = outputs[ours]
         row = {"method": method + (" (bf16)" if ours == "bf16" else ""), "captum_ms": captum,
                "captum_best_ms": best, "ours_ms": summary(ours), "peer": bool(peers),
-               "captum_error": failed.get("captum_default")}
+               "captum_error": failed.get("captum_default"),
+               "precision": "bf16" if ours == "bf16" else "fp32", "cost": infos[ours].get("cost")}
         if ref is not None and method not in RANDOM and ref.shape == mine.shape:
             row["max_rel_diff"] = rel_diff(mine, ref)
         if truth is not None and ours == "ours":
@@ -211,7 +221,7 @@ def bench_together(model, x: torch.Tensor, repeat: int, device, stat: Callable =
 
 
 def memory_check(device: torch.device) -> list[str]:
-    """Runs the two heaviest settings the issue names, IG with 512 steps on ResNet-50 and
+    """Runs two of the heaviest settings the engine accepts, IG with 512 steps on ResNet-50 and
     occlusion with stride 1, and reports the peak memory of this process (CPU: resident set; CUDA:
     allocated) against the memory budget the engine chunked them under."""
     import resource
@@ -241,77 +251,73 @@ def memory_check(device: torch.device) -> list[str]:
     return lines
 
 
-# The issue's anchor (Captum 0.9.0, ResNet-18, the same work, on the CPU the issue was measured
-# on): Captum's times there, and the targets set against them.
-ANCHOR_MS = {"occlusion": {"default": 8200.0, "best": 7900.0},
-             "integrated_gradients": {"default": 2900.0, "best": 1400.0}}
-IG_TARGET_MS = {"integrated_gradients": 1000.0, "integrated_gradients (bf16)": 600.0}
-MIN_CORR = 0.99
+def pass_flops(model, x: torch.Tensor) -> dict[str, float]:
+    """FLOPs of one forward pass of ``model`` on one image shaped like ``x``, and of one backward
+    pass from a class score to the input (no weight gradients, as attribution needs), counted by
+    torch's FlopCounterMode (convolutions and matrix products; elementwise work is not counted).
+    Counted on a frozen copy, so the model itself is left as it was."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    one = x[:1].detach().clone().requires_grad_()
+    with FlopCounterMode(display=False) as counter:
+        score = frozen(one).sum()  # any score: the backward pass does the same work
+        forward = counter.get_total_flops()
+        score.backward()
+    return {"forward": float(forward), "backward": float(counter.get_total_flops() - forward)}
 
 
-def format_targets(rows: list[dict]) -> list[str]:
-    """The issue's CPU targets against this run. Occlusion targets are ratios to Captum's
-    default and are read off directly. The IG targets are seconds on the anchor machine; this
-    run's time is carried over to that machine by the ratio of a Captum time there and here:
-    Captum's IG with internal_batch_size=10 (batches like ours: the like-for-like scale), its
-    IG default (all 50 steps in one batch) and, when in the run, its default occlusion. The
-    target counts as met if the like-for-like scale meets it; the others are shown beside it."""
-    by = {r["method"]: r for r in rows}
-    out = ["targets (issue 5, CPU; ResNet-18):"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-    def usable(r: dict | None) -> bool:
-        return bool(r and r["captum_ms"] and not r["captum_error"])
 
-    for name, need in (("occlusion", 1.3), ("occlusion (bf16)", 3.0)):
-        r = by.get(name)
-        if not usable(r):
+def peak_flops(device: torch.device, precision: str, scale: float = 1.0) -> dict[str, float]:
+    """FLOP/s this machine reaches now in ``precision`` on two dense kernels: a square matrix
+    product and a 3×3, 64-channel convolution on 56×56 maps in channels-last layout (ResNet's
+    first stage). Each runs once to warm up, then three times; the fastest run counts. fp32 runs
+    without TF32, as the engine's fp32 does. ``scale`` shrinks the problems (tests)."""
+    from .engine.base import true_fp32
+
+    dtype = DTYPES[precision]
+    n = int((8192 if device.type == "cuda" else 2048) * scale)
+    batch = max(1, int((256 if device.type == "cuda" else 32) * scale))
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False).to(device, dtype)
+    conv = conv.to(memory_format=torch.channels_last)
+    maps = torch.randn(batch, 64, 56, 56, device=device, dtype=dtype)
+    maps = maps.contiguous(memory_format=torch.channels_last)
+    kernels = {"matmul": (lambda: a @ b, 2 * n ** 3),
+               "conv": (lambda: conv(maps), 2 * batch * 56 * 56 * 64 * 64 * 9)}
+    rates = {}
+    with torch.inference_mode(), true_fp32(device):
+        for name, (fn, flops) in kernels.items():
+            fn()
+            rates[name] = flops / (min(timed(fn, device)[0] for _ in range(3)) / 1000)
+    return rates
+
+
+def format_roofline(rows: list[dict], flops: dict[str, float], peaks: dict[str, dict]) -> list[str]:
+    """Our rows against the hardware: the method's work (passes × FLOPs per pass, one image),
+    the time it would take at the measured peak of the row's precision, our time, the rate we
+    reached and its share of the peak. ``peaks`` maps a precision to its kernels' FLOP/s."""
+    best = {p: max(rates.values()) for p, rates in peaks.items()}
+    kernel = {p: max(rates, key=rates.get) for p, rates in peaks.items()}
+    lines = ["against the hardware (peak measured in this run: "
+             + ", ".join(f"{p} {rate / 1e9:,.0f} GFLOP/s ({kernel[p]})" for p, rate in best.items())
+             + f"; one pass {flops['forward'] / 1e9:.2f} GFLOP forward, "
+               f"{flops['backward'] / 1e9:.2f} backward to the input):"]
+    head = ("method", "passes f+b", "GFLOP", "at peak ms", "ours ms", "GFLOP/s", "% of peak")
+    table = [head]
+    for r in rows:
+        cost, ours = r.get("cost"), r["ours_ms"]
+        if not cost or not ours or r["precision"] not in best:
             continue
-        ratio = r["captum_ms"] / r["ours_ms"]
-        corr = r.get("corr_fp32")
-        ok = ratio >= need and (corr is None or corr >= MIN_CORR)
-        extra = f", corr {corr:.4f} (need {MIN_CORR})" if corr is not None else ""
-        out.append(f"  {name}: {ratio:.2f}x Captum's default (need {need}x){extra}: "
-                   f"{'met' if ok else 'NOT met'}")
-    anchor_ig, anchor_occ = ANCHOR_MS["integrated_gradients"], ANCHOR_MS["occlusion"]
-    for name, target in IG_TARGET_MS.items():
-        r = by.get(name)
-        if not usable(r):
-            continue
-        ours = r["ours_ms"]
-        like = ours * anchor_ig["best"] / r["captum_best_ms"]
-        others = [f"{ours * anchor_ig['default'] / r['captum_ms']:,.0f} ms by Captum's IG default"]
-        if usable(by.get("occlusion")):
-            others.append(f"{ours * anchor_occ['default'] / by['occlusion']['captum_ms']:,.0f} ms by "
-                          f"its default occlusion")
-        corr = r.get("corr_fp32")
-        ok = like <= target and (corr is None or corr >= MIN_CORR)
-        extra = f", corr {corr:.4f} (need {MIN_CORR})" if corr is not None else ""
-        out.append(f"  {name}: {ours:,.0f} ms here; on the anchor machine {like:,.0f} ms scaled by "
-                   f"Captum's IG in batches of 10 ({'; '.join(others)}) (need <= {target:,.0f} ms)"
-                   f"{extra}: {'met' if ok else 'NOT met'}")
-    return out if len(out) > 1 else []
-
-
-GPU_TARGET_MS = {("resnet18", "occlusion"): 8.0, ("resnet50", "occlusion"): 15.0,
-                 ("resnet18", "integrated_gradients"): 4.0}
-
-
-def format_gpu_targets(rows: list[dict], model: str) -> list[str]:
-    """The issue's GPU targets (milliseconds, any precision) against this run's rows: each
-    precision's time, the target marked met when some row at correlation >= 0.99 meets it."""
-    out = []
-    for (name, method), target in GPU_TARGET_MS.items():
-        if name != model:
-            continue
-        found = [r for r in rows if r["method"].split(" ")[0] == method and r["ours_ms"]]
-        if not found:
-            continue
-        ok = any(r["ours_ms"] <= target and r.get("corr_fp32", 1.0) >= MIN_CORR for r in found)
-        times = ", ".join(f"{r['method']} {r['ours_ms']:.1f} ms"
-                          + (f" (corr {r['corr_fp32']:.4f})" if "corr_fp32" in r else "")
-                          for r in found)
-        out.append(f"  {method}: {times} (need <= {target:g} ms): {'met' if ok else 'NOT met'}")
-    return [f"targets (issue 5, GPU; {model}):"] + out if out else []
+        work = cost["forward"] * flops["forward"] + cost["backward"] * flops["backward"]
+        rate = work / (ours / 1000)
+        peak = best[r["precision"]]
+        table.append((r["method"], f"{cost['forward']}+{cost['backward']}", f"{work / 1e9:,.1f}",
+                      ms(work / peak * 1000), ms(ours), f"{rate / 1e9:,.0f}",
+                      f"{100 * rate / peak:.0f}%"))
+    return lines + ["  " + line for line in align(table)]
 
 
 def format_together(r: dict) -> str:
@@ -321,16 +327,30 @@ def format_together(r: dict) -> str:
             f"{sh['backward']}, {r['shared_ms']:.0f} ms ({r['separate_ms'] / r['shared_ms']:.2f}x)")
 
 
+def align(lines: list[tuple[str, ...]]) -> list[str]:
+    """Columns padded to their widest cell (the first left-aligned, the rest right-aligned), with
+    a rule under the header."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    out = []
+    for i, line in enumerate(lines):
+        out.append("  ".join(cell.ljust(w) if j == 0 else cell.rjust(w)
+                             for j, (cell, w) in enumerate(zip(line, widths))))
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
+
+
+def ms(v: float | None) -> str:
+    """Milliseconds as the tables print them: no decimals from 100 up, one below."""
+    return "-" if v is None else f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+
+
 def format_table(rows: list[dict]) -> str:
     head = ("method", "captum ms", "captum best ms", "ours ms", "x default", "x best",
             "max|diff|/max", "corr fp32")
     if any("ours_vs_fp64" in r for r in rows):
         head += ("captum vs fp64", "ours vs fp64")
     lines = [head]
-
-    def ms(v):
-        return "-" if v is None else f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
-
     for r in rows:
         if not r["peer"]:
             captum = best = "no peer"
@@ -347,14 +367,7 @@ def format_table(rows: list[dict]) -> str:
         if len(head) > len(line):
             line += tuple(f"{r[k]:.1e}" if k in r else "-" for k in ("captum_vs_fp64", "ours_vs_fp64"))
         lines.append(line)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    out = []
-    for i, line in enumerate(lines):
-        out.append("  ".join(cell.ljust(w) if j == 0 else cell.rjust(w)
-                             for j, (cell, w) in enumerate(zip(line, widths))))
-        if i == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return "\n".join(align(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -415,12 +428,11 @@ def main(argv: list[str] | None = None) -> int:
     for method in chosen:
         rows.extend(bench_method(method, model, x, layer, args.repeat, device, fp64=args.fp64, stat=stat))
     print(format_table(rows))
-    if device.type == "cpu" and args.model == "resnet18":
-        for line in format_targets(rows):
-            print(line)
-    if device.type == "cuda":
-        for line in format_gpu_targets(rows, args.model):
-            print(line)
+    print(flush=True)
+    print("measuring the peak FLOP/s ...", file=sys.stderr, flush=True)
+    peaks = {p: peak_flops(device, p) for p in sorted({r["precision"] for r in rows}, reverse=True)}
+    for line in format_roofline(rows, pass_flops(model, x), peaks):
+        print(line)
     if args.memory:
         for line in memory_check(device):
             print(line, flush=True)

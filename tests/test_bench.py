@@ -1,4 +1,7 @@
 """The benchmark tool: its table, its Captum peers and its errors (cheap methods only)."""
+import pytest
+import torch
+
 from insights import bench
 
 
@@ -45,44 +48,52 @@ def _row(method, captum, best, ours, **extra):
             "peer": True, "captum_error": None, **extra}
 
 
-def test_targets_read_ratios_and_carry_ig_times_to_the_anchor_machine():
-    rows = [_row("occlusion", 16400.0, 12000.0, 12600.0),  # 1.30x: met
-            _row("occlusion (bf16)", 16400.0, 12000.0, 5000.0, corr_fp32=0.985),  # 3.28x, corr low
-            # Captum's IG 5.8 s / 2.8 s here against 2.9 s / 1.4 s there: 2x slower here.
-            _row("integrated_gradients", 5800.0, 2800.0, 2000.0),  # 1,000 ms there: met
-            _row("integrated_gradients (bf16)", 5800.0, 2800.0, 1300.0, corr_fp32=0.995)]
-    lines = bench.format_targets(rows)
-    assert lines[0].startswith("targets")
-    assert lines[1].endswith("1.30x Captum's default (need 1.3x): met")
-    assert "3.28x" in lines[2] and "corr 0.9850" in lines[2] and lines[2].endswith("NOT met")
-    assert "2,000 ms here; on the anchor machine 1,000 ms scaled by Captum's IG in batches of 10" in lines[3]
-    assert "(1,000 ms by Captum's IG default; 1,000 ms by its default occlusion)" in lines[3]
-    assert lines[3].endswith(": met")
-    assert "650 ms scaled" in lines[4] and lines[4].endswith("NOT met")  # 650 > 600
-    # The like-for-like scale (Captum's IG in batches of 10) decides; the others are shown.
-    lines = bench.format_targets([_row("integrated_gradients", 2900.0, 2800.0, 2000.0)])
-    assert "1,000 ms scaled by" in lines[1] and "(2,000 ms by Captum's IG default)" in lines[1]
-    assert lines[1].endswith(": met")
-    lines = bench.format_targets([_row("integrated_gradients", 5800.0, 2000.0, 2000.0)])
-    assert "1,400 ms scaled by" in lines[1] and lines[1].endswith("NOT met")
+def test_roofline_sets_each_row_against_the_peak_of_its_precision():
+    rows = [_row("occlusion", 8000.0, 7000.0, 17680.0, precision="fp32",
+                 cost={"forward": 442, "backward": 0}),
+            _row("occlusion (bf16)", 8000.0, 7000.0, 4420.0, precision="bf16",
+                 cost={"forward": 442, "backward": 0}),
+            _row("integrated_gradients", 3000.0, 2000.0, 3000.0, precision="fp32",
+                 cost={"forward": 50, "backward": 50}),
+            _row("deeplift", None, None, 10.0, precision="fp32", cost=None)]  # no passes known
+    flops = {"forward": 2e9, "backward": 1e9}
+    peaks = {"fp32": {"matmul": 80e9, "conv": 100e9}, "bf16": {"matmul": 400e9, "conv": 300e9}}
+    lines = bench.format_roofline(rows, flops, peaks)
+    assert lines[0].startswith("against the hardware")
+    assert "fp32 100 GFLOP/s (conv)" in lines[0] and "bf16 400 GFLOP/s (matmul)" in lines[0]
+    assert "2.00 GFLOP forward, 1.00 backward" in lines[0]
+    occ, occ_bf16, ig = (line.split() for line in lines[3:])  # deeplift has no passes: no row
+    # 442 passes of 2 GFLOP: 884 GFLOP, 8.84 s at 100 GFLOP/s; 17.68 s is 50 GFLOP/s, half the peak.
+    assert occ == ["occlusion", "442+0", "884.0", "8,840", "17,680", "50", "50%"]
+    # The bf16 row is set against the bf16 peak: 200 GFLOP/s of 400.
+    assert occ_bf16 == ["occlusion", "(bf16)", "442+0", "884.0", "2,210", "4,420", "200", "50%"]
+    # Backward passes count at their own FLOPs: 50 × 2 + 50 × 1 = 150 GFLOP in 3 s.
+    assert ig == ["integrated_gradients", "50+50", "150.0", "1,500", "3,000", "50", "50%"]
 
 
-def test_gpu_targets_take_any_precision_whose_map_is_close_enough():
-    rows = [_row("occlusion", 860.0, 46.0, 30.0),
-            _row("occlusion (bf16)", 860.0, 46.0, 7.5, corr_fp32=0.9991),  # met
-            _row("integrated_gradients", 11.7, 16.0, 9.0),
-            _row("integrated_gradients (bf16)", 11.7, 16.0, 3.5, corr_fp32=0.985),  # corr low
-            _row("saliency", 6.6, 6.6, 1.0)]
-    lines = bench.format_gpu_targets(rows, "resnet18")
-    assert lines[0] == "targets (issue 5, GPU; resnet18):"
-    assert lines[1] == ("  occlusion: occlusion 30.0 ms, occlusion (bf16) 7.5 ms (corr 0.9991) "
-                        "(need <= 8 ms): met")
-    assert "integrated_gradients (bf16) 3.5 ms (corr 0.9850)" in lines[2]
-    assert lines[2].endswith("(need <= 4 ms): NOT met")
-    assert len(lines) == 3  # saliency has no target
-    lines = bench.format_gpu_targets(rows[:2], "resnet50")
-    assert lines[1].endswith("(need <= 15 ms): met")
-    assert bench.format_gpu_targets(rows, "vgg11") == []
+def test_pass_flops_counts_convolutions_and_products_and_leaves_the_model_alone():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 10))
+    flops = bench.pass_flops(model, torch.randn(2, 3, 8, 8))
+    conv, linear = 2 * (3 * 9) * 4 * 8 * 8, 2 * 256 * 10
+    assert flops == {"forward": conv + linear, "backward": conv + linear}
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_peak_flops_measures_both_kernels(precision):
+    rates = bench.peak_flops(torch.device("cpu"), precision, scale=1 / 16)
+    assert set(rates) == {"matmul", "conv"} and all(0 < r < 1e15 for r in rates.values())
+
+
+def test_main_prints_the_roofline_for_each_row(capsys):
+    assert bench.main(["--methods", "saliency", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(out) if line.startswith("against the hardware"))
+    row = out[at + 3].split()
+    assert row[:2] == ["saliency", "1+1"] and row[-1].endswith("%")
+    # ResNet-18 at 224: 1.8 G multiply-adds per forward pass, so 3.6 GFLOP, and as many back.
+    assert float(row[2]) == pytest.approx(7.3, abs=0.1)
 
 
 def test_fp64_columns_show_distance_from_the_float64_map(capsys):
