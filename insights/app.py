@@ -1,17 +1,12 @@
-"""The application factory: settings, services (models, store, jobs) and blueprints."""
+"""The application factory: settings, the service (models, store, jobs) and the blueprints."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
-from dataclasses import dataclass, field
 
 from flask import Flask
 
-from .jobs import JobRunner
-from .models import LogitsCache, ModelRegistry
-from .store import Store
+from .service import Service
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,16 +35,6 @@ DEFAULTS = {
 }
 
 
-@dataclass
-class Services:
-    """What ``app.extensions["insights"]`` holds; pages read results through ``store``."""
-
-    models: ModelRegistry
-    store: Store
-    jobs: JobRunner
-    logits: LogitsCache = field(default_factory=LogitsCache)  # recent scores per (model, image)
-
-
 def env_settings(environ=os.environ) -> dict:
     """INSIGHTS_<SETTING> environment variables, parsed as JSON when they are JSON."""
     out = {}
@@ -75,7 +60,6 @@ def create_app(config: dict | None = None) -> Flask:
     app.config.update(env_settings())
     app.config.update(config)
     app.config.update(
-        JSON_SORT_KEYS=False,
         # PNG and .npy are already compressed or binary: compress text only.
         COMPRESS_MIMETYPES=["application/json", "text/html", "text/css", "text/javascript",
                             "application/javascript", "image/svg+xml", "text/plain"],
@@ -84,21 +68,17 @@ def create_app(config: dict | None = None) -> Flask:
     )
     os.makedirs(app.instance_path, exist_ok=True)
 
-    services = Services(models=ModelRegistry(), store=Store(), jobs=JobRunner())
-    services.models.init_app(app)
-    services.store.init_app(app)
-    services.jobs.init_app(app)
-    app.extensions["insights"] = services
-    app.extensions["insights.store"] = services.store  # pages.py looks the Store up by type
+    service = Service()
+    service.init_app(app)
+    app.extensions["insights"] = service
+    app.extensions["insights.store"] = service.store
 
     from flask_compress import Compress
 
     Compress().init_app(app)
 
-    from . import api
+    from . import api, pages
 
     api.init_app(app)
-    if importlib.util.find_spec("insights.pages") is not None:
-        pages = importlib.import_module("insights.pages")
-        app.register_blueprint(pages.bp if hasattr(pages, "bp") else pages.pages)
+    app.register_blueprint(pages.bp)
     return app

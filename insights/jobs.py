@@ -1,19 +1,21 @@
-"""Runs model work on one compute worker per device, with progress and cancellation.
+"""Runs model work on one compute worker, with progress, cancellation and event streams.
 
-All model work of an app goes through :meth:`JobRunner.submit`: one thread takes jobs from a
-queue in order, so two computations never compete for the device (or the CPU's cores). Cheap
-requests submit and wait; costly ones return the job at once and the client follows it by
-polling or server-sent events. A job's function receives the job and reports with
-``job.progress(done, total)``; it should pass ``job.cancel`` (a threading.Event) to the engine.
+The job backend's interface is :class:`JobBackend` (submit, get, cancel, events, shutdown);
+:class:`JobRunner` implements it in-process: one thread takes jobs from a queue in order, so two
+computations never compete for the device (or the CPU's cores). Cheap requests submit and wait;
+costly ones return the job at once and the client follows it by polling or server-sent events.
 
-Jobs submitted with ``urgent=True`` (requests that wait for their answer) go ahead of queued
-costly jobs; a running job is never interrupted except by cancellation.
+Work is a plain function ``fn(job)`` or a :class:`~insights.tasks.Task`. A function reports with
+``job.progress(done, total)`` and should pass ``job.cancel`` (a threading.Event) to the engine.
+A task's ``compute`` runs on the worker; its ``finish`` too for queued jobs, while a request that
+waits (``urgent=True``) calls it itself. Urgent jobs go ahead of queued costly ones; a running
+job is never interrupted except by cancellation.
 
-Dynamic batching: a job submitted with ``batch=(key, run_many)`` may be run together with other
-queued jobs of the same key. When the worker takes such a job it waits up to ``batch_window``
-seconds for more of them (at most ``batch_max``), then calls ``run_many(jobs)`` once, which
-returns one result per job. Concurrent clients asking for the same kind of work on different
-images then share one batched pass through the model instead of queueing one by one.
+Dynamic batching: a task submitted with ``batch=True`` may run together with other queued tasks
+of the same ``batch_key``. When the worker takes such a job it waits up to ``batch_window``
+seconds for more of them (at most ``batch_max``), then calls ``compute`` once for all of them.
+Concurrent clients asking for the same kind of work on different images then share one batched
+pass through the model instead of queueing one by one.
 """
 from __future__ import annotations
 
@@ -24,26 +26,26 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Protocol
 
 from .engine import Cancelled
+from .errors import describe
 
 log = logging.getLogger("insights.jobs")
 
 clock = time.time  # the wall clock of job times (tests replace it)
 
-STATES = ("queued", "running", "done", "failed", "cancelled")
 FINAL = ("done", "failed", "cancelled")
 
 
 class Job:
     """One unit of work: its state, progress, outcome and cancel signal."""
 
-    def __init__(self, fn: Callable[["Job"], Any] | None, key: str | None = None, total: int = 0,
-                 urgent: bool = False, batch: tuple[Any, Callable[[list["Job"]], list]] | None = None):
+    def __init__(self, work: Any, key: str | None = None, total: int = 0, urgent: bool = False,
+                 batch_key: Any = None):
         self.id = uuid.uuid4().hex
-        self.fn = fn
-        self.batch = batch
+        self.work = work  # a function of the job, or a Task
+        self.batch_key = batch_key
         self.key = key
         self.urgent = urgent
         self.status = "queued"
@@ -60,7 +62,7 @@ class Job:
         self._first: tuple[float, int] | None = None  # (time, done) of the first progress report
         self._cond = threading.Condition()
 
-    # -- called by the worker and the job's function ------------------------------------------
+    # -- called by the worker and the job's work ------------------------------------------------
 
     def _set(self, **changes) -> None:
         with self._cond:
@@ -113,21 +115,20 @@ class Job:
                     "error": self.error, "version": self.version}
 
 
-def error_of(exc: BaseException) -> dict:
-    """The ``{"code", "message", "field"}`` of an exception raised inside a job."""
-    from .engine import InsightsError, UnknownMethod
-    from .models import ModelUnavailable, UnknownModel
+class JobBackend(Protocol):
+    """What the service needs of a job runner; another backend (a queue on other machines)
+    implements the same five calls."""
 
-    if isinstance(exc, UnknownMethod):
-        return {"code": "unknown_method", "message": str(exc), "field": "method"}
-    if isinstance(exc, InsightsError):
-        field = getattr(exc, "field", None)
-        return {"code": "bad_target" if field == "target" else "bad_param", "message": str(exc), "field": field}
-    if isinstance(exc, UnknownModel):
-        return {"code": "unknown_model", "message": str(exc), "field": "model"}
-    if isinstance(exc, ModelUnavailable):
-        return {"code": "model_unavailable", "message": str(exc), "field": "model"}
-    return {"code": "internal", "message": f"{type(exc).__name__}: {exc}", "field": None}
+    def submit(self, work: Any, key: str | None = None, total: int = 0, urgent: bool = False,
+               batch: bool = False) -> Job: ...
+
+    def get(self, job_id: str) -> Job | None: ...
+
+    def cancel(self, job_id: str) -> Job | None: ...
+
+    def events(self, job: Job, heartbeat: float) -> Iterator[dict | None]: ...
+
+    def shutdown(self, timeout: float = 5.0) -> None: ...
 
 
 class JobRunner:
@@ -150,19 +151,20 @@ class JobRunner:
         self.batch_window = float(app.config["BATCH_WINDOW_MS"]) / 1000.0
         self.batch_max = int(app.config["BATCH_MAX"])
 
-    def submit(self, fn: Callable[[Job], Any] | None, key: str | None = None, total: int = 0,
-               urgent: bool = False, batch: tuple[Any, Callable[[list[Job]], list]] | None = None) -> Job:
-        """Queues ``fn(job)``; its return value becomes ``job.result``. A job with the same
-        ``key`` that is still queued or running is returned instead of a new one. ``urgent`` jobs
-        (a request is waiting) run before queued non-urgent ones. With ``batch=(batch_key,
-        run_many)`` the job may run in one call ``run_many([job, ...])`` with other queued jobs
-        of the same batch key (``fn`` is then not needed)."""
+    def submit(self, work: Callable[[Job], Any] | Any, key: str | None = None, total: int = 0,
+               urgent: bool = False, batch: bool = False) -> Job:
+        """Queues ``work`` (a function of the job, or a Task); its return value (a task's
+        finished answer, or for urgent tasks its computed value) becomes ``job.result``. A job
+        with the same ``key`` that is still queued or running is returned instead of a new one.
+        ``urgent`` jobs (a request is waiting) run before queued non-urgent ones. With ``batch``
+        a task may be computed together with other queued tasks of its ``batch_key``."""
+        batch_key = getattr(work, "batch_key", None) if batch else None
         with self._guard:
             if key is not None:
                 running = self._by_key.get(key)
                 if running is not None and not running.final:
                     return running
-            job = Job(fn, key=key, total=total, urgent=urgent, batch=batch)
+            job = Job(work, key=key, total=total, urgent=urgent, batch_key=batch_key)
             self._jobs[job.id] = job
             if key is not None:
                 self._by_key[key] = job
@@ -187,6 +189,21 @@ class JobRunner:
             if job.status == "queued":
                 job._set(status="cancelled", finished=clock())
         return job
+
+    @staticmethod
+    def events(job: Job, heartbeat: float) -> Iterator[dict | None]:
+        """The job's state at every change, ending with its final state; None when nothing
+        changed for ``heartbeat`` seconds (a stream sends a keep-alive then)."""
+        version = -1
+        while True:
+            state = job.to_dict()
+            if state["version"] != version:
+                version = state["version"]
+                yield state
+                if state["status"] in FINAL:
+                    return
+            elif job.wait_change(version, heartbeat) == version:
+                yield None
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Cancels everything and stops the worker (used by tests and at exit)."""
@@ -221,8 +238,7 @@ class JobRunner:
             except queue.Empty:
                 break
             job = item[2]
-            if job is not None and job.batch is not None and job.batch[0] == first.batch[0] \
-                    and job.status == "queued":
+            if job is not None and job.batch_key == first.batch_key and job.status == "queued":
                 batch.append(job)
             else:
                 held.append(item)
@@ -232,12 +248,22 @@ class JobRunner:
             self._queue.put(item)
         return batch
 
+    @staticmethod
+    def _run(first: Job, started: list[Job]) -> list:
+        """The results of the started jobs (one job, or one batch of tasks)."""
+        work = first.work
+        if not hasattr(work, "compute"):
+            return [work(first)]
+        computed = type(work).compute([j.work for j in started], started)
+        # A waiting request finishes its answer itself; a queued job is finished here.
+        return [value if j.urgent else j.work.finish(value) for j, value in zip(started, computed)]
+
     def _work(self) -> None:
         while True:
             _priority, _order, job = self._queue.get()
             if job is None:
                 return
-            jobs = self._gather(job) if job.batch is not None else [job]
+            jobs = self._gather(job) if job.batch_key is not None else [job]
             started = []
             for j in jobs:
                 with j._cond:
@@ -248,25 +274,22 @@ class JobRunner:
             if not started:
                 continue
             try:
-                for j in started:
-                    if j.cancel.is_set() and len(started) == 1:
-                        raise Cancelled("cancelled before it started")
-                if job.batch is not None:
-                    results = job.batch[1](started)
-                else:
-                    results = [job.fn(job)]
+                if len(started) == 1 and started[0].cancel.is_set():
+                    raise Cancelled("cancelled before it started")
+                results = self._run(started[0], started)
             except Cancelled:
                 for j in started:
                     j._set(status="cancelled", finished=clock())
             except Exception as exc:  # reported to the client; the worker keeps going
-                error = error_of(exc)
-                if error["code"] == "internal":
+                error = describe(exc)
+                if error.status >= 500:
                     log.exception("job %s failed", job.id)
                 for j in started:
                     # Only a waiting request re-raises the exception; kept jobs hold no tracebacks.
-                    j._set(status="failed", error=error, exception=exc if j.urgent else None, finished=clock())
+                    j._set(status="failed", error=error.as_dict(), exception=exc if j.urgent else None,
+                           finished=clock())
             else:
                 for j, result in zip(started, results):
                     j._set(status="done", result=result, done=max(j.done, j.total), finished=clock())
             for j in started:
-                j.fn = j.batch = None  # let the closures (model inputs, images) be freed
+                j.work = None  # let the task's tensors and images be freed

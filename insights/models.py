@@ -15,7 +15,6 @@ import io
 import os
 import runpy
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -29,6 +28,8 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
 class UnknownModel(LookupError):
+    status, code = 400, "unknown_model"
+
     def __init__(self, name: str, known: Sequence[str]):
         super().__init__(f"unknown model {name!r}; known models: {', '.join(known)}")
         self.name = name
@@ -36,6 +37,8 @@ class UnknownModel(LookupError):
 
 
 class ModelUnavailable(RuntimeError):
+    status, code = 503, "model_unavailable"
+
     def __init__(self, name: str, reason: str):
         super().__init__(f"model {name!r} is not available: {reason}")
         self.name = name
@@ -215,7 +218,6 @@ class ModelRegistry:
         self.max_loaded = max(1, int(max_loaded))
         self.allow_download = allow_download
         self.default: str | None = None
-        self.load_seconds: dict[str, float] = {}
 
     def init_app(self, app) -> None:
         cfg = app.config
@@ -339,7 +341,6 @@ class ModelRegistry:
             reason = spec.unavailable_reason()
             if reason:
                 raise ModelUnavailable(name, reason)
-            start = time.perf_counter()
             try:
                 model = spec.loader()
                 if not isinstance(model, nn.Module):
@@ -350,7 +351,6 @@ class ModelRegistry:
             except Exception as err:  # the reason is shown in the model list from now on
                 spec.failure = f"loading failed: {type(err).__name__}: {err}"
                 raise ModelUnavailable(name, spec.failure) from err
-            self.load_seconds[name] = time.perf_counter() - start
             with self._guard:
                 self._loaded[name] = model
                 while len(self._loaded) > self.max_loaded:

@@ -175,9 +175,6 @@ class Store:
             row = db.execute("SELECT meta FROM results WHERE id = ?", (rid,)).fetchone()
         return json.loads(row["meta"]) if row else None
 
-    def has_result(self, rid: str) -> bool:
-        return self.result(rid) is not None
-
     def put_result(self, meta: dict, view: Image.Image, attribution: np.ndarray, map_png: bytes) -> dict:
         """Stores a result whose ``meta["id"]`` is its content id; returns the stored metadata."""
         rid = meta["id"]

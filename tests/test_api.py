@@ -553,15 +553,21 @@ def test_concurrent_explanations_batch_and_equal_one_at_a_time(app):
 
 
 def test_noisy_methods_are_not_batched(app, image_id):
-    from insights.api import Explain
+    from insights.tasks import ExplainTask
 
+    service = app.extensions["insights"]
     record = {"id": image_id, "width": 48, "height": 40}
-    with app.test_request_context():
-        noisy = Explain("tiny", record, "saliency", {"nt_type": "smoothgrad", "seed": 0}, 0, "r", {})
-        shap = Explain("tiny", record, "gradient_shap", {"seed": 0, "n_samples": 5}, 0, "r", {})
-        plain = Explain("tiny", record, "saliency", {"nt_type": "none", "seed": 0, "abs": True}, 0, "r", {})
-    assert noisy.batch() is None and shap.batch() is None
-    assert plain.batch()[0] == ("explain", "tiny", "saliency", plain.batch_key[3])
+    noisy = ExplainTask(service, "tiny", record, "saliency", {"nt_type": "smoothgrad", "seed": 0}, 0, "r", {})
+    shap = ExplainTask(service, "tiny", record, "gradient_shap", {"seed": 0, "n_samples": 5}, 0, "r", {})
+    plain = ExplainTask(service, "tiny", record, "saliency", {"nt_type": "none", "seed": 0, "abs": True}, 0, "r", {})
+    assert noisy.batch_key is None and shap.batch_key is None
+    assert plain.batch_key[:3] == ("explain", "tiny", "saliency")
+    # Only tasks submitted for batching carry their key to the runner.
+    job = service.jobs.submit(plain, urgent=True, batch=True)
+    assert job.batch_key == plain.batch_key
+    assert service.jobs.submit(lambda j: None, batch=True).batch_key is None
+    assert job.wait(20) and job.status == "done"
+    assert job.result[4] == 1  # computed alone: a batch of one
 
 
 def test_predictions_are_computed_once_per_model_and_image(client, app, image_id, monkeypatch):

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from insights.jobs import JobRunner
+from insights.tasks import Task
 from insights.engine import Cancelled, ParamError
 
 
@@ -145,6 +146,22 @@ def test_wait_change_wakes_on_progress(runner):
     assert job.wait(5)
 
 
+class Item(Task):
+    """A task of the batch key "k": computes ten times its number, recording each call's size."""
+
+    batch_key = "k"
+
+    def __init__(self, n: int, calls: list, error: Exception | None = None):
+        self.n, self.calls, self.error = n, calls, error
+
+    @classmethod
+    def compute(cls, tasks, jobs):
+        tasks[0].calls.append(len(tasks))
+        if tasks[0].error is not None:
+            raise tasks[0].error
+        return [t.n * 10 for t in tasks]
+
+
 def test_batchable_jobs_queued_together_run_in_one_call(runner):
     gate, busy = threading.Event(), threading.Event()
 
@@ -154,19 +171,10 @@ def test_batchable_jobs_queued_together_run_in_one_call(runner):
         return "blocker"
 
     calls = []
-
-    def run_many(jobs):
-        calls.append(len(jobs))
-        return [j.fn.__self__ * 10 for j in jobs]
-
-    class Item(int):
-        def run_one(self, job):
-            return run_many([job])[0]
-
     first = runner.submit(blocker)
     assert busy.wait(5)
     other = runner.submit(lambda job: "other", urgent=True)  # a different kind: not batched
-    jobs = [runner.submit(Item(n).run_one, urgent=True, batch=("k", run_many)) for n in range(4)]
+    jobs = [runner.submit(Item(n, calls), urgent=True, batch=True) for n in range(4)]
     gate.set()
     for j in [first, other, *jobs]:
         assert j.wait(5)
@@ -175,18 +183,32 @@ def test_batchable_jobs_queued_together_run_in_one_call(runner):
     assert calls == [4]
 
 
+def test_tasks_not_submitted_for_batching_run_alone_and_finish_on_the_worker(runner):
+    class Finished(Item):
+        def finish(self, computed):
+            return f"stored {computed}"
+
+    gate, busy = threading.Event(), threading.Event()
+    runner.submit(lambda job: (busy.set(), gate.wait(5)))
+    assert busy.wait(5)
+    calls = []
+    queued = [runner.submit(Finished(n, calls)) for n in range(3)]
+    waiting = runner.submit(Finished(7, calls), urgent=True)
+    gate.set()
+    for j in [*queued, waiting]:
+        assert j.wait(5) and j.status == "done"
+    assert [j.result for j in queued] == ["stored 0", "stored 10", "stored 20"]
+    assert waiting.result == 70  # a waiting request finishes its answer itself
+    assert calls == [1, 1, 1, 1]
+
+
 def test_batch_waits_only_within_its_window_and_respects_the_cap():
     r = JobRunner(batch_window=0.0, batch_max=2)
     calls = []
-
-    def run_many(jobs):
-        calls.append(len(jobs))
-        return [None] * len(jobs)
-
     gate, busy = threading.Event(), threading.Event()
     r.submit(lambda job: (busy.set(), gate.wait(5)))
     assert busy.wait(5)
-    jobs = [r.submit(None, batch=("k", run_many)) for _ in range(5)]
+    jobs = [r.submit(Item(n, calls), batch=True) for n in range(5)]
     gate.set()
     for j in jobs:
         assert j.wait(5) and j.status == "done"
@@ -198,11 +220,9 @@ def test_a_failing_batch_fails_each_of_its_jobs(runner):
     gate, busy = threading.Event(), threading.Event()
     runner.submit(lambda job: (busy.set(), gate.wait(5)))
     assert busy.wait(5)
-
-    def run_many(jobs):
-        raise ParamError("stdevs", "must be at least 0")
-
-    jobs = [runner.submit(None, urgent=True, batch=("k", run_many)) for _ in range(3)]
+    calls = []
+    error = ParamError("stdevs", "must be at least 0")
+    jobs = [runner.submit(Item(n, calls, error), urgent=True, batch=True) for n in range(3)]
     gate.set()
     for j in jobs:
         assert j.wait(5)

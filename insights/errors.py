@@ -1,0 +1,102 @@
+"""Errors a client can act on, and the one mapping from any exception to its HTTP answer.
+
+Errors of the service carry their own ``status`` (HTTP), ``code`` (docs/api.md) and ``field``;
+the engine's errors know nothing of HTTP and are mapped here. Views and the job runner both
+use :func:`describe`, so a failure reads the same whether it happened inline or in a job.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .engine import InsightsError, UnknownMethod
+
+
+class ServiceError(Exception):
+    """A request the service refuses: an HTTP status, a stable code, a message, the field."""
+
+    status: int = 400
+    code: str = "bad_request"
+
+    def __init__(self, message: str, field: str | None = None, *, code: str | None = None,
+                 status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+
+
+class NotFound(ServiceError):
+    status, code = 404, "not_found"
+
+
+class BadParam(ServiceError):
+    code = "bad_param"
+
+
+class Conflict(ServiceError):
+    status, code = 409, "cancelled"
+
+
+@dataclass(frozen=True)
+class Described:
+    """What a client is told about an exception."""
+
+    status: int
+    code: str
+    message: str
+    field: str | None
+
+    def as_dict(self) -> dict:
+        return {"code": self.code, "message": self.message, "field": self.field}
+
+
+def describe(exc: BaseException) -> Described:
+    """The answer for ``exc``: its own status and code where it carries them, the engine's
+    errors as 400s, anything else as a 500 ``internal`` error."""
+    if isinstance(exc, ServiceError) or (hasattr(exc, "status") and hasattr(exc, "code")):
+        return Described(int(exc.status), exc.code, getattr(exc, "message", None) or str(exc),
+                         getattr(exc, "field", None))
+    if isinstance(exc, UnknownMethod):
+        return Described(400, "unknown_method", str(exc), "method")
+    if isinstance(exc, InsightsError):
+        field = getattr(exc, "field", None)
+        return Described(400, "bad_target" if field == "target" else "bad_param", str(exc), field)
+    return Described(500, "internal", f"{type(exc).__name__}: {exc}", None)
+
+
+# --------------------------------------------------------------------------- checked values
+
+
+def as_int(value, field: str, lo: int, hi: int, code: str = "bad_param") -> int:
+    """``value`` (a JSON number or a numeric string) as an integer in [lo, hi], or a 400."""
+    words = f"{field}: must be an integer, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise BadParam(words, field, code=code)
+    if isinstance(value, int):
+        number = value  # exact, however large: compared below without a float conversion
+    else:
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):
+            raise BadParam(words, field, code=code) from None
+        if not math.isfinite(number) or not number.is_integer():
+            raise BadParam(words, field, code=code)
+    if not lo <= number <= hi:
+        shown = int(number) if abs(number) < 1e18 else value
+        raise BadParam(f"{field}: must be between {lo} and {hi}, got {shown}", field, code=code)
+    return int(number)
+
+
+def as_number(value, field: str, lo: float, hi: float) -> float:
+    """``value`` as a finite number in [lo, hi], or a 400."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise BadParam(f"{field}: must be a number, got {value!r}", field) from None
+    if not lo <= x <= hi:
+        raise BadParam(f"{field}: must be between {lo} and {hi}, got {value!r}", field)
+    return x

@@ -1,0 +1,197 @@
+"""The service layer: what the app does, on its models, store and job runner, without HTTP.
+
+Views parse a request, call one method here and serialise what it returns; every refusal is a
+:class:`~insights.errors.ServiceError` carrying its status and code. Model work always runs on
+the job runner: cheap requests wait for it (their tasks may batch with others), costly ones are
+answered with the queued job.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+from . import engine, imaging
+from .errors import BadParam, Conflict, NotFound, ServiceError, as_int
+from .jobs import Job, JobRunner
+from .models import LogitsCache, ModelRegistry, ModelUnavailable
+from .store import Store, result_id
+from .tasks import ExplainTask, PredictTask, Task
+
+SAMPLES = {"chelsea": "Chelsea the cat", "coffee": "A cup of coffee", "astronaut": "Astronaut Eileen Collins",
+           "rocket": "A rocket on the launch pad"}
+
+
+@dataclass
+class Explained:
+    """The answer to an explain request: a stored result (``result``) or a queued ``job``."""
+
+    status: str  # done | queued
+    cached: bool = False
+    result: dict | None = None
+    job: Job | None = None
+
+
+class Service:
+    """Predict and explain for one app. ``app.extensions["insights"]`` holds it; ``models``,
+    ``store`` and ``jobs`` are its collaborators, each with its own ``init_app``."""
+
+    def __init__(self, models: ModelRegistry | None = None, store: Store | None = None,
+                 jobs: JobRunner | None = None, settings: dict | None = None):
+        self.models = models or ModelRegistry()
+        self.store = store or Store()
+        self.jobs = jobs or JobRunner()
+        self.logits = LogitsCache()  # recent scores per (model, image)
+        self.settings: dict = dict(settings or {})
+
+    def init_app(self, app) -> None:
+        self.settings = app.config
+        self.models.init_app(app)
+        self.store.init_app(app)
+        self.jobs.init_app(app)
+
+    def engine_settings(self) -> dict:
+        """The keyword arguments every engine call of this app gets (memory budget, fast paths)."""
+        return {"memory_budget": self.settings.get("MEMORY_BUDGET")}
+
+    # -- lookups -----------------------------------------------------------------------------
+
+    def model_name(self, name: Any) -> str:
+        """A registered, available model's name (the default one for None)."""
+        name = name or self.models.default
+        if not isinstance(name, str):
+            raise ServiceError(f"model must be a model name, got {name!r}", "model", code="unknown_model")
+        reason = self.models.spec(name).unavailable_reason()
+        if reason:
+            raise ModelUnavailable(name, reason)
+        return name
+
+    def image(self, image_id: Any) -> dict:
+        """A stored image's record."""
+        if not isinstance(image_id, str) or not image_id:
+            raise ServiceError("image must be the id of an uploaded image", "image")
+        record = self.store.image(image_id)
+        if record is None:
+            raise NotFound(f"no image with id {image_id!r}; upload it first (POST /api/images)", "image")
+        return record
+
+    def result(self, rid: str) -> dict:
+        """A stored result's metadata."""
+        meta = self.store.result(rid)
+        if meta is None:
+            raise NotFound(f"no result with id {rid!r}", "result")
+        return meta
+
+    def job(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no job with id {job_id!r} (jobs are kept in memory until restart)", "job")
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancels a queued or running job."""
+        self.job(job_id)
+        return self.jobs.cancel(job_id)
+
+    def events(self, job_id: str) -> Iterator[dict | None]:
+        """The job's state at every change (None: nothing changed for a heartbeat's time)."""
+        return self.jobs.events(self.job(job_id), float(self.settings.get("SSE_HEARTBEAT_S", 15)))
+
+    def labels(self, name: str, query: str, limit: int) -> dict:
+        """Class names of a model containing ``query`` (case-insensitive)."""
+        spec = self.models.spec(name)
+        q = query.strip().lower()
+        hits = [{"index": i, "label": lab} for i, lab in enumerate(spec.labels) if q in lab.lower()]
+        return {"results": hits[:limit], "total": len(hits)}
+
+    # -- images --------------------------------------------------------------------------------
+
+    def upload(self, data: bytes, filename: str | None) -> dict:
+        """Validates and stores an uploaded file; answers the image's record."""
+        img = imaging.decode(data, filename, self.settings.get("MAX_IMAGE_PIXELS", 40_000_000))
+        return self.store.put_image(img)
+
+    @staticmethod
+    def samples() -> list[dict]:
+        """The sample photos this server can offer."""
+        return [{"name": n, "label": label} for n, label in SAMPLES.items() if _sample_ok(n)]
+
+    def put_sample(self, name: str) -> dict:
+        """Stores a sample photo as an image; answers its record."""
+        if name not in SAMPLES or not _sample_ok(name):
+            raise NotFound(f"no sample named {name!r}; known: {', '.join(SAMPLES)}", "name")
+        import skimage.data
+
+        img = imaging.to_rgb(Image.fromarray(np.asarray(getattr(skimage.data, name)())))
+        return self.store.put_image(img)
+
+    # -- predict and explain ------------------------------------------------------------------
+
+    def run_inline(self, task: Task, key: str | None = None) -> Any:
+        """Runs the task's model work on the compute worker and waits for it (re-raising its
+        error here), then finishes the answer in this thread: the worker only does model work."""
+        job = self.jobs.submit(task, key=key, urgent=True, batch=True)
+        job.wait()
+        if job.status == "failed":
+            raise job.exception
+        if job.status == "cancelled":
+            raise Conflict("the computation was cancelled")
+        return task.finish(job.result)
+
+    def predict(self, name: Any, image_id: Any, top_k: Any = 5) -> dict:
+        """The model's ``top_k`` classes for a stored image."""
+        name = self.model_name(name)
+        record = self.image(image_id)
+        spec = self.models.spec(name)
+        k = as_int(top_k, "top_k", 1, min(spec.num_classes, self.settings.get("MAX_TOP_K", 100)))
+        preds = self.run_inline(PredictTask(self, name, record["id"], k))
+        return {"model": name, "image": record["id"], "predictions": preds}
+
+    def explain(self, name: Any, image_id: Any, method_id: Any, params: Any, target: Any) -> Explained:
+        """A stored result, one computed now, or a queued job for a costly one."""
+        name = self.model_name(name)
+        record = self.image(image_id)
+        spec = self.models.spec(name)
+        if not isinstance(method_id, str) or method_id not in engine.methods():
+            raise engine.UnknownMethod(str(method_id), engine.methods())
+        given = params or {}
+        if not isinstance(given, dict):
+            raise BadParam("params must be a JSON object of parameter values", "params")
+        method = engine.registry.get(method_id)
+        names = {p.name: p for p in method.params}
+        for key, value in given.items():
+            if key in names and names[key].type == "tensor" and value is not None:
+                raise BadParam(f"{key}: is a tensor parameter, only settable from Python", key)
+        if "layer" in names and not given.get("layer") and spec.cam_layer:
+            given = {**given, "layer": spec.cam_layer}  # the model's own CAM layer by default
+        p = method.validate(given)
+        shape = (len(spec.preprocessing.mean), spec.preprocessing.crop, spec.preprocessing.crop)
+        info = engine.method_info(method_id, p, shape)
+        passes = int(info["cost"]["forward"])
+        limit = self.settings.get("MAX_PASSES", 20_000)
+        if passes > limit:
+            raise ServiceError(f"these parameters need {passes} forward passes, more than the limit of "
+                               f"{limit} (MAX_PASSES); use a coarser setting", "params", code="over_budget")
+        if target is None:
+            target = self.run_inline(PredictTask(self, name, record["id"], 1))[0]["index"]
+        target = as_int(target, "target", 0, spec.num_classes - 1, code="bad_target")
+
+        rid = result_id(record["id"], name, method_id, p, target)
+        stored = self.store.result(rid)
+        if stored is not None:
+            return Explained("done", cached=True, result=stored)
+        task = ExplainTask(self, name, record, method_id, p, target, rid, info)
+        if passes <= self.settings.get("INLINE_MAX_PASSES", 64):
+            self.run_inline(task, key=rid)
+            return Explained("done", result=self.store.result(rid))
+        return Explained("queued", job=self.jobs.submit(task, key=rid, total=passes))
+
+
+def _sample_ok(name: str) -> bool:
+    try:
+        import skimage.data
+    except ImportError:
+        return False
+    return hasattr(skimage.data, name)

@@ -1,0 +1,168 @@
+"""The model work of one request, as a task the job runner can run alone or batched.
+
+A task works in two steps: :meth:`Task.compute` does the model work, on the compute worker, for
+one or several tasks with the same ``batch_key`` at once (the runner's dynamic batching), and
+:meth:`Task.finish` turns the computed value into the answer — in the request thread for
+requests that wait, on the worker for queued jobs. No Flask here: a task gets the service.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import torch
+from PIL import Image
+
+from . import engine, imaging
+from .store import canonical_json, utc_now
+
+
+class Task:
+    """Model work that may be batched with other tasks of the same ``batch_key`` (None: alone)."""
+
+    batch_key: tuple | None = None
+
+    @classmethod
+    def compute(cls, tasks: list["Task"], jobs: list) -> list:
+        """One computed value per task; ``jobs`` are the runner's jobs (progress, cancel)."""
+        raise NotImplementedError
+
+    def finish(self, computed: Any) -> Any:
+        return computed
+
+
+def top_predictions(logits: torch.Tensor, labels: list[str], k: int) -> list[dict]:
+    """The ``k`` most probable classes of one row of logits, most probable first."""
+    probs = torch.softmax(logits.detach().float().flatten(), dim=0)
+    values, indices = probs.topk(min(k, probs.numel()))
+    return [{"index": int(i), "label": labels[int(i)] if int(i) < len(labels) else str(int(i)), "prob": float(v)}
+            for v, i in zip(values.tolist(), indices.tolist())]
+
+
+def load_inputs(service, spec, image_id: str) -> tuple[torch.Tensor, Image.Image]:
+    """The preprocessed 1×C×H×W tensor (on the CPU) and the cropped view of a stored image."""
+    return imaging.preprocess(service.store.load_image(image_id), spec.preprocessing)
+
+
+def scores(service, name: str, model, tasks: list, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each task's logits row: from the cache, or from one forward pass of the rows missing."""
+    rows = [service.logits.get((name, t.image_id)) for t in tasks]
+    missing = [i for i, row in enumerate(rows) if row is None]
+    if missing:
+        spec = service.models.spec(name)
+        with torch.inference_mode():
+            logits = model(x[missing])
+        if logits.dim() != 2 or logits.shape[-1] != spec.num_classes:
+            raise RuntimeError(f"model {name} returned shape {tuple(logits.shape)}; "
+                               f"expected N×{spec.num_classes} (one score per label)")
+        for i, row in zip(missing, logits):
+            rows[i] = row.float().cpu()
+            service.logits.put((name, tasks[i].image_id), rows[i])
+    return rows
+
+
+class PredictTask(Task):
+    """The top-k classes of one image; predictions for one model batch together."""
+
+    def __init__(self, service, name: str, image_id: str, k: int):
+        self.service, self.name, self.image_id, self.k = service, name, image_id, k
+        self.spec = service.models.spec(name)
+        self.batch_key = ("predict", name)
+        self.known = service.logits.get((name, image_id))  # kept here: the cache may drop it
+        self.x = None if self.known is not None else load_inputs(service, self.spec, image_id)[0]
+
+    @classmethod
+    def compute(cls, tasks: list["PredictTask"], jobs: list) -> list:
+        todo = [t for t in tasks if t.known is None]
+        if todo:
+            first = todo[0]
+            model = first.service.models.get(first.name)
+            x = torch.cat([t.x for t in todo]).to(first.service.models.device)
+            for t, row in zip(todo, scores(first.service, first.name, model, todo, x)):
+                t.known = row
+        return [t.known for t in tasks]
+
+    def finish(self, logits: torch.Tensor) -> list[dict]:
+        return top_predictions(logits, self.spec.labels, self.k)
+
+
+def jsonable(params: dict) -> dict:
+    """Parameters as JSON values (tuples as lists, anything else as its string)."""
+    return json.loads(json.dumps(params, default=lambda v: list(v) if isinstance(v, tuple) else str(v)))
+
+
+class ExplainTask(Task):
+    """One explanation. The image is decoded and preprocessed when the task is made (in the
+    request thread), the model work runs on the compute worker, and encoding and storing happen
+    in ``finish``. Requests with the same model, method and parameters batch together when the
+    method says its rows are independent (methods that draw noise for a whole batch do not)."""
+
+    def __init__(self, service, name: str, record: dict, method_id: str, params: dict, target: int,
+                 rid: str, info: dict):
+        self.service, self.name, self.record = service, name, record
+        self.method_id, self.params, self.target, self.rid, self.info = method_id, params, target, rid, info
+        self.image_id = record["id"]
+        self.spec = service.models.spec(name)
+        self.x, self.view = load_inputs(service, self.spec, self.image_id)
+        if engine.registry.get(method_id).batchable(params):
+            self.batch_key = ("explain", name, method_id, canonical_json(jsonable(params)))
+
+    @classmethod
+    def compute(cls, tasks: list["ExplainTask"], jobs: list) -> list:
+        first = tasks[0]
+        service = first.service
+        todo = [i for i, t in enumerate(tasks) if service.store.result(t.rid) is None]
+        out: list = [None] * len(tasks)  # None: already stored (an identical job finished first)
+        if not todo:
+            return out
+        run = [jobs[i] for i in todo]
+        model = service.models.get(first.name)
+        x = torch.cat([tasks[i].x for i in todo]).to(service.models.device)
+        logits = scores(service, first.name, model, [tasks[i] for i in todo], x)
+        if len(run) == 1:
+            progress, cancel = run[0].progress, run[0].cancel
+        else:  # a batch stops only when every client cancelled
+            def progress(done, total):
+                for j in run:
+                    j.progress(done, total)
+
+            def cancel():
+                return all(j.cancel.is_set() for j in run)
+        details: dict = {}
+        start = time.perf_counter()
+        attr = engine.attribute(model, x, first.method_id, [tasks[i].target for i in todo], progress=progress,
+                                cancel=cancel, info=details, **service.engine_settings(), **first.params)
+        elapsed = time.perf_counter() - start
+        arr = attr.detach().cpu().float().numpy()
+        for row, i in enumerate(todo):
+            out[i] = (arr[row:row + 1], logits[row], elapsed, details.get("layer"), len(todo))
+        return out
+
+    def finish(self, computed) -> str:
+        """Encodes and stores the computed map; returns the result id."""
+        if computed is None:
+            return self.rid
+        arr, logits, elapsed, layer, batch_size = computed
+        png, enc = imaging.encode_map(arr[0], bool(self.info["signed"]))
+        self.service.store.put_result(self.metadata(arr, logits, elapsed, layer, batch_size, enc),
+                                      self.view, arr, png)
+        return self.rid
+
+    def metadata(self, arr, logits, elapsed: float, layer: str | None, batch_size: int, enc: dict) -> dict:
+        """The stored result's description (docs/api.md, "Results")."""
+        rid, record, spec = self.rid, self.record, self.spec
+        return {
+            "id": rid, "model": self.name, "method": self.method_id, "params": jsonable(self.params),
+            "target": self.target, "target_label": spec.labels[self.target],
+            "image": {"id": record["id"], "width": record["width"], "height": record["height"],
+                      "url": f"/api/images/{record['id']}"},
+            "elapsed_s": round(elapsed, 4), "batch_size": batch_size, "created": utc_now(),
+            "output": self.info["output"], "signed": bool(self.info["signed"]), "layer": layer,
+            "cost": self.info["cost"], "predictions": top_predictions(logits, spec.labels, 5),
+            "range": {"min": enc["min"], "max": enc["max"]}, "encoding": {"zero": enc["zero"], "scale": enc["scale"]},
+            "size": [int(arr.shape[-2]), int(arr.shape[-1])], "shape": list(arr.shape),
+            "links": {"input": f"/api/results/{rid}/input.png", "map": f"/api/results/{rid}/map.png",
+                      "overlay": f"/api/results/{rid}/overlay.png", "npy": f"/api/results/{rid}/attribution.npy",
+                      "share": f"/r/{rid}"},
+        }
