@@ -28,20 +28,15 @@ from typing import Mapping
 import numpy as np
 from PIL import Image
 
-# (value, short label, title) — the order is the order of the page's controls.
+# The page's controls in order: (value, label, title) for modes, (value, label) for signs.
 MODES = (
     ("original_image", "Image", "Original image"),
     ("heat_map", "Heat", "Heat map"),
     ("blended_heat_map", "Blend", "Heat map blended over the grayscale image"),
     ("masked_image", "Mask", "Image masked by the map's magnitude"),
-    ("alpha_scaling", "Alpha", "Image with opacity scaled by the map's magnitude, over white"),
+    ("alpha_scaling", "Alpha", "Image with opacity scaled by the map's magnitude"),
 )
-SIGNS = (
-    ("all", "All", "Positive and negative values"),
-    ("positive", "Positive", "Positive values only"),
-    ("negative", "Negative", "Negative values only"),
-    ("absolute_value", "Absolute", "Magnitudes"),
-)
+SIGNS = (("all", "All"), ("positive", "Positive"), ("negative", "Negative"), ("absolute_value", "Absolute"))
 # The colour maps the page offers (any matplotlib name is accepted by overlay.png).
 COLORMAPS = (
     ("viridis", "Viridis"), ("inferno", "Inferno"), ("magma", "Magma"), ("turbo", "Turbo"), ("jet", "Jet"),
@@ -156,7 +151,7 @@ def describe() -> dict:
     names = [c[0] for c in COLORMAPS] + sorted(set(AUTO_COLORMAP.values()))
     return {
         "modes": [{"value": v, "label": label, "title": title} for v, label, title in MODES],
-        "signs": [{"value": v, "label": label, "title": title} for v, label, title in SIGNS],
+        "signs": [{"value": v, "label": label} for v, label in SIGNS],
         "colormaps": [{"value": "auto", "label": "Auto (Captum default)"}]
                      + [{"value": v, "label": label} for v, label in COLORMAPS],
         "auto_colormap": AUTO_COLORMAP,

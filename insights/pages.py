@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, render_template, request, url_for
 
+from . import overlay
 from .store import Store
 
 bp = Blueprint("pages", __name__)
@@ -54,7 +55,7 @@ def param_value(value) -> str:
 @bp.get("/")
 def index():
     """The dashboard."""
-    return render_template("index.html")
+    return render_template("index.html", overlay=overlay.describe())
 
 
 @bp.get("/r/<result_id>")
@@ -72,4 +73,5 @@ def share(result_id: str):
         params=shown_params(meta.get("params") or {}),
         og_image=f"{base}/api/results/{meta['id']}/overlay.png",
         og_url=f"{base}{url_for('pages.share', result_id=meta['id'])}",
+        overlay=overlay.describe(),
     )

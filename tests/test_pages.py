@@ -171,3 +171,16 @@ def test_static_modules_are_served_as_javascript_and_imports_resolve(client, nam
         imported = re.search(r'import\s*\{([^}]*)\}\s*from\s*"' + re.escape(target) + '"', source).group(1)
         for symbol in (s.strip() for s in imported.split(",") if s.strip()):
             assert symbol in exported, f"{name} imports {symbol} that {target} does not export"
+
+
+@pytest.mark.parametrize("path", ["/", "share"])
+def test_pages_embed_the_overlay_specification(app, client, path):
+    import json
+
+    from insights import overlay
+
+    if path == "share":
+        path = f"/r/{store_result(app)['id']}"
+    html = client.get(path).get_data(as_text=True)
+    found = re.search(r'<script type="application/json" id="overlay-spec">(.*?)</script>', html, re.S)
+    assert found and json.loads(found.group(1)) == overlay.describe()

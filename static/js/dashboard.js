@@ -1,6 +1,7 @@
 // The dashboard: image → model → class → method → map, plus comparisons and sharing.
 import { api, explainToResult } from "./api.js";
 import { paramForm } from "./form.js";
+import { autoColormap, loadOverlay, overlayUrl } from "./overlay.js";
 import { colormapFor, effectiveSign, loadResult } from "./render.js";
 import { $, $$, copyText, duration, h, plainError, showError, toast } from "./ui.js";
 import { ViewStore, bindCanvas, colorBar, viewControls } from "./viewer.js";
@@ -23,8 +24,8 @@ const state = {
   busy: false,
   compareBy: "methods",
 };
-const store = new ViewStore();
-const bar = colorBar();
+let store = null; // the view settings, once the overlay specification is loaded
+let bar = null;
 let unbindHero = null;
 
 // ---------------------------------------------------------------------------- errors
@@ -507,12 +508,8 @@ async function showResult(meta) {
 // The PNG download asks the server for the same view the canvas shows.
 function updateDownloadLink() {
   if (!state.result) return;
-  const v = store.view;
-  const q = new URLSearchParams({ mode: v.mode, alpha: v.alpha, outlier: v.outlier });
-  if (v.sign !== "auto") q.set("sign", v.sign);
-  if (v.cmap !== "auto") q.set("cmap", v.cmap);
   const a = $("#download-png");
-  a.href = `${state.result.links.overlay}?${q}`;
+  a.href = overlayUrl(state.result, store.view);
   a.setAttribute("download", `${state.result.method}-${state.result.id.slice(0, 8)}.png`);
 }
 
@@ -669,11 +666,19 @@ async function start() {
       run();
     }
   });
+  try {
+    await loadOverlay();
+  } catch (e) {
+    showError($("#run-error"), `The dashboard could not load its settings: ${plainError(e)}`);
+    return;
+  }
+  store = new ViewStore();
+  bar = colorBar();
   $("#colorbar-slot").append(bar);
   const controls = viewControls(store);
   $("#view-slot").append(controls);
   const syncSwatch = () => {
-    controls.setSwatch(state.asset ? colormapFor(state.asset, store.view) : store.view.cmap === "auto" ? "RdWhGn" : store.view.cmap);
+    controls.setSwatch(state.asset ? colormapFor(state.asset, store.view) : store.view.cmap === "auto" ? autoColormap("all") : store.view.cmap);
     if (state.asset) controls.showSign(effectiveSign(state.asset, store.view));
   };
   store.subscribe(() => {

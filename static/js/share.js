@@ -1,11 +1,13 @@
 // The share page: the stored result drawn with the same viewer as the dashboard; nothing is recomputed.
 import { api } from "./api.js";
+import { loadOverlay, overlayUrl } from "./overlay.js";
 import { colormapFor, effectiveSign, loadResult } from "./render.js";
 import { $, copyText, h, plainError, toast } from "./ui.js";
 import { ViewStore, bindCanvas, colorBar, viewControls } from "./viewer.js";
 
 async function start() {
   const id = $("#share").dataset.result;
+  await loadOverlay();
   const store = new ViewStore();
   const bar = colorBar();
   $("#colorbar-slot").append(bar);
@@ -25,12 +27,7 @@ async function start() {
       controls.showSign(effectiveSign(a, view));
       controls.setSwatch(colormapFor(a, view));
     });
-    store.subscribe((v) => {
-      const q = new URLSearchParams({ mode: v.mode, alpha: v.alpha, outlier: v.outlier });
-      if (v.sign !== "auto") q.set("sign", v.sign);
-      if (v.cmap !== "auto") q.set("cmap", v.cmap);
-      $("#download-png").href = `${meta.links.overlay}?${q}`;
-    });
+    store.subscribe((v) => ($("#download-png").href = overlayUrl(meta, v)));
     document.body.dataset.ready = "true";
   } catch (e) {
     $("#view-slot").replaceChildren(h("p.field-error", { role: "alert", text: `The map could not be loaded: ${plainError(e)}` }));

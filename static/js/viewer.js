@@ -1,12 +1,13 @@
 // The result viewer: view settings shared by every canvas on the page, the controls that
 // change them, and the colour bar. Every change redraws locally; nothing is fetched.
-import { COLORMAPS, cssGradient } from "./colormaps.js";
-import { DEFAULT_VIEW, MODES, SIGNS, draw, fmt, scaleFor } from "./render.js";
+import { autoColormap, cssGradient, spec } from "./overlay.js";
+import { draw, fmt, scaleFor } from "./render.js";
 import { h, segmented } from "./ui.js";
 
+/** The view settings shared by every canvas of a page; starts from the specification's defaults. */
 export class ViewStore {
   constructor(view = {}) {
-    this.view = { ...DEFAULT_VIEW, ...view };
+    this.view = { ...spec().defaults, ...view };
     this.listeners = new Set();
   }
   set(patch) {
@@ -52,14 +53,18 @@ function slider(id, label, min, max, step, value, format, onInput) {
 /** The view controls (mode, sign, colour map, opacity, outlier clipping) bound to the store. */
 export function viewControls(store, prefix = "view") {
   const v = store.view;
-  const signOptions = SIGNS;
-  const mode = segmented("mode", "Display mode", MODES, v.mode, (x) => store.set({ mode: x }));
-  const sign = segmented("sign", "Sign", signOptions, v.sign, (x) => store.set({ sign: x }));
+  const { modes, signs, colormaps, ranges } = spec();
+  const mode = segmented("mode", "Display mode", modes, v.mode, (x) => store.set({ mode: x }));
+  const sign = segmented("sign", "Sign", signs, v.sign, (x) => store.set({ sign: x }));
   const swatch = h("span.swatch", { "aria-hidden": "true" });
-  const cmap = h("select.select", { id: `${prefix}-cmap` }, COLORMAPS.map((c) => h("option", { value: c.value, text: c.label, selected: c.value === v.cmap })));
+  const cmap = h("select.select", { id: `${prefix}-cmap` }, colormaps.map((c) => h("option", { value: c.value, text: c.label, selected: c.value === v.cmap })));
   cmap.addEventListener("change", () => store.set({ cmap: cmap.value }));
-  const opacity = slider(`${prefix}-alpha`, "Opacity", 0, 1, 0.05, v.alpha, (x) => `${Math.round(x * 100)}%`, (x) => store.set({ alpha: x }));
-  const outlier = slider(`${prefix}-outlier`, "Clip outliers", 0, 50, 0.5, v.outlier, (x) => `${x}%`, (x) => store.set({ outlier: x }));
+  const range = (name, label, format) => {
+    const r = ranges[name];
+    return slider(`${prefix}-${name}`, label, r.min, r.max, r.step, v[name], format, (x) => store.set({ [name]: x }));
+  };
+  const opacity = range("alpha", "Opacity", (x) => `${Math.round(x * 100)}%`);
+  const outlier = range("outlier", "Clip outliers", (x) => `${x}%`);
   const root = h("div.view-controls", {},
     h("div.control.wide", {}, h("span.control-label", { id: `${prefix}-mode-label`, text: "Display" }), mode),
     h("div.control.wide", {}, h("span.control-label", { id: `${prefix}-sign-label`, text: "Sign" }), sign),
@@ -72,7 +77,7 @@ export function viewControls(store, prefix = "view") {
   root.setSwatch = (name) => (swatch.style.background = cssGradient(name));
   // Until someone picks a sign, the control shows the one the map gets by default.
   root.showSign = (value) => sign.setValue(value);
-  root.setSwatch(v.cmap === "auto" ? "RdWhGn" : v.cmap);
+  root.setSwatch(v.cmap === "auto" ? autoColormap("all") : v.cmap);
   return root;
 }
 

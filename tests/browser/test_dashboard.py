@@ -1,17 +1,21 @@
 """The dashboard in a real browser (Debian chromium) against the real app and efficientnet_lite0.
 
-The tests share one page and run in file order, like a person using the dashboard: upload,
-predict, explain, change the view, run and cancel a job, compare, share, and a bad upload.
-Screenshots of the main states go to artifacts/screenshots/.
+Each test opens the page in a fresh browser context and gets there as a person would (upload,
+choose a class, explain); the server and the browser are shared. Results are stored, so a test
+that needs one the previous test made gets it back from the cache. Screenshots of the main
+states go to artifacts/screenshots/.
 """
 from __future__ import annotations
 
 import base64
+import io
 import logging
 import os
 import threading
 
+import numpy as np
 import pytest
+from PIL import Image
 from werkzeug.serving import make_server
 
 from playwright.sync_api import expect, sync_playwright
@@ -27,7 +31,6 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 
 @pytest.fixture(scope="module")
 def chelsea(tmp_path_factory) -> str:
-    from PIL import Image
     from skimage import data
 
     path = tmp_path_factory.mktemp("img") / "chelsea.png"
@@ -61,16 +64,18 @@ def browser():
         b.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def context(browser, server):
+    """A fresh browser context per test: no cookies, cache or page state from another test."""
     ctx = browser.new_context(viewport={"width": 1440, "height": 1100}, base_url=server,
                               permissions=["clipboard-read", "clipboard-write"])
     yield ctx
     ctx.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def page(context, server):
+    """The dashboard, freshly loaded; the test fails on any uncaught script error."""
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -79,6 +84,12 @@ def page(context, server):
     page.errors = errors
     yield page
     assert errors == [], errors
+
+
+@pytest.fixture(scope="module")
+def chelsea_b64(chelsea) -> str:
+    with open(chelsea, "rb") as f:
+        return base64.b64encode(f.read()).decode()
 
 
 def shot(page, name: str, **kw) -> None:
@@ -130,11 +141,28 @@ DROP_AND_EXPLAIN = """async ([b64, pick]) => {
 }"""
 
 
-def test_drop_predict_choose_class_and_explain(page, chelsea):
+def explain(page, b64: str, method: str = "saliency") -> dict:
+    """Drops chelsea, picks the second guess and explains it with ``method``; answers the timing."""
+    if method != "saliency":
+        page.click(f"label[for=method-{method}]")
+    return page.evaluate(DROP_AND_EXPLAIN, [b64, 1])
+
+
+def drop_image(page, b64: str) -> None:
+    """Drops chelsea and waits for the predictions (the second guess becomes the target)."""
+    page.evaluate("""(b64) => {
+      const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+      const dt = new DataTransfer();
+      dt.items.add(new File([bytes], 'chelsea.png', { type: 'image/png' }));
+      document.querySelector('#dropzone').dispatchEvent(new DragEvent('drop', { dataTransfer: dt, bubbles: true, cancelable: true }));
+    }""", b64)
+    page.wait_for_function("document.querySelectorAll('#predictions button.pred').length >= 5", timeout=30_000)
+    page.locator("#predictions button.pred").nth(1).click()
+
+
+def test_drop_predict_choose_class_and_explain(page, chelsea_b64):
     shot(page, "01-empty")
-    with open(chelsea, "rb") as f:
-        b64 = base64.b64encode(f.read()).decode()
-    timing = page.evaluate(DROP_AND_EXPLAIN, [b64, 1])
+    timing = explain(page, chelsea_b64)
     print(f"\ndrop → overlay painted: {timing['total']:.0f} ms (upload {timing['uploaded']:.0f}, "
           f"predictions shown {timing['predicted']:.0f}, explain answered {timing['explained']:.0f} "
           f"[request {timing['explained'] - timing['explainStart']:.0f}], painted {timing['painted']:.0f})")
@@ -159,7 +187,8 @@ def test_drop_predict_choose_class_and_explain(page, chelsea):
     shot(page, "02-saliency")
 
 
-def test_view_changes_redraw_locally_without_requests(page):
+def test_view_changes_redraw_locally_without_requests(page, chelsea_b64):
+    explain(page, chelsea_b64)
     requests: list[str] = []
     listener = lambda r: requests.append(r.url)  # noqa: E731
     page.on("request", listener)
@@ -189,7 +218,8 @@ def test_view_changes_redraw_locally_without_requests(page):
     page.remove_listener("request", listener)
 
 
-def test_occlusion_runs_as_a_job_with_progress_and_can_be_cancelled(page):
+def test_occlusion_runs_as_a_job_with_progress_and_can_be_cancelled(page, chelsea_b64):
+    explain(page, chelsea_b64)
     page.click("label[for=method-occlusion]")
     page.fill("#param-occlusion-strides", "3, 4, 4")  # 2,401 windows: long enough to cancel
     page.click("#run")
@@ -207,7 +237,9 @@ def test_occlusion_runs_as_a_job_with_progress_and_can_be_cancelled(page):
     shot(page, "05-job-cancelled")
 
 
-def test_bad_parameter_is_marked_before_sending(page):
+def test_bad_parameter_is_marked_before_sending(page, chelsea_b64):
+    drop_image(page, chelsea_b64)
+    page.click("label[for=method-occlusion]")
     requests: list[str] = []
     listener = lambda r: requests.append(r.url)  # noqa: E731
     page.on("request", listener)
@@ -220,7 +252,8 @@ def test_bad_parameter_is_marked_before_sending(page):
     page.remove_listener("request", listener)
 
 
-def test_grad_cam_and_two_methods_side_by_side(page):
+def test_grad_cam_and_two_methods_side_by_side(page, chelsea_b64):
+    explain(page, chelsea_b64)
     page.click("label[for=method-grad_cam]")
     page.click("#run")
     page.wait_for_function("document.querySelector('#result-method').textContent === 'Grad-CAM'", timeout=60_000)
@@ -247,7 +280,8 @@ def test_grad_cam_and_two_methods_side_by_side(page):
     page.click("#tab-methods")
 
 
-def test_share_link_opens_the_same_result_in_a_fresh_context(page, browser, server):
+def test_share_link_opens_the_same_result_in_a_fresh_context(page, browser, server, chelsea_b64):
+    explain(page, chelsea_b64, "grad_cam")
     page.locator("#hero").scroll_into_view_if_needed()
     page.click("#share")
     page.wait_for_selector("#share.confirmed")
@@ -281,7 +315,8 @@ def test_share_link_opens_the_same_result_in_a_fresh_context(page, browser, serv
         fresh.close()
 
 
-def test_text_file_named_png_shows_error_next_to_upload(page):
+def test_text_file_named_png_shows_error_next_to_upload(page, chelsea_b64):
+    explain(page, chelsea_b64, "grad_cam")
     page.set_input_files("#file-input", files=[{"name": "notes.png", "mimeType": "image/png",
                                                  "buffer": b"these are my shopping notes, not a picture\n"}])
     error = page.locator("#step-image #image-error")
@@ -292,7 +327,8 @@ def test_text_file_named_png_shows_error_next_to_upload(page):
     shot(page, "08-bad-upload", clip={"x": 0, "y": 0, "width": 460, "height": 520})
 
 
-def test_phone_width_stacks_the_layout(page):
+def test_phone_width_stacks_the_layout(page, chelsea_b64):
+    explain(page, chelsea_b64)
     page.set_viewport_size({"width": 390, "height": 844})
     page.wait_for_timeout(100)
     side = page.locator(".sidebar").bounding_box()
@@ -301,7 +337,6 @@ def test_phone_width_stacks_the_layout(page):
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     page.locator("#hero").scroll_into_view_if_needed()
     shot(page, "09-phone")
-    page.set_viewport_size({"width": 1440, "height": 1100})
 
 
 LABELS = """() => Array.from(document.querySelectorAll('input, select, textarea, button, [role=button], [role=radiogroup]'))
@@ -314,14 +349,20 @@ LABELS = """() => Array.from(document.querySelectorAll('input, select, textarea,
   .map((el) => el.outerHTML.slice(0, 120))"""
 
 
-def test_every_control_has_a_label(page):
+def test_every_control_has_a_label(page, chelsea_b64):
+    explain(page, chelsea_b64)  # the view controls and the result's buttons are on show
     page.click("label[for=method-occlusion]")  # a generated form with numbers, lists and choices
     assert page.evaluate(LABELS) == []
     page.click("label[for=method-saliency]")  # switches and selects
     assert page.evaluate(LABELS) == []
 
 
-def test_keyboard_file_chooser_paste_and_class_search(page, chelsea):
+def test_keyboard_file_chooser_paste_and_class_search(page, chelsea, chelsea_b64):
+    explain(page, chelsea_b64)  # a result and a comparison that a new image must clear
+    for box in page.locator("#compare-method-list input").all():
+        box.set_checked(box.get_attribute("value") in ("saliency", "grad_cam"), force=True)
+    page.click("#compare-run")
+    page.wait_for_function("document.querySelectorAll('#compare-grid .ccard.done').length === 2", timeout=60_000)
     # Listen before pressing: file chooser interception is switched on by the first listener.
     choosers = []
     on_chooser = lambda chooser: choosers.append(chooser)  # noqa: E731
@@ -340,8 +381,6 @@ def test_keyboard_file_chooser_paste_and_class_search(page, chelsea):
     page.wait_for_function("document.querySelectorAll('#predictions button.pred').length === 5")
 
     from skimage import data
-    from PIL import Image
-    import io
 
     buf = io.BytesIO()
     Image.fromarray(data.coffee()).save(buf, "PNG")
@@ -368,3 +407,57 @@ def test_keyboard_file_chooser_paste_and_class_search(page, chelsea):
     page.wait_for_selector("#overlay:not([hidden])", timeout=60_000)
     assert page.locator("#hero-title").inner_text() == "Golden retriever"
     shot(page, "10-keyboard-target-search")
+
+
+def canvas_pixels(page, selector: str) -> np.ndarray:
+    """The canvas at its natural size, read losslessly (a PNG data URL) as RGBA."""
+    url = page.evaluate("(sel) => document.querySelector(sel).toDataURL('image/png')", selector)
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGBA"))
+
+
+def test_canvas_is_the_overlay_png_for_every_mode_and_sign(context, chelsea):
+    """The share page's canvas and its PNG download (overlay.png with the page's own URL) agree
+    pixel for pixel for a signed map, in every display mode and sign."""
+    api = context.request
+    with open(chelsea, "rb") as f:
+        upload = api.post("/api/images", multipart={"image": {"name": "chelsea.png", "mimeType": "image/png",
+                                                              "buffer": f.read()}})
+    answer = api.post("/api/explain", data={"model": "efficientnet_lite0", "image": upload.json()["id"],
+                                            "method": "saliency", "target": 281, "params": {"abs": False}})
+    meta = answer.json()["result"]
+    assert meta["signed"] and meta["range"]["min"] < 0 < meta["range"]["max"]
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(meta["links"]["share"])
+    page.wait_for_selector("body[data-ready=true]")
+    spec = page.evaluate("JSON.parse(document.getElementById('overlay-spec').textContent)")
+    modes = [m["value"] for m in spec["modes"]]
+    signs = [s["value"] for s in spec["signs"]]
+    views = [("default", None, None, {})] + [(f"{m}/{s}", m, s, {}) for m in modes for s in signs] + [
+        ("blend/viridis", "blended_heat_map", "all", {"cmap": "viridis", "alpha": "0.3", "outlier": "10"}),
+        ("heat/negative/turbo", "heat_map", "negative", {"cmap": "turbo", "alpha": "0.3", "outlier": "0"}),
+    ]
+    worst = {}
+    for name, mode, sign, extra in views:
+        if mode:
+            page.click(f"#view-slot [data-name=mode] [data-value={mode}]")
+            page.click(f"#view-slot [data-name=sign] [data-value={sign}]")
+        if "cmap" in extra:
+            page.select_option("#share-cmap", extra["cmap"])
+            page.fill("#share-alpha", extra["alpha"])
+            page.fill("#share-outlier", extra["outlier"])
+        page.evaluate("() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)))")
+        canvas = canvas_pixels(page, "#overlay")
+        href = page.get_attribute("#download-png", "href")
+        served = api.get(href)
+        assert served.status == 200, (name, href, served.text()[:200])
+        png = np.asarray(Image.open(io.BytesIO(served.body())).convert("RGB")).astype(int)
+        assert canvas.shape[:2] == png.shape[:2] == tuple(meta["size"])
+        assert canvas[..., 3].min() == 255, name  # opaque: alpha scaling is shown over white
+        worst[name] = int(np.abs(canvas[..., :3].astype(int) - png).max())
+        if mode and sign == "all":
+            shot(page, f"11-share-{mode}")
+    print(f"\ncanvas vs overlay.png, largest channel difference: {max(worst.values())}/255 over {len(worst)} views")
+    assert max(worst.values()) <= 2, worst
+    assert errors == [], errors
