@@ -34,7 +34,6 @@ async function request(method, url, body) {
 }
 
 export const api = {
-  info: () => request("GET", "/api").then((r) => r.data),
   models: () => request("GET", "/api/models").then((r) => r.data.models),
   methods: () => request("GET", "/api/methods").then((r) => r.data.methods),
   samples: () => request("GET", "/api/samples").then((r) => r.data.samples),

@@ -70,23 +70,17 @@ export function paramForm(container, method) {
     const help = h("p.help", { id: helpId }, p.help || "", hint ? h("span.bounds", { text: ` (${hint})` }) : null);
     let control;
     let get;
-    let set;
     const label = h("label.field-label", { for: id }, human(p.name), h("code", { text: p.name }));
     if (p.type === "bool") {
       control = h("input.switch", { type: "checkbox", role: "switch", id, "aria-describedby": `${helpId} ${errId}` });
       control.checked = !!p.default;
       get = () => control.checked;
-      set = (v) => (control.checked = !!v);
     } else if (p.type === "choice" && p.choices.length <= 4 && p.choices.join("").length <= 24) {
       let value = p.default;
       control = segmented(p.name, human(p.name), p.choices.map((c) => ({ value: c, label: c })), value, (v) => (value = v));
       control.id = id;
       control.setAttribute("aria-describedby", `${helpId} ${errId}`);
       get = () => value;
-      set = (v) => {
-        value = v;
-        control.setValue(v);
-      };
       label.removeAttribute("for");
       label.id = `${id}-label`;
       control.setAttribute("aria-labelledby", label.id);
@@ -94,12 +88,10 @@ export function paramForm(container, method) {
       control = h("select.select", { id, "aria-describedby": `${helpId} ${errId}` },
         p.choices.map((c) => h("option", { value: c, text: c, selected: c === p.default })));
       get = () => control.value;
-      set = (v) => (control.value = v);
     } else if (p.type === "string") {
       control = h("input.input", { id, type: "text", placeholder: p.default ?? "auto", "aria-describedby": `${helpId} ${errId}`, autocomplete: "off", spellcheck: "false" });
       control.value = p.default ?? "";
       get = () => control.value;
-      set = (v) => (control.value = v ?? "");
       control.addEventListener("input", () => setError(p.name, ""));
     } else {
       const isList = p.type === "int_list";
@@ -116,12 +108,11 @@ export function paramForm(container, method) {
       });
       control.value = isList ? (p.default || []).join(", ") : numberText(p.default);
       get = () => control.value;
-      set = (v) => (control.value = Array.isArray(v) ? v.join(", ") : numberText(v));
       control.addEventListener("input", () => setError(p.name, ""));
     }
     const wrap = h(`div.field.field-${p.type}`, { "data-field": p.name }, p.type === "bool" ? h("div.switch-row", {}, label, control) : [label, control], help, error);
     container.append(wrap);
-    fields.set(p.name, { p, control, get, set, error, wrap });
+    fields.set(p.name, { p, control, get, error, wrap });
   }
 
   function setError(name, message) {
@@ -154,8 +145,5 @@ export function paramForm(container, method) {
       for (const name of fields.keys()) setError(name, "");
     },
     has: (name) => fields.has(name),
-    defaults() {
-      for (const f of fields.values()) f.set(f.p.default);
-    },
   };
 }

@@ -1,0 +1,144 @@
+// Compare: several methods on the current model, or the current method on several models, one
+// card each, run one at a time. The cards follow the result view's settings.
+import { api, explainToResult } from "../api.js";
+import { $, $$, duration, h, plainError, showError } from "../ui.js";
+import { bindCanvas } from "../viewer.js";
+import { loadResult } from "../render.js";
+
+function card(title, subtitle) {
+  const canvas = h("canvas.card-canvas", { width: 224, height: 224, role: "img", "aria-label": `${title} map` });
+  const fill = h("span.progress-fill");
+  const progress = h("div.progress.small", { role: "progressbar", "aria-label": `${title} progress`, "aria-valuemin": "0", "aria-valuemax": "100", "aria-valuenow": "0" }, fill);
+  const status = h("p.card-status.muted.small", { text: "Waiting…" });
+  const cancel = h("button.btn.btn-ghost.btn-small", { type: "button", hidden: true, text: "Cancel" });
+  const link = h("a.card-link", { hidden: true, text: "Open" });
+  const frame = h("div.card-frame", {}, canvas, h("div.card-placeholder", {}, h("span.spinner")));
+  const root = h("article.ccard.pending", {}, h("header", {}, h("h3", { text: title }), h("p.muted.small", { text: subtitle })), frame, progress, h("div.card-foot", {}, status, cancel, link));
+  return { root, canvas, fill, progress, status, cancel, link };
+}
+
+/** The compare panel; `store` is the view every card follows, `refresh()` re-enables buttons. */
+export function comparePanel(state, { store, refresh }) {
+  const grid = $("#compare-grid");
+  const unbinders = [];
+  let by = "methods";
+
+  function renderChoices() {
+    $("#compare-method-list").replaceChildren(
+      ...state.methods.map((m, i) => {
+        const id = `cmp-method-${m.id}`;
+        return h("span.chip-check", {}, h("input", { type: "checkbox", id, value: m.id, checked: i < 2 }), h("label", { for: id, text: m.label }));
+      }),
+    );
+    $("#compare-model-list").replaceChildren(
+      ...state.models.map((m) => {
+        const id = `cmp-model-${m.name}`;
+        return h("span.chip-check", { title: m.available ? "" : m.reason || "" },
+          h("input", { type: "checkbox", id, value: m.name, disabled: !m.available, checked: m.available }),
+          h("label", { for: id, text: m.label || m.name }));
+      }),
+    );
+  }
+
+  function setupTabs() {
+    const tabs = [$("#tab-methods"), $("#tab-models")];
+    const select = (tab, focus) => {
+      for (const t of tabs) {
+        const on = t === tab;
+        t.setAttribute("aria-selected", String(on));
+        t.tabIndex = on ? 0 : -1;
+        $(`#${t.getAttribute("aria-controls")}`).hidden = !on;
+      }
+      by = tab.id === "tab-methods" ? "methods" : "models";
+      if (focus) tab.focus();
+    };
+    tabs.forEach((t, i) => {
+      t.addEventListener("click", () => select(t));
+      t.addEventListener("keydown", (ev) => {
+        if (ev.key === "ArrowRight" || ev.key === "ArrowLeft") {
+          ev.preventDefault();
+          select(tabs[(i + 1) % 2], true);
+        }
+      });
+    });
+  }
+
+  /** Empties the comparison (its canvases stop following the view settings). */
+  function clear() {
+    while (unbinders.length) unbinders.pop()();
+    grid.replaceChildren();
+  }
+
+  /** The explanations to compare, or an error message. */
+  function plan() {
+    const base = { image: state.image.id, target: state.target.index };
+    if (by === "methods") {
+      const ids = $$("#compare-method-list input:checked").map((i) => i.value);
+      if (ids.length < 2) return "Choose at least two methods to compare.";
+      return ids.map((id) => {
+        const m = state.methods.find((x) => x.id === id);
+        return { title: m.label, subtitle: state.model, body: { model: state.model, ...base, method: id, params: {} } };
+      });
+    }
+    const names = $$("#compare-model-list input:checked").map((i) => i.value);
+    if (names.length < 1) return "Choose at least one model.";
+    const { ok, params } = state.form.read();
+    if (!ok) return "Fix the method's parameters first.";
+    return names.map((name) => ({ title: name, subtitle: state.method.label, body: { model: name, ...base, method: state.method.id, params } }));
+  }
+
+  async function runOne(job, ui) {
+    ui.status.textContent = "Running…";
+    let jobId = null;
+    ui.cancel.onclick = () => jobId && api.cancel(jobId).catch(() => {});
+    try {
+      const meta = await explainToResult(job.body, {
+        onJob: (j) => {
+          jobId = j.id;
+          ui.cancel.hidden = false;
+        },
+        onProgress: (j) => {
+          const pct = j.total ? Math.round((100 * j.done) / j.total) : 0;
+          ui.fill.style.width = `${pct}%`;
+          ui.progress.setAttribute("aria-valuenow", String(pct));
+          ui.status.textContent = j.status === "running" ? `${pct}%${j.eta_s ? ` · ${duration(j.eta_s)} left` : ""}` : j.status;
+        },
+      });
+      const asset = await loadResult(meta);
+      if (!ui.root.isConnected) return; // the comparison was cleared meanwhile
+      unbinders.push(bindCanvas(ui.canvas, asset, store));
+      ui.root.classList.remove("pending");
+      ui.root.classList.add("done");
+      ui.status.textContent = meta.cached ? "cached" : `${Number(meta.elapsed_s).toFixed(2)} s`;
+      ui.link.href = meta.links.share;
+      ui.link.hidden = false;
+    } catch (e) {
+      ui.root.classList.remove("pending");
+      ui.root.classList.add("failed");
+      ui.status.textContent = e.cancelled ? "Cancelled" : plainError(e);
+    } finally {
+      ui.cancel.hidden = true;
+    }
+  }
+
+  async function run() {
+    showError($("#compare-error"), "");
+    clear();
+    const jobs = plan();
+    if (typeof jobs === "string") return showError($("#compare-error"), jobs);
+    const cards = jobs.map((j) => ({ job: j, ui: card(j.title, j.subtitle) }));
+    grid.append(...cards.map((c) => c.ui.root));
+    $("#compare-run").disabled = true;
+    // One at a time: the server shares a few cores between everyone.
+    for (const { job, ui } of cards) {
+      if (!ui.root.isConnected) break; // a new image cleared the comparison
+      await runOne(job, ui);
+    }
+    refresh();
+  }
+
+  renderChoices();
+  setupTabs();
+  $("#compare-run").addEventListener("click", run);
+  return { clear };
+}

@@ -1,0 +1,40 @@
+// Step 4: the method, grouped by family, and its parameter form (built from the method's schema).
+import { paramForm } from "../form.js";
+import { $, h } from "../ui.js";
+import { stepError } from "./errors.js";
+
+const FAMILIES = { gradient: "Gradients", rules: "Propagation rules", cam: "Class activation maps", perturbation: "Perturbation" };
+const familyLabel = (f) => FAMILIES[f] || f.replace(/_/g, " ").replace(/^./, (c) => c.toUpperCase());
+
+/** Renders state.methods and selects the first; `changed()` runs on each choice. */
+export function methodPanel(state, { changed }) {
+  function select(id) {
+    state.method = state.methods.find((m) => m.id === id);
+    stepError("method", "");
+    state.form = paramForm($("#param-form"), state.method);
+    $("#params-box").hidden = !(state.method.params || []).some((p) => p.type !== "tensor");
+    changed();
+  }
+
+  state.method = state.methods[0];
+  const list = $("#method-list");
+  list.replaceChildren();
+  const families = [];
+  for (const m of state.methods) if (!families.includes(m.family)) families.push(m.family);
+  for (const fam of families) {
+    const group = h("div.method-group", { role: "group", "aria-label": familyLabel(fam) }, h("p.group-label", { text: familyLabel(fam) }));
+    for (const m of state.methods.filter((x) => x.family === fam)) {
+      const id = `method-${m.id}`;
+      const input = h("input.visually-hidden", { type: "radio", name: "method", id, value: m.id, checked: m.id === state.method.id });
+      input.addEventListener("change", () => select(m.id));
+      const cost = m.cost ? m.cost.forward + m.cost.backward : 0;
+      group.append(h("div.option.method", {}, input,
+        h("label", { for: id },
+          h("span.option-title", {}, m.label,
+            cost > 20 ? h("span.badge.slow", { text: "slow", title: `${cost} passes per image` }) : null),
+          h("span.option-desc", { text: m.description }))));
+    }
+    list.append(group);
+  }
+  select(state.method.id);
+}

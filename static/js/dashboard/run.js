@@ -1,0 +1,103 @@
+// The Explain button: runs the chosen explanation, inline or as a job with progress and cancel.
+import { api, explainToResult } from "../api.js";
+import { $, duration, toast } from "../ui.js";
+import { clearErrors, placeError } from "./errors.js";
+
+/** Wires Explain (and Ctrl+Enter) and the job box; `explained(meta)` shows each new result. */
+export function runPanel(state, { explained }) {
+  const button = $("#run");
+  const box = $("#job");
+  let job = null;
+
+  /** Enables Explain and Compare when everything is chosen (Explain also waits for a run). */
+  function refresh() {
+    button.disabled = !state.ready() || state.busy;
+    $("#compare-run").disabled = !state.ready();
+  }
+
+  function setBusy(on, text = "Working…") {
+    state.busy = on;
+    $("#stage-busy").hidden = !on;
+    $("#stage-busy-text").textContent = text;
+    button.classList.toggle("loading", on);
+    refresh();
+  }
+
+  function showJob(j) {
+    box.hidden = false;
+    box.dataset.status = j.status;
+    const pct = j.total ? Math.round((100 * j.done) / j.total) : 0;
+    $("#job-progress").setAttribute("aria-valuenow", String(pct));
+    $("#job-progress .progress-fill").style.width = `${pct}%`;
+    const words = { queued: "Queued", running: `Running · ${pct}%`, done: "Done", failed: "Failed", cancelled: "Cancelled" };
+    $("#job-status").textContent = words[j.status] || j.status;
+    $("#job-eta").textContent = j.status === "running" && j.eta_s !== null && j.eta_s !== undefined ? `about ${duration(j.eta_s)} left` : "";
+    $("#job-cancel").hidden = !(j.status === "queued" || j.status === "running");
+  }
+
+  async function run() {
+    if (button.disabled) return;
+    clearErrors(state);
+    const { ok, params } = state.form.read();
+    if (!ok) {
+      $("#params-box").open = true;
+      return;
+    }
+    const body = { model: state.model, image: state.image.id, method: state.method.id, target: state.target.index, params };
+    setBusy(true, `Running ${state.method.label}…`);
+    box.hidden = true;
+    try {
+      performance.mark("insights:explain-start");
+      const meta = await explainToResult(body, {
+        onJob: (j) => {
+          job = j;
+          showJob(j);
+          $("#job-cancel").focus();
+        },
+        onProgress: (j) => {
+          job = j;
+          showJob(j);
+        },
+      });
+      performance.mark("insights:explained");
+      job = null;
+      box.hidden = true;
+      await explained(meta);
+    } catch (e) {
+      if (e.cancelled) {
+        box.hidden = false;
+        $("#job-status").textContent = "Cancelled";
+        $("#job-eta").textContent = "";
+        $("#job-cancel").hidden = true;
+        toast("Explanation cancelled");
+      } else {
+        box.hidden = true;
+        placeError(state, e);
+      }
+    } finally {
+      setBusy(false);
+    }
+  }
+
+  async function cancel() {
+    if (!job) return;
+    $("#job-cancel").disabled = true;
+    try {
+      showJob(await api.cancel(job.id));
+    } catch (e) {
+      placeError(state, e);
+    } finally {
+      $("#job-cancel").disabled = false;
+    }
+  }
+
+  button.addEventListener("click", run);
+  $("#job-cancel").addEventListener("click", cancel);
+  document.addEventListener("keydown", (ev) => {
+    if ((ev.ctrlKey || ev.metaKey) && ev.key === "Enter") {
+      ev.preventDefault();
+      run();
+    }
+  });
+  return { refresh };
+}
