@@ -7,12 +7,6 @@ import { ViewStore, bindCanvas, colorBar, viewControls } from "./viewer.js";
 
 async function start() {
   const id = $("#share").dataset.result;
-  await loadOverlay();
-  const store = new ViewStore();
-  const bar = colorBar();
-  $("#colorbar-slot").append(bar);
-  const controls = viewControls(store, "share");
-  $("#view-slot").append(controls);
   $("#share-copy").addEventListener("click", async () => {
     const ok = await copyText(location.href);
     $("#share-copy span").textContent = ok ? "Link copied" : "Copy failed";
@@ -20,7 +14,12 @@ async function start() {
     setTimeout(() => ($("#share-copy span").textContent = "Copy link"), 2200);
   });
   try {
-    const meta = await api.result(id);
+    const [meta] = await Promise.all([api.result(id), loadOverlay()]);
+    const store = new ViewStore();
+    const bar = colorBar();
+    $("#colorbar-slot").append(bar);
+    const controls = viewControls(store, "share");
+    $("#view-slot").append(controls);
     const asset = await loadResult(meta);
     bindCanvas($("#overlay"), asset, store, (a, view) => {
       bar.update(a, view);
