@@ -227,3 +227,27 @@ def test_a_failing_batch_fails_each_of_its_jobs(runner):
     for j in jobs:
         assert j.wait(5)
         assert j.status == "failed" and j.error["field"] == "stdevs"
+
+
+def test_events_send_each_change_a_keep_alive_when_idle_and_end_with_the_final_state(runner):
+    step, finish = threading.Event(), threading.Event()
+
+    def fn(job):
+        step.wait(5)
+        job.progress(1, 2)
+        finish.wait(5)
+        return "r" * 64
+
+    job = runner.submit(fn, total=2)
+    events = runner.events(job, heartbeat=0.05)
+    states = [next(events)]
+    while states[-1]["status"] != "running":  # queued, then running
+        states.append(next(events))
+    assert next(events) is None  # nothing changed for a heartbeat
+    step.set()
+    progressed = next(events)
+    assert progressed["done"] == 1 and progressed["version"] > states[-1]["version"]
+    finish.set()
+    rest = [s for s in events if s is not None]
+    assert rest[-1]["status"] == "done" and rest[-1]["result_id"] == "r" * 64 and rest[-1]["done"] == 2
+    assert [s["version"] for s in rest] == sorted(set(s["version"] for s in rest))
