@@ -23,6 +23,9 @@ DEFAULTS = {
     "BATCH_WINDOW_MS": 5,  # how long the worker waits to batch concurrent requests of one kind
     "BATCH_MAX": 16,  # most requests in one batched pass
     "MEMORY_BUDGET": None,  # bytes of activations per batch (None: the engine's default)
+    "CUDA_GRAPHS": True,  # the engine replays repeated GPU batches as CUDA graphs
+    "CUDA_FUSED": True,  # the engine scores bf16 GPU batches with fused conv + bias + ReLU
+    "CPU_SLICES": True,  # the engine runs early layers of CPU scoring batches in cache-sized slices
     "SSE_HEARTBEAT_S": 15,  # seconds between keep-alive comments on an idle event stream
     "DEVICE": "auto",  # cpu, cuda, cuda:N or auto
     "ALLOW_DOWNLOAD": False,  # let torchvision download missing weights on first use

@@ -34,8 +34,7 @@ from typing import Callable
 import torch
 
 from .engine import attribute, attribute_many, methods, registry
-from .engine.fast import graphs, slices
-from .engine.base import default_layer
+from .engine.probe import default_layer
 
 TARGET = 208
 # Captum's own occlusion example, and the common IG setting.
@@ -228,7 +227,7 @@ def memory_check(device: torch.device) -> list[str]:
 
     import torchvision
 
-    from .engine.base import default_budget
+    from .engine.budget import default_budget
 
     def peak() -> float:
         if device.type == "cuda":
@@ -275,7 +274,7 @@ def peak_flops(device: torch.device, precision: str, scale: float = 1.0) -> dict
     product and a 3×3, 64-channel convolution on 56×56 maps in channels-last layout (ResNet's
     first stage). Each runs once to warm up, then three times; the fastest run counts. fp32 runs
     without TF32, as the engine's fp32 does. ``scale`` shrinks the problems (tests)."""
-    from .engine.base import true_fp32
+    from .engine.precision import true_fp32
 
     dtype = DTYPES[precision]
     n = int((8192 if device.type == "cuda" else 2048) * scale)
@@ -419,11 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     layer = default_layer(model, x)
     print(f"model {args.model} (random weights) on {device}, input 1×3×224×224, target {TARGET}, "
           f"{torch.get_num_threads()} threads, {'fastest' if args.stat == 'min' else 'median'} of "
-          f"{args.repeat}; Grad-CAM layer {layer}"
-          + (f"; CUDA graphs {'on' if graphs.enabled() else 'off (INSIGHTS_CUDA_GRAPHS=0)'}"
-             if device.type == "cuda" else
-             f"; sliced scoring {'on' if slices.enabled() else 'off (INSIGHTS_CPU_SLICES=0)'}"),
-          file=sys.stderr)
+          f"{args.repeat}; Grad-CAM layer {layer}", file=sys.stderr)
     rows = []
     for method in chosen:
         rows.extend(bench_method(method, model, x, layer, args.repeat, device, fp64=args.fp64, stat=stat))

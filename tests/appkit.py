@@ -17,7 +17,8 @@ from PIL import Image
 
 from insights import create_app
 from insights.engine import registry
-from insights.engine.base import Cost, Method, Param
+from insights.engine.method import Method
+from insights.engine.params import Cost, Param
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_CONFIG = os.path.join(HERE, "tiny_models.py")
@@ -64,7 +65,7 @@ class FixedMap(Method):
     def signed(self, p):
         return False
 
-    def cost(self, p, shape):
+    def cost(self, p, facts):
         return Cost(1, 0)
 
     def run(self, ctx, p):
@@ -83,7 +84,7 @@ class SlowSteps(Method):
     params = (Param("steps", "int", 20, "Passes.", min=1, max=100000),
               Param("delay", "float", 0.02, "Seconds per pass.", min=0.0, max=1.0))
 
-    def cost(self, p, shape):
+    def cost(self, p, facts):
         return Cost(p["steps"], 0)
 
     def run(self, ctx, p):

@@ -11,7 +11,7 @@ from torch import nn
 
 import insights
 from insights.engine import registry
-from insights.engine.base import probe
+from insights.engine.probe import probe
 
 from conftest import SmallCNN, seeded
 

@@ -12,6 +12,7 @@ import torch
 import torchvision
 from torch import fx, nn
 
+import insights
 from conftest import rel_error, seeded
 from insights.engine.fast.fused import ConvAddReLU, ConvReLU, fused_copy, fused_for
 from insights.engine.fast.twin import twin
@@ -76,12 +77,22 @@ def test_fused_modules_store_weights_once_in_the_fused_dtype(small_cnn, images):
     assert torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1] > 0.999
 
 
-def test_no_fused_copy_off_the_gpu_or_in_fp32(small_cnn, images, monkeypatch):
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_no_fused_copy_off_the_gpu_or_in_fp32(small_cnn, images, precision):
     fast = twin(small_cnn, images)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert fused_for(fast, images) is None
-    assert fused_for(fast, images) is None
+    info = {}
+    insights.attribute(small_cnn, images, "occlusion", 1, precision=precision, info=info,
+                       sliding_window_shapes=(3, 16, 16), strides=(3, 16, 16))
+    assert info["fast_paths"]["cuda_fused"] == "declined: only for bf16 on a GPU"
     assert fast.fused is None  # never built here
+
+
+def test_a_graph_with_nothing_to_fuse_says_why(images):
+    model = seeded(lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.LazyLinear(10)))
+    model(images)
+    fast = twin(model.eval(), images)
+    assert fused_for(fast, images) is None and fast.fused is False
+    assert fast.reasons["cuda_fused"] == "no convolution followed by a ReLU to fuse"
 
 
 class InPlaceBetween(nn.Module):

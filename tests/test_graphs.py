@@ -14,9 +14,12 @@ import torch
 
 import insights
 from conftest import rel_error
+from insights.engine import EngineOptions
+from insights.engine.budget import MAX_CHUNK_CPU
 from insights.engine.fast import graphs
-from insights.engine.base import MAX_CHUNK_CPU
 from insights.engine.fast.twin import twin
+
+NO_GRAPHS = EngineOptions(cuda_graphs=False)
 
 
 class StandInGraph:
@@ -31,8 +34,12 @@ class StandInGraph:
         self.replays += 1
 
 
+RECORDED_ROWS: list[int] = []  # the batch size of each recording (rows of its first input)
+
+
 def stand_in_record(graph, fn, inputs, stream):
     assert stream is None  # CPU tensors here: no CUDA stream
+    RECORDED_ROWS.append(inputs[0].shape[0])
     out = fn(*inputs)
     graph.fn, graph.inputs = fn, inputs
     graph.outputs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
@@ -42,56 +49,50 @@ def stand_in_record(graph, fn, inputs, stream):
 @pytest.fixture
 def recording(monkeypatch):
     """Graph replay switched on for CPU tensors, with the stand-in recorder."""
-    monkeypatch.setattr(graphs, "active", lambda device: graphs.enabled())
+    monkeypatch.setattr(graphs, "unavailable", lambda device: None)
     monkeypatch.setattr(graphs, "new_graph", StandInGraph)
     monkeypatch.setattr(graphs, "record_into", stand_in_record)
-
-
-def plain(monkeypatch, fn):
-    """fn() with graph replay off."""
-    with monkeypatch.context() as m:
-        m.setenv("INSIGHTS_CUDA_GRAPHS", "0")
-        return fn()
+    RECORDED_ROWS.clear()
 
 
 OCCLUSION = dict(sliding_window_shapes=(3, 16, 16), strides=(3, 8, 8))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_occlusion_from_replayed_graphs_equals_the_plain_map(recording, monkeypatch, small_cnn,
-                                                              images, precision):
+def test_occlusion_from_replayed_graphs_equals_the_plain_map(recording, small_cnn, images, precision):
     first, second = images[:1], images[1:]
     for x, target in ((first, 3), (second, 7), (first, 3)):  # replays see each call's inputs
-        got = insights.attribute(small_cnn, x, "occlusion", target, precision=precision, **OCCLUSION)
-        want = plain(monkeypatch, lambda: insights.attribute(
-            small_cnn, x, "occlusion", target, precision=precision, **OCCLUSION))
+        info = {}
+        got = insights.attribute(small_cnn, x, "occlusion", target, precision=precision,
+                                 info=info, **OCCLUSION)
+        want = insights.attribute(small_cnn, x, "occlusion", target, precision=precision,
+                                  options=NO_GRAPHS, **OCCLUSION)
         assert torch.equal(got, want)
         assert got.abs().max() > 0
+        assert info["fast_paths"]["cuda_graphs"] == "used"
     cache = twin(small_cnn, images).graphs
     # Two batch shapes, each recorded once: the clean row, and the 49 windows in even
     # batches under the CPU's cap of 32 (25, then 24 padded to 25 with a repeated row).
     assert MAX_CHUNK_CPU == 32
     assert cache.recorded == 2
-    assert sorted(k[2][0][0][0] for k in cache.entries) == [1, 25]
-    assert cache.replays == 3 * 3
+    assert sorted(RECORDED_ROWS) == [1, 25]
 
 
-def test_integrated_gradients_through_the_stem_from_replayed_graphs(recording, monkeypatch,
-                                                                     small_cnn, images):
+def test_integrated_gradients_through_the_stem_from_replayed_graphs(recording, small_cnn, images):
     fast = twin(small_cnn, images)
     assert fast.stem is not None
     for x, target, base in ((images[:1], 3, 0.0), (images[1:], 5, 0.5), (images, [1, 2], -0.2)):
+        info = {}
         got = insights.attribute(small_cnn, x, "integrated_gradients", target, n_steps=12,
-                                 baselines=base)
-        want = plain(monkeypatch, lambda: insights.attribute(
-            small_cnn, x, "integrated_gradients", target, n_steps=12, baselines=base))
+                                 baselines=base, info=info)
+        want = insights.attribute(small_cnn, x, "integrated_gradients", target, n_steps=12,
+                                  baselines=base, options=NO_GRAPHS)
         assert rel_error(got, want) < 1e-6
-    assert {k[0] for k in fast.graphs.entries} == {"ig-stem"}
-    # Batches of at most 10 on the CPU: 12 rows as 6 + 6 (twice), then 24 rows as 8 + 8 + 8.
-    assert fast.graphs.replays == 2 + 2 + 3
+        assert info["fast_paths"]["stem"] == info["fast_paths"]["cuda_graphs"] == "used"
+    assert fast.graphs.replays > fast.graphs.recorded > 0  # recorded once per shape, then replayed
 
 
-def test_integrated_gradients_without_a_stem_from_replayed_graphs(recording, monkeypatch, images):
+def test_integrated_gradients_without_a_stem_from_replayed_graphs(recording, images):
     from conftest import seeded
     from test_twin import InplaceOnStem  # a twin without the stem split
 
@@ -99,11 +100,13 @@ def test_integrated_gradients_without_a_stem_from_replayed_graphs(recording, mon
     fast = twin(model, images)
     assert fast is not None and fast.stem is None
     for x, target in ((images[:1], 3), (images[1:], 6)):
-        got = insights.attribute(model, x, "integrated_gradients", target, n_steps=8)
-        want = plain(monkeypatch, lambda: insights.attribute(
-            model, x, "integrated_gradients", target, n_steps=8))
+        info = {}
+        got = insights.attribute(model, x, "integrated_gradients", target, n_steps=8, info=info)
+        want = insights.attribute(model, x, "integrated_gradients", target, n_steps=8,
+                                  options=NO_GRAPHS)
         assert rel_error(got, want) < 1e-6
-    assert {k[0] for k in fast.graphs.entries} == {"ig"}
+        assert info["fast_paths"]["stem"].startswith("declined: ")
+        assert info["fast_paths"]["cuda_graphs"] == "used"
 
 
 def test_replay_copies_inputs_and_hands_out_fresh_outputs(recording):
@@ -150,10 +153,27 @@ def test_a_call_that_cannot_be_recorded_runs_plainly(recording, monkeypatch):
     assert len(calls) == 2  # one plain call each (no second recording attempt)
 
 
-def test_off_on_the_cpu_and_when_the_environment_says_so(monkeypatch, small_cnn, images):
-    insights.attribute(small_cnn, images, "occlusion", 1, **OCCLUSION)
+def test_off_on_the_cpu(small_cnn, images):
+    info = {}
+    insights.attribute(small_cnn, images, "occlusion", 1, info=info, **OCCLUSION)
     assert twin(small_cnn, images).graphs.recorded == 0  # this machine has no GPU
-    monkeypatch.setenv("INSIGHTS_CUDA_GRAPHS", "0")
-    assert not graphs.enabled()
-    monkeypatch.setenv("INSIGHTS_CUDA_GRAPHS", "1")
-    assert graphs.enabled()
+    assert info["fast_paths"]["cuda_graphs"] == "declined: only on a GPU"
+
+
+def test_off_when_the_options_say_so(recording, small_cnn, images):
+    info = {}
+    insights.attribute(small_cnn, images, "occlusion", 1, info=info, options=NO_GRAPHS, **OCCLUSION)
+    assert twin(small_cnn, images).graphs.recorded == 0
+    assert info["fast_paths"]["cuda_graphs"] == "declined: off (EngineOptions.cuda_graphs)"
+
+
+def test_a_failed_recording_says_why(recording, monkeypatch, small_cnn, images):
+    def refuse(graph, fn, inputs, stream):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "record_into", refuse)
+    info = {}
+    got = insights.attribute(small_cnn, images, "occlusion", 1, info=info, **OCCLUSION)
+    assert info["fast_paths"]["cuda_graphs"].startswith("declined: recording failed (RuntimeError")
+    assert torch.equal(got, insights.attribute(small_cnn, images, "occlusion", 1, options=NO_GRAPHS,
+                                               **OCCLUSION))

@@ -209,7 +209,7 @@ def test_feature_ablation_patch_cost():
 
 
 def test_true_fp32_turns_tf32_off_and_restores_it_after_the_last_overlapping_call():
-    from insights.engine.base import true_fp32
+    from insights.engine.precision import true_fp32
 
     cuda = torch.device("cuda")  # the flags exist without a GPU; nothing runs on one here
     saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)

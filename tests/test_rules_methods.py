@@ -12,7 +12,7 @@ from captum.attr import GuidedBackprop as CaptumGuidedBackprop
 from torch import nn
 
 import insights
-from insights.engine.base import Context
+from insights.engine.context import Context
 from insights.engine.families.rules import guided_gradient
 
 from conftest import logits, rel_error, seeded

@@ -8,6 +8,7 @@ from torch import nn
 
 import insights
 from conftest import rel_error, seeded
+from insights.engine import EngineOptions
 from insights.engine.fast import slices
 from insights.engine.fast.slices import sliced_for, split
 from insights.engine.fast.twin import twin
@@ -156,6 +157,10 @@ def test_a_head_that_mixes_rows_of_the_batch_is_not_sliced():
     assert fast is not None and split(fast.module, x) is not None  # a split exists...
     assert sliced_for(fast, x) is None  # ...but the check on distinct rows refuses it
     assert fast.sliced is False
+    info = {}
+    insights.attribute(model, x, "occlusion", 1, info=info, sliding_window_shapes=(3, 32, 32),
+                       strides=(3, 32, 32))
+    assert info["fast_paths"]["cpu_slices"] == "declined: the sliced copy mixes the rows of a batch"
 
 
 def test_a_blank_sample_still_catches_a_head_that_mixes_rows():
@@ -216,9 +221,13 @@ def test_in_place_statements_in_the_tail_are_kept():
 
 def test_no_slicing_on_request_or_without_a_split(resnet18, monkeypatch):
     x = torch.randn(1, 3, 64, 64)
-    monkeypatch.setenv("INSIGHTS_CPU_SLICES", "0")
-    assert sliced_for(twin(resnet18, x), x) is None
-    monkeypatch.delenv("INSIGHTS_CPU_SLICES")
+    calls = []
+    monkeypatch.setattr(slices.Sliced, "forward", lambda self, b: calls.append(len(b)))
+    info = {}
+    insights.attribute(resnet18, x, "occlusion", 1, info=info, options=EngineOptions(cpu_slices=False),
+                       sliding_window_shapes=(3, 32, 32), strides=(3, 32, 32))
+    assert not calls and twin(resnet18, x).sliced is None  # not even built
+    assert info["fast_paths"]["cpu_slices"] == "declined: off (EngineOptions.cpu_slices)"
     flat = seeded(lambda: nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, 10))).eval()
     assert split(twin(flat, x).module, x) is None
 
@@ -236,8 +245,9 @@ def test_maps_are_the_same_with_and_without_slices(resnet18, monkeypatch, method
     monkeypatch.setattr(slices.Sliced, "forward", lambda self, b: calls.append(len(b)) or forward(self, b))
     on = insights.attribute(resnet18, x, method, 208, precision=precision, **params)
     assert calls and max(calls) > 6  # the batches were larger than a slice
-    monkeypatch.setenv("INSIGHTS_CPU_SLICES", "0")
-    twin(resnet18, x).sliced = None
-    off = insights.attribute(resnet18, x, method, 208, precision=precision, **params)
+    calls.clear()
+    off = insights.attribute(resnet18, x, method, 208, precision=precision,
+                             options=EngineOptions(cpu_slices=False), **params)
+    assert not calls
     assert rel_error(on, off) < (1e-5 if precision == "fp32" else 2e-2)
     assert off.abs().max() > 0

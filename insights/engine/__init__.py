@@ -1,4 +1,12 @@
-"""The attribution engine: a registry of methods and the ``attribute`` entry point (no Flask)."""
+"""The attribution engine: a registry of methods and the ``attribute`` entry point (no Flask).
+
+The rooms: ``errors``, ``params`` (Param, Cost), ``method`` (Method, MethodRegistry, Facts),
+``scope`` (HookScope, model_lock), ``precision`` (fp32 or bf16), ``probe`` (what a model looks
+like), ``budget`` and ``context`` (one call: chunks, progress, cancel), ``passes`` (tensor
+helpers), ``seam`` (the one place that picks the fast paths in ``fast/`` or the plain reference
+paths), ``options`` (EngineOptions: the fast-path switches), ``families/`` (the methods) and
+``combined`` (several methods sharing passes).
+"""
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
@@ -6,8 +14,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .base import (Cancelled, Context, HookScope, InsightsError, MethodRegistry, ParamError,
-                   UnknownMethod, arithmetic, model_lock, probe)
+from . import probe as _probe
+from .context import Context
+from .errors import Cancelled, InsightsError, ParamError, UnknownMethod
+from .method import Facts, MethodRegistry
+from .options import EngineOptions
+from .precision import arithmetic
+from .scope import HookScope, model_lock
 
 registry = MethodRegistry()
 
@@ -48,7 +61,7 @@ def _check_call(model: nn.Module, inputs: Any, target: Any) -> tuple[torch.Tenso
     if not x.is_floating_point():
         raise ParamError("inputs", "must be a floating point tensor")
     t = _targets(target, x.shape[0], x.device)
-    classes = probe(model, x)["classes"]
+    classes = _probe.probe(model, x)["classes"]
     bad = t[(t < 0) | (t >= classes)]
     if bad.numel():
         raise ParamError("target", f"class index {int(bad[0])} is out of range 0..{classes - 1}")
@@ -57,21 +70,24 @@ def _check_call(model: nn.Module, inputs: Any, target: Any) -> tuple[torch.Tenso
 
 def attribute(model: nn.Module, inputs: torch.Tensor, method: str, target: Any, *,
               progress: Callable[[int, int], Any] | None = None, cancel: Any = None,
-              memory_budget: int | None = None, info: dict | None = None, **params) -> torch.Tensor:
+              memory_budget: int | None = None, info: dict | None = None,
+              options: EngineOptions | None = None, **params) -> torch.Tensor:
     """Attribution map of ``method`` for ``model`` at ``inputs`` (already normalised, N×C×H×W).
 
     ``target`` is a class index or one per row. Returns N×C×H×W for pixel methods and N×1×H×W
     for CAM methods, float32, on the inputs' device. ``progress(done, total)`` is called between
     batches; ``cancel`` (a ``threading.Event`` or a callable) is checked there and raises
     :class:`Cancelled`. ``memory_budget`` caps the bytes of activations per batch. ``info``, if
-    given, is filled with details of the call (e.g. the layer Grad-CAM chose)."""
+    given, is filled with details of the call (e.g. the layer Grad-CAM chose, the cost, and in
+    ``info["fast_paths"]`` which fast paths ran and why others did not). ``options``
+    (:class:`EngineOptions`, default all on) switches fast paths off."""
     m = registry.get(method)
     p = m.validate(params)
     x, t = _check_call(model, inputs, target)
-    cost = m.cost(p, tuple(x.shape[1:]))
+    cost = m.cost(p, Facts(tuple(x.shape[1:]), model, x[:1]))
     ctx = Context(model=model, inputs=x, target=t, total=max(1, cost.forward * x.shape[0]),
                   progress=progress, cancel=cancel, memory_budget=memory_budget,
-                  info=info if info is not None else {})
+                  info=info if info is not None else {}, options=options or EngineOptions())
     # Every method runs in full fp32 (no TF32 on CUDA) unless the caller opted into bf16: with
     # TF32 convolutions, DeepLift's maps of a random ResNet-18 missed the score difference by
     # 2.5%, IG drifted 2e-4 from Captum's fp32 maps and occlusion up to 3e-2 (H200).
@@ -89,5 +105,5 @@ def attribute(model: nn.Module, inputs: torch.Tensor, method: str, target: Any, 
 
 from .combined import attribute_many  # noqa: E402
 
-__all__ = ["attribute", "attribute_many", "methods", "method_info", "registry", "Cancelled", "InsightsError",
-           "ParamError", "UnknownMethod"]
+__all__ = ["attribute", "attribute_many", "methods", "method_info", "registry", "EngineOptions", "Cancelled",
+           "InsightsError", "ParamError", "UnknownMethod"]

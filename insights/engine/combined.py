@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from . import registry
-from .base import Context, Cost, HookScope, ParamError, arithmetic, get_layer, model_lock, true_fp32
+from .context import Context
+from .errors import ParamError
+from .method import Facts
+from .options import EngineOptions
+from .params import Cost
+from .precision import arithmetic, true_fp32
+from .probe import get_layer
+from .scope import HookScope, model_lock
 from .families.cam import layer_passes
 from .families.rules import guided_gradient
 
@@ -31,24 +38,26 @@ def _requests(requests: Sequence[Any]) -> list[tuple[str, dict]]:
 
 def attribute_many(model: nn.Module, inputs: torch.Tensor, requests: Sequence[Any], target: Any, *,
                    progress: Callable[[int, int], Any] | None = None, cancel: Any = None,
-                   memory_budget: int | None = None, info: dict | None = None) -> list[torch.Tensor]:
+                   memory_budget: int | None = None, info: dict | None = None,
+                   options: EngineOptions | None = None) -> list[torch.Tensor]:
     """The maps of several methods for the same inputs and targets, in the order asked.
 
     ``requests`` holds method ids or ``(method, params)`` pairs. Passes that several methods
     need are made once. ``info["passes"]`` tells the forward and backward passes per image made
     (``shared``) against those the methods would make one by one (``separate``), and
-    ``info["methods"]`` holds each method's own details (e.g. the Grad-CAM layer)."""
+    ``info["methods"]`` holds each method's own details (e.g. the Grad-CAM layer, the fast paths).
+    ``options`` as for :func:`insights.attribute`."""
     from . import _check_call  # the same input and target checks as attribute()
 
     methods = [(registry.get(method), params) for method, params in _requests(requests)]
     checked = [(m, m.validate(params)) for m, params in methods]
     x, t = _check_call(model, inputs, target)
-    shape = tuple(x.shape[1:])
+    facts = Facts(tuple(x.shape[1:]), model, x[:1])
     n = x.shape[0]
-    separate = [m.cost(p, shape) for m, p in checked]
+    separate = [m.cost(p, facts) for m, p in checked]
     infos: list[dict] = [{} for _ in checked]
     ctx = Context(model=model, inputs=x, target=t, total=1, progress=progress, cancel=cancel,
-                  memory_budget=memory_budget, info={})
+                  memory_budget=memory_budget, info={}, options=options or EngineOptions())
 
     with model_lock(model, exclusive=True), HookScope(model), true_fp32(x.device):
         ctx.check()

@@ -7,14 +7,17 @@ Captum's ``LayerGradCam`` followed by ``LayerAttribution.interpolate`` (bilinear
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import registry
-from ..base import Context, Cost, HookScope, Method, Param, ParamError, default_layer, get_layer
+from ..context import Context
+from ..errors import ParamError
+from ..params import Cost, Param
+from ..probe import default_layer, get_layer
+from ..method import Facts, Method
+from ..scope import HookScope
 from .rules import guided_gradient
 
 LAYER_PARAM = Param("layer", "string", None, "Name of the spatial layer to explain, as in "
@@ -108,7 +111,7 @@ class GradCam(Method):
     def signed(self, p: dict) -> bool:
         return not p["relu_attributions"]
 
-    def cost(self, p: dict, shape: Sequence[int]) -> Cost:
+    def cost(self, p: dict, facts: Facts) -> Cost:
         return Cost(1, 1)
 
     def run(self, ctx: Context, p: dict) -> torch.Tensor:
@@ -140,7 +143,7 @@ class GuidedGradCam(Method):
               choices=("nearest", "bilinear", "area")),
     )
 
-    def cost(self, p: dict, shape: Sequence[int]) -> Cost:
+    def cost(self, p: dict, facts: Facts) -> Cost:
         return Cost(2, 2)
 
     def run(self, ctx: Context, p: dict) -> torch.Tensor:

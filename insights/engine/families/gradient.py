@@ -9,16 +9,18 @@ repeats ``x`` with Gaussian noise and aggregates the maps. A method that is alre
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from .. import registry
-from ..base import (PRECISION_PARAM, Context, Cost, Method, Param, ParamError, add_rows,
-                   default_budget, expand_baseline, gradient)
-from ..fast.graphs import replayed
-from ..fast.twin import twin
+from ..context import Context
+from ..params import Cost, Param
+from ..errors import ParamError
+from ..passes import add_rows, expand_baseline, gradient
+from ..precision import PRECISION_PARAM
+from ..method import Facts, Method
 
 NT_TYPES = ("none", "smoothgrad", "smoothgrad_sq", "vargrad")
 
@@ -60,12 +62,12 @@ class GradientMethod(Method):
         # the batch would change this one's noise. Methods without a tunnel draw their own.
         return self.noise_tunnel and p.get("nt_type", "none") == "none"
 
-    def passes(self, p: dict, shape: Sequence[int]) -> int:
+    def passes(self, p: dict) -> int:
         return self.passes_per_sample
 
-    def cost(self, p: dict, shape: Sequence[int]) -> Cost:
+    def cost(self, p: dict, facts: Facts) -> Cost:
         nt = p.get("nt_type", "none")
-        n = self.passes(p, shape) * (1 if nt == "none" else p["nt_samples"])
+        n = self.passes(p) * (1 if nt == "none" else p["nt_samples"])
         return Cost(n, n)
 
     def shared_needs(self, ctx: Context, p: dict) -> set[str] | None:
@@ -206,95 +208,14 @@ class IntegratedGradients(GradientMethod):
             raise ParamError("n_steps", f"must be at least 2 with {p['integration']}, got {p['n_steps']}")
         return p
 
-    def passes(self, p, shape):
+    def passes(self, p):
         return p["n_steps"]
 
     def compute(self, ctx, x, target, p):
+        # IG(x) = (x - base) × ∫₀¹ ∇f(base + α (x - base)) dα, by the chosen quadrature.
         base = baseline_rows(p["baselines"], x, ctx.inputs.shape[0])
         sizes, alphas = integration_weights(p["integration"], p["n_steps"])
-        alpha = torch.tensor(alphas, dtype=x.dtype, device=x.device)
-        weight = torch.tensor(sizes, dtype=torch.float32, device=x.device).to(x.dtype)
-        fast = twin(ctx.model, x)
-        if fast is not None and fast.stem is not None and self._stem_fits(ctx, fast, x):
-            return self._through_stem(ctx, fast, x, base, target, alpha, weight)
-        net = fast.module if fast is not None else ctx.model
-        rows = x.shape[0]
-        diff = x - base
-        total = torch.zeros_like(x)
-        # Step-major rows (all images at alpha 0, then at alpha 1, ...), built chunk by chunk so
-        # that only one chunk of scaled inputs is ever in memory.
-        chunk = functools.partial(_weighted_gradient, net)
-        for s in ctx.chunks(rows * len(sizes), grad=True):
-            index = torch.arange(s.start, s.stop, device=x.device)
-            step, row = index // rows, index % rows
-            _accumulate(total, row, replayed(fast.graphs if fast is not None else None, "ig",
-                                             chunk, base, diff, alpha[step], weight[step],
-                                             target[row], row))
-        return total * diff
-
-    @staticmethod
-    def _stem_fits(ctx: Context, fast, x: torch.Tensor) -> bool:
-        """Whether three stem outputs per row (start, step, summed gradient) fit in a quarter
-        of the memory budget."""
-        shape = tuple(x.shape[1:])
-        if shape not in fast.stem_sizes:
-            with torch.no_grad():
-                fast.stem_sizes[shape] = fast.stem(x[:1]).numel()
-        per_row = fast.stem_sizes[shape] * x.element_size()
-        return 3 * per_row * x.shape[0] <= (ctx.memory_budget or default_budget(ctx.device)) / 4
-
-    @staticmethod
-    def _through_stem(ctx, fast, x, base, target, alpha, weight) -> torch.Tensor:
-        """The same integral, with the model's affine first layer (the stem) taken out of the
-        loop: stem(base + a (x - base)) = stem(base) + a (stem(x) - stem(base)), so the stem
-        runs twice instead of once per step; and its gradient is the same at every point, so
-        the weighted gradients at its output are summed first and carried back through it once.
-        The stem runs in fp32 in both precisions, which keeps the early max-pool's choices
-        exact in bf16 mode."""
-        rows = x.shape[0]
-        cl = torch.channels_last
-        with torch.autocast(x.device.type, enabled=False), torch.no_grad():
-            start = fast.stem(base.contiguous(memory_format=cl))
-            step = fast.stem(x.contiguous(memory_format=cl)) - start
-        total = torch.zeros_like(start)
-        chunk = functools.partial(_weighted_gradient, fast.rest)
-        for s in ctx.chunks(rows * alpha.numel(), grad=True):
-            index = torch.arange(s.start, s.stop, device=x.device)
-            k, row = index // rows, index % rows
-            _accumulate(total, row, replayed(fast.graphs, "ig-stem", chunk, start, step,
-                                             alpha[k], weight[k], target[row], row))
-        with torch.autocast(x.device.type, enabled=False), torch.enable_grad():
-            at = x.detach().contiguous(memory_format=cl).requires_grad_(True)
-            (through,) = torch.autograd.grad(fast.stem(at), at, total)
-        return through * (x - base)
-
-
-def _weighted_gradient(net, start: torch.Tensor, span: torch.Tensor, a: torch.Tensor,
-                       w: torch.Tensor, target: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-    """w[i] × the gradient of ``net``'s target logit at start[row[i]] + a[i] span[row[i]], for
-    the rows i of one batch of path points. On a GPU the rows are then summed per image (the
-    result is images × ...) inside the same CUDA graph; on the CPU they are returned as they
-    are and :func:`_accumulate` adds them up (one add per row is fastest there)."""
-    view = (-1,) + (1,) * (start.dim() - 1)
-    if start.shape[0] == 1:  # broadcast rather than gather copies of the one image's tensors
-        point = torch.addcmul(start, a.view(view), span)
-    else:
-        point = torch.addcmul(start[row], a.view(view), span[row])
-    grad = gradient(net, point.contiguous(memory_format=torch.channels_last), target)
-    grad.mul_(w.view(view))
-    if grad.device.type == "cpu":
-        return grad
-    if start.shape[0] == 1:
-        return grad.sum(0, keepdim=True)
-    return torch.zeros_like(start).index_add_(0, row, grad)
-
-
-def _accumulate(total: torch.Tensor, row: torch.Tensor, part: torch.Tensor) -> None:
-    """Adds a batch's part from :func:`_weighted_gradient` into the per-image total."""
-    if total.device.type != "cpu":
-        total += part
-    else:
-        add_rows(total, row, part)
+        return ctx.path_gradients(base, x, alphas, sizes, target) * (x - base)
 
 
 @registry.register
@@ -315,7 +236,7 @@ class GradientShap(GradientMethod):
         Param("seed", "int", 0, "Random seed: the same seed gives the same map.", min=0, max=2**31 - 1),
     )
 
-    def passes(self, p, shape):
+    def passes(self, p):
         return p["n_samples"]
 
     def _distribution(self, value: Any, x: torch.Tensor) -> torch.Tensor:

@@ -6,66 +6,28 @@ in batches under the memory budget, under ``torch.inference_mode``, in channels-
 (faster convolutions on CPU and GPU), optionally in bfloat16 (``precision="bf16"``: about twice
 as fast on CPUs with bf16 support and on GPUs, close to but not exactly the fp32 map).
 
+The scores come from the context's scorer (``seam.py``), which picks the fast paths.
 The maths match Captum's ``Occlusion`` and ``FeatureAblation``: windows that run past the border
 are clipped, and an element covered by several windows gets the mean of their differences.
 """
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from typing import Sequence
 
 import torch
-from torch import nn
 
 from .. import registry
-from ..base import (PRECISION_PARAM, Context, Cost, Method, Param, ParamError, add_rows,
-                   expand_baseline)
-from ..fast import graphs
-from ..fast.fused import fused_for
-from ..fast.slices import sliced_for
-from ..fast.twin import twin
+from ..context import Context
+from ..errors import ParamError
+from ..params import Cost, Param
+from ..passes import add_rows, expand_baseline
+from ..precision import PRECISION_PARAM
+from ..method import Facts, Method
 
 BASELINES_PARAM = Param("baselines", "float", 0.0, "Value that replaces the occluded pixels, in "
                         "normalised input units (0 is the dataset mean). Python callers may pass "
                         "a tensor broadcastable to the input.", tensor_ok=True)
-
-
-@contextmanager
-def scoring(model: nn.Module, sample: torch.Tensor):
-    """Yields ``score(x, target)``: the target logit of each row of a batch, in fp32, computed
-    without autograd, in channels-last layout and by the model's twin (batch norms folded into
-    the convolutions) where it has one; on a GPU the twin's batches are replayed CUDA graphs
-    (``graphs.py``), and bf16 batches run its fused copy (``fused.py``); on the CPU its
-    high-resolution layers run in cache-sized slices of each batch (``slices.py``). The arithmetic (true
-    fp32, or bf16 autocast for ``precision="bf16"``) is the one :func:`insights.attribute` set
-    for the whole call, so weights are cast to bf16 once for all batches."""
-    fast = twin(model, sample)
-    net = fast.module if fast is not None else model
-    name = "score"
-    fused = fused_for(fast, sample) if fast is not None else None
-    if fused is not None:
-        net, name = fused, "score-fused"
-    sliced = sliced_for(fast, sample) if fast is not None else None
-    if sliced is not None:
-        net = sliced
-
-    def logits_at(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = net(x)
-        # Differences of scores are taken in fp32 in both modes.
-        return logits.gather(1, target.view(-1, 1).to(logits.device)).squeeze(1).float()
-
-    def score(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return graphs.replayed(fast.graphs if fast is not None else None, name, logits_at, x,
-                        target.to(x.device))
-
-    # No autograd either way; but in bf16, autocast keeps its bf16 copies of the weights for
-    # the whole call only outside inference mode (inside it, every batch cast them again).
-    bf16 = torch.is_autocast_enabled(sample.device.type)
-    with torch.no_grad() if bf16 else torch.inference_mode():
-        yield score
 
 
 class PerturbationMethod(Method):
@@ -149,18 +111,11 @@ def occlude(ctx: Context, windows: Sequence[int], strides: Sequence[int], baseli
     x = x.contiguous(memory_format=cl)
     diffs = torch.empty(total * n, device=x.device)  # row r: window r // n, sample r % n
     every_channel = bool(masks[0].all())  # windows through all channels (the usual case)
-    # Replayed CUDA graphs are recorded per batch shape: a shorter last batch is padded with
-    # copies of its last row (whose scores are dropped) to the first batch's size.
-    pad = graphs.active(x.device)
-    size = None
-    with scoring(ctx.model, x) as score:
+    with ctx.scorer() as score:
         clean = score(x, target)
         ctx.advance(n)
         for s in ctx.chunks(total * n, grad=False):
             rows = torch.arange(s.start, s.stop, device=x.device)
-            size = size or len(rows)
-            if pad and len(rows) < size:
-                rows = torch.cat([rows, rows[-1:].expand(size - len(rows))])
             window, sample = rows // n, rows % n
             kc, rest = window // (counts[1] * counts[2]), window % (counts[1] * counts[2])
             kh, kw = rest // counts[2], rest % counts[2]
@@ -168,7 +123,7 @@ def occlude(ctx: Context, windows: Sequence[int], strides: Sequence[int], baseli
                 batch = _paste_windows(x, base, sample, (kc, kh, kw), windows, strides)
             else:  # one kernel for the whole batch (row-by-row copies would be launch-bound)
                 batch = _masked_batch(x, base, sample, masks, (kc, kh, kw), every_channel)
-            diffs[s] = (clean[sample] - score(batch, target[sample]))[: s.stop - s.start]
+            diffs[s] = clean[sample] - score(batch, target[sample])
 
     # The map is separable: sum over windows of diff × (mask_c ⊗ mask_h ⊗ mask_w), divided by
     # the number of windows covering each element, itself an outer product of per-axis counts.
@@ -194,8 +149,8 @@ class Occlusion(PerturbationMethod):
         PRECISION_PARAM,
     )
 
-    def cost(self, p: dict, shape: Sequence[int]) -> Cost:
-        return Cost(positions(p["sliding_window_shapes"], p["strides"], shape) + 1, 0)
+    def cost(self, p: dict, facts: Facts) -> Cost:
+        return Cost(positions(p["sliding_window_shapes"], p["strides"], facts.shape) + 1, 0)
 
     def run(self, ctx: Context, p: dict) -> torch.Tensor:
         return occlude(ctx, p["sliding_window_shapes"], p["strides"], p["baselines"])
@@ -223,7 +178,7 @@ def ablate_features(ctx: Context, mask: torch.Tensor, baselines) -> torch.Tensor
     ids = torch.unique(mask)
     base = expand_baseline(baselines, x)
     out = torch.zeros_like(x, dtype=torch.float32)
-    with scoring(ctx.model, x) as score:
+    with ctx.scorer() as score:
         clean = score(x, target)
         ctx.advance(n)
         for s in ctx.chunks(ids.numel() * n, grad=False):
@@ -251,10 +206,10 @@ class FeatureAblation(PerturbationMethod):
         PRECISION_PARAM,
     )
 
-    def cost(self, p: dict, shape: Sequence[int]) -> Cost:
+    def cost(self, p: dict, facts: Facts) -> Cost:
         if p["feature_mask"] is not None:
             return Cost(int(torch.unique(p["feature_mask"]).numel()) + 1, 0)
-        return Cost(math.prod(math.ceil(d / p["patch_size"]) for d in shape[1:]) + 1, 0)
+        return Cost(math.prod(math.ceil(d / p["patch_size"]) for d in facts.shape[1:]) + 1, 0)
 
     def run(self, ctx: Context, p: dict) -> torch.Tensor:
         if p["feature_mask"] is not None:

@@ -25,7 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import registry
-from ..base import Context, HookScope, ParamError, gradient
+from ..context import Context
+from ..errors import ParamError
+from ..passes import gradient
+from ..scope import HookScope
 from .gradient import BASELINES, GradientMethod, baseline_rows
 
 EPS = 1e-10  # below this input difference, a module keeps its own gradient (as in Captum)

@@ -23,8 +23,8 @@ with ordinary operations (which is how the CPU tests check the rewrite).
 from __future__ import annotations
 
 import copy
+import logging
 import operator
-import os
 
 import torch
 import torch.nn.functional as F
@@ -165,31 +165,33 @@ def fused_copy(module: fx.GraphModule, dtype: torch.dtype = torch.bfloat16) -> t
     return gm, count
 
 
-def enabled() -> bool:
-    return os.environ.get("INSIGHTS_CUDA_FUSED", "1") != "0"
+log = logging.getLogger("insights.engine")
 
 
 def fused_for(fast, sample: torch.Tensor) -> nn.Module | None:
-    """The twin's fused bf16 copy when scoring ``sample``'s batches on a GPU under bf16
-    autocast (None otherwise, or when the copy's logits for ``sample`` stray from the twin's
-    bf16 logits by more than bf16 rounding explains). Built once per twin."""
-    if not (sample.is_cuda and enabled() and torch.is_autocast_enabled("cuda")
-            and torch.get_autocast_dtype("cuda") == torch.bfloat16):
-        return None
+    """The twin's fused bf16 copy for scoring ``sample``'s batches (the engine's seam asks for
+    it on a GPU under bf16 autocast only), or None when the graph has nothing to fuse or the
+    copy's logits for ``sample`` stray from the twin's bf16 logits by more than bf16 rounding
+    explains (the reason in ``fast.reasons["cuda_fused"]``). Built once per twin."""
     if fast.fused is None:
-        fast.fused = _checked(fast, sample[:1]) or False
+        built = _checked(fast, sample[:1])
+        if isinstance(built, str):
+            fast.reasons["cuda_fused"] = built
+        fast.fused = built if isinstance(built, nn.Module) else False
     return fast.fused or None
 
 
-def _checked(fast, sample: torch.Tensor) -> nn.Module | None:
+def _checked(fast, sample: torch.Tensor) -> nn.Module | str:
     try:
         module, count = fused_copy(fast.module)
         if not count:
-            return None
+            return "no convolution followed by a ReLU to fuse"
         x = sample.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             got, want = module(x).float(), fast.module(x).float()
-    except Exception:  # a graph the rewrite or cuDNN cannot take keeps the plain twin
-        return None
-    ok = got.shape == want.shape and bool((got - want).abs().max() <= 0.05 * want.abs().max())
-    return module if ok else None
+    except Exception as err:  # a graph the rewrite or cuDNN cannot take keeps the plain twin
+        log.debug("no fused copy", exc_info=True)
+        return f"the rewrite failed ({type(err).__name__}: {err})"
+    if got.shape == want.shape and bool((got - want).abs().max() <= 0.05 * want.abs().max()):
+        return module
+    return "the fused copy's logits stray from the twin's"

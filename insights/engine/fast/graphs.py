@@ -17,13 +17,14 @@ What keeps a replay the same function as the plain call:
 * Graphs live in a :class:`GraphCache` held by the twin they were recorded from: a changed
   model gets a new twin, so never replays a graph of old weights. Each cache keeps at most
   ``limit`` graphs (least recently used dropped), since each holds its own memory.
-* A key whose recording fails runs plainly from then on.
-* Off on the CPU, inside another recording, and when the environment sets
-  ``INSIGHTS_CUDA_GRAPHS=0``.
+* A key whose recording fails runs plainly from then on (the reason logged, and handed to
+  the caller's ``note``).
+* Off on the CPU and inside another recording (:func:`unavailable`); the engine's seam also
+  leaves it off when ``EngineOptions.cuda_graphs`` is.
 """
 from __future__ import annotations
 
-import os
+import logging
 import threading
 from collections import OrderedDict
 from contextlib import nullcontext
@@ -35,9 +36,7 @@ import torch
 WARMUP = 2  # plain runs on a side stream before recording (lazy initialisation, algorithm choice)
 MAX_GRAPHS = 6  # per twin: occlusion and IG in both precisions
 
-
-def enabled() -> bool:
-    return os.environ.get("INSIGHTS_CUDA_GRAPHS", "1") != "0"
+log = logging.getLogger("insights.engine")
 
 
 @dataclass
@@ -57,14 +56,19 @@ class GraphCache:
         self.limit = limit
         self.entries: "OrderedDict[tuple, _Recorded | None]" = OrderedDict()
         self.lock = threading.Lock()
+        self.failed: dict[tuple, str] = {}  # why a key's recording failed
         self.recorded = 0  # recordings made (for tests and the benchmark)
         self.replays = 0
 
 
-def active(device: torch.device) -> bool:
-    """Whether batches on ``device`` are replayed graphs (callers then keep batch shapes equal,
-    since each new shape is recorded anew)."""
-    return device.type == "cuda" and enabled() and not torch.cuda.is_current_stream_capturing()
+def unavailable(device: torch.device) -> str | None:
+    """Why batches on ``device`` cannot be replayed graphs, or None when they can (callers then
+    keep batch shapes equal, since each new shape is recorded anew)."""
+    if device.type != "cuda":
+        return "only on a GPU"
+    if torch.cuda.is_current_stream_capturing():
+        return "inside another CUDA graph recording"
+    return None
 
 
 def key_of(name: str, inputs: tuple[torch.Tensor, ...]) -> tuple:
@@ -79,9 +83,14 @@ def key_of(name: str, inputs: tuple[torch.Tensor, ...]) -> tuple:
             torch.is_grad_enabled(), torch.is_inference_mode_enabled())
 
 
-def replayed(cache: GraphCache | None, name: str, fn: Callable, *inputs: torch.Tensor) -> Any:
-    """``fn(*inputs)``, computed by replaying a recorded CUDA graph where one can be used."""
-    if cache is None or not active(inputs[0].device):
+def replayed(cache: GraphCache | None, name: str, fn: Callable, *inputs: torch.Tensor,
+             note: Callable[[str], Any] | None = None) -> Any:
+    """``fn(*inputs)``, computed by replaying a recorded CUDA graph where one can be used.
+    ``note`` (if given) hears "used" after a replay, or "declined: <why>" when ``fn`` ran plainly."""
+    why = "no graph cache" if cache is None else unavailable(inputs[0].device)
+    if why:
+        if note is not None:
+            note("declined: " + why)
         return fn(*inputs)
     key = key_of(name, inputs)
     with cache.lock:
@@ -90,11 +99,17 @@ def replayed(cache: GraphCache | None, name: str, fn: Callable, *inputs: torch.T
             cache.entries.move_to_end(key)
         else:
             entry = _record(fn, inputs)
+            if isinstance(entry, str):
+                cache.failed[key] = entry
+                log.debug("CUDA graph %r not recorded: %s", name, entry)
+                entry = None
             cache.recorded += entry is not None
             cache.entries[key] = entry
             while len(cache.entries) > cache.limit:
-                cache.entries.popitem(last=False)
+                cache.failed.pop(cache.entries.popitem(last=False)[0], None)
     if entry is None:
+        if note is not None:
+            note("declined: " + cache.failed.get(key, "recording failed"))
         return fn(*inputs)
     with entry.lock:
         cuda = inputs[0].device.type == "cuda"
@@ -109,6 +124,8 @@ def replayed(cache: GraphCache | None, name: str, fn: Callable, *inputs: torch.T
             entry.done = torch.cuda.Event()
             entry.done.record(torch.cuda.current_stream(inputs[0].device))
         cache.replays += 1
+    if note is not None:
+        note("used")
     return out[0] if entry.single else out
 
 
@@ -135,10 +152,10 @@ def record_into(graph: Any, fn: Callable, inputs: tuple, stream: Any) -> Any:
 _recording = threading.Lock()
 
 
-def _record(fn: Callable, inputs: tuple[torch.Tensor, ...]) -> _Recorded | None:
+def _record(fn: Callable, inputs: tuple[torch.Tensor, ...]) -> _Recorded | str:
     """Warms ``fn`` up on a stream of its own, then records it on copies of ``inputs``, with
-    the inputs' device current; None where recording fails (an operation that cannot be
-    recorded, say). The caller's stream is current again afterwards, also after a failure."""
+    the inputs' device current; where recording fails (an operation that cannot be recorded,
+    say), why. The caller's stream is current again afterwards, also after a failure."""
     device = inputs[0].device
     with torch.inference_mode(False):  # buffers that later replays may copy into in any mode
         static = tuple(t.detach().clone() for t in inputs)
@@ -157,8 +174,8 @@ def _record(fn: Callable, inputs: tuple[torch.Tensor, ...]) -> _Recorded | None:
                     caller.wait_stream(stream)
                 graph = new_graph()
                 out = record_into(graph, fn, static, stream)
-        except Exception:
-            return None
+        except Exception as err:
+            return f"recording failed ({type(err).__name__}: {err})"
         finally:
             if cuda:
                 torch.cuda.set_stream(caller)

@@ -25,12 +25,13 @@ ResNet-18 ran slower sliced (fp32 1.79 → 2.06 s, bf16 0.97 → 1.15 s).
 
 Slicing changes no arithmetic: each image goes through the same operations, so fp32 stays
 exact. A model whose head mixes images of a batch would change, so the split is checked on a
-batch of distinct rows when it is built, under a lock (one build per twin). ``INSIGHTS_CPU_SLICES=0`` turns slicing off.
+batch of distinct rows when it is built, under a lock (one build per twin). The engine's seam asks
+for it on the CPU only, unless ``EngineOptions.cpu_slices`` is off.
 """
 from __future__ import annotations
 
+import logging
 import math
-import os
 import threading
 
 import torch
@@ -67,22 +68,20 @@ class Sliced(nn.Module):
         return self.tail(torch.cat([self.head(part) for part in x.tensor_split(count)]))
 
 
-def enabled() -> bool:
-    return os.environ.get("INSIGHTS_CPU_SLICES", "1") != "0"
-
-
+log = logging.getLogger("insights.engine")
 _lock = threading.Lock()  # one build per twin
 
 
 def sliced_for(fast, sample: torch.Tensor) -> nn.Module | None:
-    """The twin's sliced copy for scoring ``sample``'s batches on the CPU, or None (on a GPU,
-    when slicing is off, or when the graph has no suitable split). Built once per twin."""
-    if sample.device.type != "cpu" or not enabled():
-        return None
+    """The twin's sliced copy for scoring ``sample``'s batches on the CPU, or None when the graph
+    has no suitable split (the reason in ``fast.reasons["cpu_slices"]``). Built once per twin."""
     if fast.sliced is None:
         with _lock:
             if fast.sliced is None:
-                fast.sliced = _checked(fast.module, sample[:1]) or False
+                built = _checked(fast.module, sample[:1])
+                if isinstance(built, str):
+                    fast.reasons["cpu_slices"] = built
+                fast.sliced = built if isinstance(built, nn.Module) else False
     return fast.sliced or None
 
 
@@ -110,7 +109,9 @@ def _image_sizes(gm: fx.GraphModule, sample: torch.Tensor) -> dict[fx.Node, tupl
     try:
         large = _Shapes(gm)
         large.run(sample.repeat(1, 1, 2, 2))
-    except Exception:
+    except Exception:  # a model that takes one input size only
+        log.debug("graph does not run at twice the input size; judging layouts by shape alone",
+                  exc_info=True)
         large = None
     sizes = {}
     for node, shape in small.shapes.items():
@@ -179,19 +180,20 @@ def _halves(gm: fx.GraphModule, nodes: list[fx.Node], x: fx.Node, cut: fx.Node):
     return fx.GraphModule(gm, head), fx.GraphModule(gm, tail)
 
 
-def _checked(gm: fx.GraphModule, sample: torch.Tensor) -> Sliced | None:
+def _checked(gm: fx.GraphModule, sample: torch.Tensor) -> Sliced | str:
     """The split, if slicing a batch of distinct rows one at a time gives the whole batch's
     logits. The rows carry seeded noise, so that they differ even for a blank sample."""
     try:
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
             sliced = split(gm, sample)
             if sliced is None:
-                return None
+                return "no point to split the graph at"
             noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(0))
             batch = torch.cat([sample, sample.flip(-1) + noise, 0.5 * sample - noise]).contiguous(
                 memory_format=torch.channels_last)
             ok = _close(sliced.tail(torch.cat([sliced.head(row) for row in batch.split(1)])),
                         gm(batch))
-    except Exception:  # a graph that cannot be split or run in slices runs whole
-        return None
-    return sliced if ok else None
+    except Exception as err:  # a graph that cannot be split or run in slices runs whole
+        log.debug("no sliced copy", exc_info=True)
+        return f"slicing failed ({type(err).__name__}: {err})"
+    return sliced if ok else "the sliced copy mixes the rows of a batch"

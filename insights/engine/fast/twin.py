@@ -12,15 +12,16 @@ twin is also split into ``stem`` and ``rest``: ``model(x) == rest(stem(x))``. Th
 (plus a bias), which lets integrated gradients evaluate it twice instead of once per step and
 back-propagate through it once for the whole path (see ``gradient.py``).
 
-``twin(model, sample)`` returns None, and callers use the model itself, whenever the shortcut
-might not be the same model: with any module in training mode, with hooks registered, for
-TorchScript modules, for non-fp32 weights, when tracing fails, or when the twin's logits for
-``sample`` do not match the model's. Twins are cached per model and rebuilt when a weight, a
-module or a module's plain attribute changes.
+``find_twin(model, sample)`` returns, instead of a twin, the reason why the model itself must run
+whenever the shortcut might not be the same model: with any module in training mode, with hooks
+registered, for TorchScript modules, for non-fp32 inputs or weights, when tracing fails, or when
+the twin's logits for ``sample`` do not match the model's (``twin()``: the twin or None). Twins
+are cached per model and rebuilt when a weight, a module or a module's plain attribute changes.
 """
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from ..base import true_fp32
+from ..precision import true_fp32
 from .graphs import GraphCache
 
 _BN = (nn.BatchNorm2d,)
@@ -45,23 +46,37 @@ class Twin:
     stem_sizes: dict = field(default_factory=dict)  # input C×H×W → elements of one stem output
     fused: object = None  # the fused bf16 copy for GPU scoring (fused.py); False: none
     sliced: object = None  # the copy that scores CPU batches in slices (slices.py); False: none
+    reasons: dict = field(default_factory=dict)  # "stem", "cuda_fused", "cpu_slices": why none
 
 
-_cache: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Twin | None]]" = weakref.WeakKeyDictionary()
+log = logging.getLogger("insights.engine")
+
+
+_cache: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Twin | str]]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
 def twin(model: nn.Module, sample: torch.Tensor) -> Twin | None:
-    """The model's twin, or None where the model itself must run (see the module docstring).
+    """The model's twin, or None where the model itself must run (see the module docstring)."""
+    found = find_twin(model, sample)
+    return found if isinstance(found, Twin) else None
+
+
+def find_twin(model: nn.Module, sample: torch.Tensor) -> Twin | str:
+    """The model's twin, or why the model itself must run (see the module docstring).
     ``sample`` (one input row or more) checks a newly built twin against the model."""
-    if isinstance(model, torch.jit.ScriptModule) or sample.dtype != torch.float32:
-        return None
+    if isinstance(model, torch.jit.ScriptModule):
+        return "a TorchScript module"
+    if sample.dtype != torch.float32:
+        return f"{sample.dtype} inputs"
     named = list(model.named_modules())  # one walk of the module tree for all the checks
-    if any(m.training for _, m in named) or _has_hooks([m for _, m in named]):
-        return None
+    if any(m.training for _, m in named):
+        return "a module is in training mode"
+    if _has_hooks([m for _, m in named]):
+        return "the model has hooks"
     key = _state_key(model, named)
     if key is None:
-        return None
+        return "weights that are not all float32"
     with _lock:
         hit = _cache.get(model)
         if hit is not None and hit[0] == key:
@@ -133,8 +148,8 @@ def checksums(tensors: list[torch.Tensor], fused: bool) -> bytes:
         return torch.stack(parts).cpu().numpy().tobytes()
 
 
-def _build(model: nn.Module, sample: torch.Tensor) -> Twin | None:
-    """A new twin, checked against the model's logits for ``sample``."""
+def _build(model: nn.Module, sample: torch.Tensor) -> Twin | str:
+    """A new twin, checked against the model's logits for ``sample``, or why there is none."""
     try:
         copied = copy.deepcopy(model)
         traced = fx.GraphModule(copied, _ConvLeafTracer().trace(copied))
@@ -145,31 +160,37 @@ def _build(model: nn.Module, sample: torch.Tensor) -> Twin | None:
             # bf16 autocast keeps one cast copy of a weight per call only if it requires grad
             # (folded biases did not); no pass takes gradients of weights.
             param.requires_grad_(True)
-        built = Twin(traced, *_split_stem(traced))
+        built = Twin(traced)
+        split = _split_stem(traced)
         with torch.no_grad():
             want = model(sample)
             if not _close(built.module(sample), want):
-                return None
-        if built.stem is not None and not _stem_works(built, sample, want):
-            built.stem = built.rest = None
+                return "the traced copy's logits differ from the model's"
+        why = split if isinstance(split, str) else _stem_fails(*split, sample, want)
+        if why:
+            built.reasons["stem"] = why
+        else:
+            built.stem, built.rest = split
         return built
-    except Exception:  # any model tracing cannot follow runs as it is
-        return None
+    except Exception as err:  # any model tracing cannot follow runs as it is
+        log.debug("no twin for %s", type(model).__name__, exc_info=True)
+        return f"tracing failed ({type(err).__name__}: {err})"
 
 
-def _stem_works(built: Twin, sample: torch.Tensor, want: torch.Tensor) -> bool:
-    """Whether the stem is affine and rest() takes its output as a leaf that gradients are
-    taken at (an in-place operation on it, hidden behind a pass-through module, would fail)."""
-    if not _affine(built.stem, sample):
-        return False
+def _stem_fails(stem: nn.Module, rest: nn.Module, sample: torch.Tensor, want: torch.Tensor) -> str | None:
+    """Why the stem cannot be split off, or None when it is affine and rest() takes its output
+    as a leaf that gradients are taken at (an in-place operation on it, hidden behind a
+    pass-through module, would fail)."""
+    if not _affine(stem, sample):
+        return "the first layer is not affine"
     try:
         with torch.enable_grad():
-            leaf = built.stem(sample).detach().requires_grad_(True)
-            got = built.rest(leaf)
+            leaf = stem(sample).detach().requires_grad_(True)
+            got = rest(leaf)
             torch.autograd.grad(got.sum(), leaf)
-    except RuntimeError:
-        return False
-    return _close(got.detach(), want)
+    except RuntimeError as err:
+        return f"the rest cannot take gradients at the stem's output ({err})"
+    return None if _close(got.detach(), want) else "rest(stem(x)) differs from the model"
 
 
 class _ConvLeafTracer(fx.Tracer):
@@ -256,23 +277,23 @@ def _batch_size_of(node: fx.Node, x: fx.Node) -> bool:
         node.args == (x, 0) or (node.args == (x,) and node.kwargs == {"dim": 0}))
 
 
-def _split_stem(traced: fx.GraphModule) -> tuple[nn.Conv2d | None, nn.Module | None]:
+def _split_stem(traced: fx.GraphModule) -> tuple[nn.Conv2d, nn.Module] | str:
     """(stem, rest) when the graph's one input feeds exactly one Conv2d (the caller checks
-    that it is affine), else (None, None). Operations that would modify the stem's output in
+    that it is affine), else why not. Operations that would modify the stem's output in
     place (an in-place ReLU) get an out-of-place copy in ``rest``: the output is a leaf that
     gradients are taken at."""
     inputs = [n for n in traced.graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
-        return None, None
+        return "the model takes more than one input"
     # Besides the stem, the input may only be asked its batch size (x.size(0)), which the
     # stem's output shares.
     users = [u for u in inputs[0].users if not _batch_size_of(u, inputs[0])]
     if len(users) != 1:
-        return None, None
+        return "the input feeds more than one operation"
     (first,) = users
     stem = traced.get_submodule(first.target) if first.op == "call_module" else None
     if not isinstance(stem, nn.Conv2d) or first.args != (inputs[0],) or first.kwargs:
-        return None, None
+        return "the input does not feed a Conv2d module"
     graph = fx.Graph()
     stem_out = graph.placeholder("stem_out")
     mapping: dict[fx.Node, fx.Node] = {inputs[0]: stem_out, first: stem_out}
@@ -291,6 +312,6 @@ def _split_stem(traced: fx.GraphModule) -> tuple[nn.Conv2d | None, nn.Module | N
         elif user.op == "call_function" and user.kwargs.get("inplace"):
             user.kwargs = {**user.kwargs, "inplace": False}
         elif user.op == "call_method" and str(user.target).endswith("_"):
-            return None, None
+            return "the stem's output is changed in place"
     rest.recompile()
     return stem, rest

@@ -1,0 +1,28 @@
+"""The errors of the engine: those a caller can fix, and cancellation."""
+from __future__ import annotations
+
+from typing import Sequence
+
+
+class InsightsError(ValueError):
+    """Base class of the errors a caller can fix (bad method, parameter, target or layer)."""
+
+    field: str | None = None
+
+
+class UnknownMethod(InsightsError):
+    def __init__(self, name: str, known: Sequence[str]):
+        super().__init__(f"unknown method {name!r}; known methods: {', '.join(known)}")
+        self.name = name
+        self.field = "method"
+
+
+class ParamError(InsightsError):
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+
+
+class Cancelled(Exception):
+    """Raised inside :func:`insights.attribute` when the caller's cancel signal is set."""

@@ -1,0 +1,124 @@
+"""Methods and their registry: each method describes itself (parameters, cost, whether its map is
+signed) and implements :meth:`Method.run` on the :class:`~insights.engine.context.Context`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import nn
+
+from .errors import ParamError, UnknownMethod
+from .params import Cost, Param
+from .probe import default_layer, probe
+
+if TYPE_CHECKING:
+    from .context import Context
+
+
+@dataclass(frozen=True, eq=False)
+class Facts:
+    """What a method's cost may depend on: the input shape (C, H, W) and, when the model is
+    known, the output shape of its layers (read from the model's cached probe on demand)."""
+
+    shape: tuple[int, ...]
+    model: nn.Module | None = None
+    sample: torch.Tensor | None = None  # one input row, to probe the model with
+
+    def layer_shape(self, name: str | None = None) -> tuple[int, ...] | None:
+        """The output shape of one row at layer ``name`` (default: the last spatial layer, where
+        Grad-CAM looks), e.g. (512, 7, 7); None when only the input shape is known, or when the
+        model has no such layer (the call itself then reports the error)."""
+        if self.model is None or self.sample is None:
+            return None
+        try:
+            name = name or default_layer(self.model, self.sample)
+        except ParamError:
+            return None
+        return probe(self.model, self.sample)["shapes"].get(name)
+
+
+class Method:
+    """A family member: subclasses set the class attributes and implement ``run``."""
+
+    id: str = ""
+    label: str = ""
+    description: str = ""
+    family: str = ""  # gradient | perturbation | cam
+    output: str = "pixel"  # pixel (N×C×H×W) | cam (N×1×H×W)
+    params: tuple[Param, ...] = ()
+    exclusive: bool = False  # True when the method installs hooks or changes module state
+
+    def signed(self, p: dict) -> bool:
+        return True
+
+    def batchable(self, p: dict) -> bool:
+        """Whether each row's map is the same whether the row runs alone or in a batch with other
+        images (False for methods that draw noise for the whole batch at once)."""
+        return True
+
+    def cost(self, p: dict, facts: Facts) -> Cost:
+        """Forward and backward passes per image for ``p`` on the model and inputs of ``facts``."""
+        return Cost(1, 1)
+
+    def run(self, ctx: "Context", p: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def shared_needs(self, ctx: "Context", p: dict) -> set[str] | None:
+        """The passes this call can take from passes shared with other methods asked for at the
+        same time (:func:`insights.attribute_many`): ``"grad"`` (the plain input gradient),
+        ``"guided"`` (the guided-backprop gradient), ``"layer:<name>"`` (a layer's activation and
+        gradient, from the same pass as "grad"). None: the method runs on its own."""
+        return None
+
+    def from_passes(self, ctx: "Context", p: dict, passes: dict) -> torch.Tensor:
+        """The map, built from the shared passes named by :meth:`shared_needs`."""
+        raise NotImplementedError
+
+    # -- description -------------------------------------------------------------
+
+    def validate(self, given: dict) -> dict:
+        """Returns a full parameter dict (defaults filled in), or raises ParamError."""
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise ParamError(unknown[0], f"is not a parameter of {self.id}; known: {', '.join(known) or 'none'}")
+        return {name: param.coerce(given[name]) if name in given else param.default for name, param in known.items()}
+
+    def info(self, given: dict | None = None, shape: Sequence[int] = (3, 224, 224)) -> dict:
+        p = self.validate(given or {})
+        return {
+            "id": self.id,
+            "label": self.label,
+            "description": self.description,
+            "family": self.family,
+            "output": self.output,
+            "signed": self.signed(p),
+            "params": [param.schema() for param in self.params],
+            "cost": self.cost(p, Facts(tuple(shape))).as_dict(),
+        }
+
+
+class MethodRegistry:
+    """Maps method ids to Method instances; an object so tests can build their own."""
+
+    def __init__(self):
+        self._methods: dict[str, Method] = {}
+
+    def register(self, cls: type[Method]) -> type[Method]:
+        if not cls.id or cls.id in self._methods:
+            raise ValueError(f"method id {cls.id!r} is empty or already registered")
+        self._methods[cls.id] = cls()
+        return cls
+
+    def ids(self) -> list[str]:
+        return list(self._methods)
+
+    def get(self, name: str) -> Method:
+        try:
+            return self._methods[name]
+        except (KeyError, TypeError):
+            raise UnknownMethod(str(name), self.ids()) from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._methods

@@ -1,0 +1,110 @@
+"""Parameters and costs: how a method describes what it takes and what it will do."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import ParamError
+
+PARAM_TYPES = ("int", "float", "bool", "choice", "int_list", "string", "tensor")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method, described so that a form can be generated from it."""
+
+    name: str
+    type: str
+    default: Any
+    help: str
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] | None = None
+    length: int | None = None  # int_list: required number of items
+    tensor_ok: bool = False  # float params that also accept a tensor from Python callers
+
+    def __post_init__(self):
+        assert self.type in PARAM_TYPES, self.type
+
+    def schema(self) -> dict:
+        out: dict[str, Any] = {"name": self.name, "type": self.type, "help": self.help}
+        out["default"] = list(self.default) if isinstance(self.default, tuple) else self.default
+        for key in ("min", "max", "length"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.choices is not None:
+            out["choices"] = list(self.choices)
+        return out
+
+    def coerce(self, value: Any) -> Any:
+        """Returns the value converted to this parameter's type, or raises ParamError."""
+        if value is None:
+            if self.default is None:
+                return None
+            raise ParamError(self.name, "must not be null")
+        if self.type == "tensor" or (self.tensor_ok and isinstance(value, torch.Tensor)):
+            if not isinstance(value, torch.Tensor):
+                raise ParamError(self.name, "must be a torch.Tensor")
+            return value
+        if self.type == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+                return value.lower() in ("true", "1")
+            raise ParamError(self.name, f"must be true or false, got {value!r}")
+        if self.type == "string":
+            if not isinstance(value, str):
+                raise ParamError(self.name, f"must be a string, got {value!r}")
+            value = value.strip()
+            if not value and self.default is None:
+                return None  # an empty form field means "choose automatically"
+            return value
+        if self.type == "choice":
+            if value not in self.choices:
+                raise ParamError(self.name, f"must be one of {', '.join(self.choices)}; got {value!r}")
+            return value
+        if self.type == "int_list":
+            if isinstance(value, str):
+                value = [v for v in value.replace("x", ",").split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ParamError(self.name, f"must be a list of integers, got {value!r}")
+            items = tuple(self._number(v, int) for v in value)
+            if self.length is not None and len(items) != self.length:
+                raise ParamError(self.name, f"must have {self.length} items, got {len(items)}")
+            return items
+        return self._number(value, int if self.type == "int" else float)
+
+    def _number(self, value: Any, kind: type) -> Any:
+        if isinstance(value, bool):
+            raise ParamError(self.name, f"must be a number, got {value!r}")
+        try:
+            if isinstance(value, str):
+                value = value.strip()
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ParamError(self.name, f"must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ParamError(self.name, f"must be finite, got {value!r}")
+        if kind is int:
+            if number != int(number):
+                raise ParamError(self.name, f"must be an integer, got {value!r}")
+            number = int(number)
+        if self.min is not None and number < self.min:
+            raise ParamError(self.name, f"must be at least {self.min}, got {number}")
+        if self.max is not None and number > self.max:
+            raise ParamError(self.name, f"must be at most {self.max}, got {number}")
+        return number
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Number of per-sample forward and backward passes a call will make."""
+
+    forward: int
+    backward: int
+
+    def as_dict(self) -> dict:
+        return {"forward": self.forward, "backward": self.backward}
