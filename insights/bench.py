@@ -2,7 +2,8 @@
 
     python -m insights.bench [--device cpu|cuda] [--model resnet18] [--methods occlusion ...]
                              [--repeat 5] [--stat min|median] [--threads N] [--fp64] [--memory]
-                             [--together]
+                             [--together] [--no-twin] [--no-cuda-graphs] [--no-cuda-fused]
+                             [--no-cpu-slices]
 
 Same torchvision model (random weights), same 1×3×224×224 input, target 208 and the same
 parameters for both sides. Each timed call runs once untimed first (warm-up), then ``--repeat``
@@ -21,11 +22,16 @@ passes per image, as the engine reports them, times the FLOPs of one pass counte
 FlopCounterMode), the time that work would take at this machine's peak, and the rate we reached
 as a share of that peak. The peak is measured in the same run, in each row's precision, as the
 better of a large matrix product and a ResNet-sized 3×3 convolution.
+
+Our calls may take every fast path (``EngineOptions``) unless a ``--no-…`` flag turns one off;
+the header says which are allowed, and the fast paths our calls declined follow the tables,
+each reason once with the rows it concerns.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import sys
 import time
@@ -33,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from .engine import attribute, attribute_many, methods, registry
+from .engine import EngineOptions, attribute, attribute_many, methods, registry
 from .engine.probe import default_layer
 
 TARGET = 208
@@ -134,18 +140,21 @@ def fp64_reference(method: str, model, x: torch.Tensor, layer: str) -> torch.Ten
 
 
 def bench_method(method: str, model, x: torch.Tensor, layer: str, repeat: int, device,
-                 fp64: bool = False, stat: Callable = min) -> list[dict]:
+                 fp64: bool = False, stat: Callable = min,
+                 options: EngineOptions | None = None) -> list[dict]:
     """One or two table rows (fp32, and bf16 when the method has a precision option), each with
-    the passes our call made. With ``fp64``, also each exact map's distance from the float64 map."""
+    the passes our call made and what its fast paths did. With ``fp64``, also each exact map's
+    distance from the float64 map. Our calls run with ``options``."""
     params = dict(PARAMS.get(method, {}))
     accepted = {p.name for p in registry.get(method).params}
     params = {k: v for k, v in params.items() if k in accepted}
     infos: dict[str, dict] = {"ours": {}, "bf16": {}}
     variants: dict[str, Callable] = {
-        "ours": lambda: attribute(model, x, method, TARGET, info=infos["ours"], **params)}
+        "ours": lambda: attribute(model, x, method, TARGET, info=infos["ours"], options=options,
+                                  **params)}
     if "precision" in accepted:
         variants["bf16"] = lambda: attribute(model, x, method, TARGET, precision="bf16",
-                                             info=infos["bf16"], **params)
+                                             info=infos["bf16"], options=options, **params)
     peers = captum_calls(method, model, x, layer) or {}
     for name, fn in peers.items():
         variants["captum_" + name] = fn
@@ -183,7 +192,8 @@ def bench_method(method: str, model, x: torch.Tensor, layer: str, repeat: int, d
         row = {"method": method + (" (bf16)" if ours == "bf16" else ""), "captum_ms": captum,
                "captum_best_ms": best, "ours_ms": summary(ours), "peer": bool(peers),
                "captum_error": failed.get("captum_default"),
-               "precision": "bf16" if ours == "bf16" else "fp32", "cost": infos[ours].get("cost")}
+               "precision": "bf16" if ours == "bf16" else "fp32", "cost": infos[ours].get("cost"),
+               "fast_paths": infos[ours].get("fast_paths", {})}
         if ref is not None and method not in RANDOM and ref.shape == mine.shape:
             row["max_rel_diff"] = rel_diff(mine, ref)
         if truth is not None and ours == "ours":
@@ -199,15 +209,16 @@ def bench_method(method: str, model, x: torch.Tensor, layer: str, repeat: int, d
 TOGETHER = ["saliency", "input_x_gradient", "grad_cam", "guided_backprop", "guided_grad_cam"]
 
 
-def bench_together(model, x: torch.Tensor, repeat: int, device, stat: Callable = min) -> dict:
+def bench_together(model, x: torch.Tensor, repeat: int, device, stat: Callable = min,
+                   options: EngineOptions | None = None) -> dict:
     """The TOGETHER methods one by one against ``attribute_many``: passes per image and time."""
     def one_by_one():
-        return [attribute(model, x, m, TARGET) for m in TOGETHER]
+        return [attribute(model, x, m, TARGET, options=options) for m in TOGETHER]
 
     info: dict = {}
 
     def together():
-        return attribute_many(model, x, TOGETHER, TARGET, info=info)
+        return attribute_many(model, x, TOGETHER, TARGET, info=info, options=options)
 
     times: dict[str, list[float]] = {"separate": [], "shared": []}
     for rep in range(repeat + 1):
@@ -219,7 +230,7 @@ def bench_together(model, x: torch.Tensor, repeat: int, device, stat: Callable =
             "shared_ms": stat(times["shared"])}
 
 
-def memory_check(device: torch.device) -> list[str]:
+def memory_check(device: torch.device, options: EngineOptions | None = None) -> list[str]:
     """Runs two of the heaviest settings the engine accepts, IG with 512 steps on ResNet-50 and
     occlusion with stride 1, and reports the peak memory of this process (CPU: resident set; CUDA:
     allocated) against the memory budget the engine chunked them under."""
@@ -239,12 +250,13 @@ def memory_check(device: torch.device) -> list[str]:
     r50 = torchvision.models.resnet50(weights=None).eval().to(device)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
     start = time.perf_counter()
-    attribute(r50, x, "integrated_gradients", TARGET, n_steps=512)
+    attribute(r50, x, "integrated_gradients", TARGET, n_steps=512, options=options)
     lines.append(f"integrated_gradients n_steps=512, resnet50, 224: {time.perf_counter() - start:.1f} s, "
                  f"peak {peak():.2f} GiB")
     small = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(1)).to(device)
     start = time.perf_counter()
-    attribute(r50, small, "occlusion", TARGET, sliding_window_shapes=(3, 16, 16), strides=(1, 1, 1))
+    attribute(r50, small, "occlusion", TARGET, sliding_window_shapes=(3, 16, 16), strides=(1, 1, 1),
+              options=options)
     lines.append(f"occlusion window 3x16x16 stride 1 (81 x 81 = 6,561 passes), resnet50, 96: "
                  f"{time.perf_counter() - start:.1f} s, peak {peak():.2f} GiB")
     return lines
@@ -319,6 +331,27 @@ def format_roofline(rows: list[dict], flops: dict[str, float], peaks: dict[str, 
     return lines + ["  " + line for line in align(table)]
 
 
+def format_options(options: EngineOptions) -> str:
+    """Which fast paths the run allows, for the header."""
+    allowed = dataclasses.asdict(options)
+    return "fast paths " + ", ".join(f"{name} {'on' if on else 'off'}" for name, on in allowed.items())
+
+
+def format_declined(rows: list[dict]) -> list[str]:
+    """The fast paths our calls did not take and why, each reason once with the rows it
+    concerns (the engine notes them in a call's ``info["fast_paths"]``)."""
+    declined: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        for path, outcome in r.get("fast_paths", {}).items():
+            if outcome.startswith("declined"):
+                reason = outcome.partition(":")[2].strip() or outcome
+                declined.setdefault((path, reason), []).append(r["method"])
+    if not declined:
+        return []
+    return ["fast paths declined:"] + [f"  {path}: {reason} ({', '.join(names)})"
+                                       for (path, reason), names in declined.items()]
+
+
 def format_together(r: dict) -> str:
     sep, sh = r["passes"]["separate"], r["passes"]["shared"]
     return (f"together ({', '.join(TOGETHER)}): one by one {sep['forward']} forward + "
@@ -385,7 +418,13 @@ def main(argv: list[str] | None = None) -> int:
                              "float64 copy of the model")
     parser.add_argument("--together", action="store_true",
                         help="also time methods asked for together (shared passes) against one by one")
+    for option in dataclasses.fields(EngineOptions):
+        flag = "--no-" + option.name.replace("_", "-")
+        parser.add_argument(flag, dest=option.name, action="store_false",
+                            help=f"run our calls without the {option.name} fast path "
+                                 f"(EngineOptions({option.name}=False))")
     args = parser.parse_args(argv)
+    options = EngineOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineOptions)})
 
     try:
         import captum.attr  # noqa: F401
@@ -418,21 +457,22 @@ def main(argv: list[str] | None = None) -> int:
     layer = default_layer(model, x)
     print(f"model {args.model} (random weights) on {device}, input 1×3×224×224, target {TARGET}, "
           f"{torch.get_num_threads()} threads, {'fastest' if args.stat == 'min' else 'median'} of "
-          f"{args.repeat}; Grad-CAM layer {layer}", file=sys.stderr)
+          f"{args.repeat}; Grad-CAM layer {layer}; {format_options(options)}", file=sys.stderr)
     rows = []
     for method in chosen:
-        rows.extend(bench_method(method, model, x, layer, args.repeat, device, fp64=args.fp64, stat=stat))
+        rows.extend(bench_method(method, model, x, layer, args.repeat, device, fp64=args.fp64, stat=stat,
+                                 options=options))
     print(format_table(rows))
     print(flush=True)
     print("measuring the peak FLOP/s ...", file=sys.stderr, flush=True)
     peaks = {p: peak_flops(device, p) for p in sorted({r["precision"] for r in rows}, reverse=True)}
-    for line in format_roofline(rows, pass_flops(model, x), peaks):
+    for line in format_roofline(rows, pass_flops(model, x), peaks) + format_declined(rows):
         print(line)
     if args.memory:
-        for line in memory_check(device):
+        for line in memory_check(device, options):
             print(line, flush=True)
     if args.together:
-        print(format_together(bench_together(model, x, args.repeat, device, stat)))
+        print(format_together(bench_together(model, x, args.repeat, device, stat, options)))
     for r in rows:
         if r["captum_error"]:
             print(f"{r['method']}: captum fails: {r['captum_error']}")

@@ -106,3 +106,27 @@ def test_fp64_columns_show_distance_from_the_float64_map(capsys):
     # random ResNet-18's pointwise gradient is ill-conditioned (a few ReLUs and max-pool
     # choices flip with fp32 rounding), so that distance is well above fp32's 1e-7.
     assert captum64 == ours64 and 0 < ours64 < 0.1
+
+
+def test_fast_path_flags_reach_the_engine_and_declines_are_listed(capsys, monkeypatch):
+    # A 2×2 grid of windows: occlusion through the engine's scoring seam in a second or two.
+    monkeypatch.setitem(bench.PARAMS, "occlusion",
+                        {"sliding_window_shapes": (3, 112, 112), "strides": (3, 112, 112), "baselines": 0.0})
+    assert bench.main(["--methods", "occlusion", "--repeat", "1", "--no-cpu-slices"]) == 0
+    out, err = capsys.readouterr()
+    assert "fast paths twin on, cuda_graphs on, cuda_fused on, cpu_slices off" in err
+    declined = out.split("fast paths declined:\n")[1].splitlines()
+    assert "  cpu_slices: off (EngineOptions.cpu_slices) (occlusion, occlusion (bf16))" in declined
+    assert not any(line.startswith("  twin:") for line in declined)  # the twin still ran
+
+
+def test_declined_fast_paths_are_grouped_by_reason():
+    rows = [{"method": "occlusion", "fast_paths": {"twin": "used", "cuda_graphs": "declined: only on a GPU"}},
+            {"method": "occlusion (bf16)", "fast_paths": {"cuda_graphs": "declined: only on a GPU",
+                                                          "cuda_fused": "declined: only for bf16 on a GPU"}},
+            {"method": "saliency", "fast_paths": {}}]
+    assert bench.format_declined(rows) == [
+        "fast paths declined:",
+        "  cuda_graphs: only on a GPU (occlusion, occlusion (bf16))",
+        "  cuda_fused: only for bf16 on a GPU (occlusion (bf16))"]
+    assert bench.format_declined(rows[2:]) == []
