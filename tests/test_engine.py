@@ -11,6 +11,8 @@ from torch import nn
 
 import insights
 from insights.engine import registry
+from insights.engine.method import Facts, Method
+from insights.engine.params import Cost, Param
 from insights.engine.probe import probe
 
 from conftest import SmallCNN, seeded
@@ -322,3 +324,36 @@ def test_batchable_methods_give_each_row_the_map_it_gets_alone(method, small_cnn
 def test_noise_drawn_for_the_whole_batch_is_not_batchable():
     assert not registry.get("saliency").batchable(registry.get("saliency").validate({"nt_type": "smoothgrad"}))
     assert registry.get("saliency").batchable(registry.get("saliency").validate({}))
+
+
+class PerChannel(Method):
+    """Test method: one forward pass per channel of a layer (the way Score-CAM costs)."""
+
+    id = "per_channel_test"
+    label = "Per channel (test)"
+    family = "test"
+    params = (Param("layer", "string", None, "Layer."),)
+
+    def cost(self, p, facts):
+        shape = facts.layer_shape(p["layer"])
+        return Cost(shape[0] if shape else 1, 0)
+
+    def run(self, ctx, p):
+        for _ in range(self.cost(p, Facts(tuple(ctx.inputs.shape[1:]), ctx.model, ctx.inputs[:1])).forward):
+            ctx.advance(ctx.inputs.shape[0])
+        return torch.zeros_like(ctx.inputs)
+
+
+def test_cost_can_depend_on_a_layer_of_the_model(small_cnn, images, monkeypatch):
+    monkeypatch.setitem(registry._methods, PerChannel.id, PerChannel())
+    facts = Facts((3, 64, 64), small_cnn, images[:1])
+    assert facts.layer_shape("conv2") == (12, 64, 64)
+    assert facts.layer_shape() == (16, 4, 4)  # the last spatial layer (avgpool), where Grad-CAM looks
+    assert facts.layer_shape("no_such_layer") is None
+    assert Facts((3, 64, 64)).layer_shape("conv2") is None  # only the shape is known
+    assert insights.method_info(PerChannel.id, {"layer": "conv2"})["cost"] == {"forward": 1, "backward": 0}
+    seen, info = [], {}
+    insights.attribute(small_cnn, images, PerChannel.id, [1, 2], layer="conv2", info=info,
+                       progress=lambda done, total: seen.append((done, total)))
+    assert info["cost"] == {"forward": 12, "backward": 0}
+    assert seen[-1] == (24, 24) and {total for _, total in seen} == {24}

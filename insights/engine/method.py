@@ -115,10 +115,10 @@ class MethodRegistry:
         return list(self._methods)
 
     def get(self, name: str) -> Method:
-        try:
-            return self._methods[name]
-        except (KeyError, TypeError):
-            raise UnknownMethod(str(name), self.ids()) from None
+        method = self._methods.get(name) if isinstance(name, str) else None
+        if method is None:
+            raise UnknownMethod(str(name), self.ids())
+        return method
 
     def __contains__(self, name: str) -> bool:
         return name in self._methods

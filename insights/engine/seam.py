@@ -70,34 +70,21 @@ def _replayed(ctx: Context, cache: graphs.GraphCache | None, name: str, fn: Call
     return lambda *inputs: graphs.replayed(cache, name, fn, *inputs, note=note)
 
 
-def _fused(ctx: Context, fast: Twin) -> nn.Module | None:
-    bf16 = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
-    if not ctx.options.cuda_fused:
-        why = "off (EngineOptions.cuda_fused)"
-    elif ctx.device.type != "cuda" or not bf16:
-        why = "only for bf16 on a GPU"
+def _copy_for(ctx: Context, fast: Twin, path: str, misfit: str | None, build: Callable) -> nn.Module | None:
+    """The twin's copy for fast path ``path`` (an :class:`EngineOptions` field), made by
+    ``build(fast, sample)`` once per twin; or None, noting why: the options turn it off, the call
+    does not fit it (``misfit``), or it could not be built."""
+    if not getattr(ctx.options, path):
+        why = f"off (EngineOptions.{path})"
+    elif misfit:
+        why = misfit
     else:
-        module = fused_for(fast, ctx.inputs)
+        module = build(fast, ctx.inputs)
         if module is not None:
-            ctx.note("cuda_fused", "used")
+            ctx.note(path, "used")
             return module
-        why = fast.reasons.get("cuda_fused", "not built")
-    ctx.note("cuda_fused", "declined: " + why)
-    return None
-
-
-def _sliced(ctx: Context, fast: Twin) -> nn.Module | None:
-    if not ctx.options.cpu_slices:
-        why = "off (EngineOptions.cpu_slices)"
-    elif ctx.device.type != "cpu":
-        why = "only on the CPU"
-    else:
-        module = sliced_for(fast, ctx.inputs)
-        if module is not None:
-            ctx.note("cpu_slices", "used")
-            return module
-        why = fast.reasons.get("cpu_slices", "not built")
-    ctx.note("cpu_slices", "declined: " + why)
+        why = fast.reasons.get(path, "not built")
+    ctx.note(path, "declined: " + why)
     return None
 
 
@@ -162,7 +149,11 @@ def scorer(ctx: Context) -> Iterator[Score]:
         with plain_scorer(ctx) as score:
             yield score
         return
-    fused, sliced = _fused(ctx, fast), _sliced(ctx, fast)
+    bf16 = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+    fused = _copy_for(ctx, fast, "cuda_fused", None if ctx.device.type == "cuda" and bf16
+                      else "only for bf16 on a GPU", fused_for)
+    sliced = _copy_for(ctx, fast, "cpu_slices", None if ctx.device.type == "cpu"
+                       else "only on the CPU", sliced_for)
     cache = _graph_cache(ctx, fast)
     run = _replayed(ctx, cache, "score-fused" if fused is not None else "score",
                     _scores_of(sliced or fused or fast.module))
