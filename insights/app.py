@@ -23,6 +23,7 @@ DEFAULTS = {
     "BATCH_WINDOW_MS": 5,  # how long the worker waits to batch concurrent requests of one kind
     "BATCH_MAX": 16,  # most requests in one batched pass
     "MEMORY_BUDGET": None,  # bytes of activations per batch (None: the engine's default)
+    "TWIN": True,  # the engine runs hook-free passes on a traced copy with batch norms folded
     "CUDA_GRAPHS": True,  # the engine replays repeated GPU batches as CUDA graphs
     "CUDA_FUSED": True,  # the engine scores bf16 GPU batches with fused conv + bias + ReLU
     "CPU_SLICES": True,  # the engine runs early layers of CPU scoring batches in cache-sized slices

@@ -23,6 +23,10 @@ from .tasks import ExplainTask, PredictTask, Task
 SAMPLES = {"chelsea": "Chelsea the cat", "coffee": "A cup of coffee", "astronaut": "Astronaut Eileen Collins",
            "rocket": "A rocket on the launch pad"}
 
+# The app settings that switch the engine's fast paths (EngineOptions fields).
+OPTION_SETTINGS = {"twin": "TWIN", "cuda_graphs": "CUDA_GRAPHS", "cuda_fused": "CUDA_FUSED",
+                   "cpu_slices": "CPU_SLICES"}
+
 
 @dataclass
 class Explained:
@@ -54,7 +58,8 @@ class Service:
 
     def engine_settings(self) -> dict:
         """The keyword arguments every engine call of this app gets (memory budget, fast paths)."""
-        return {"memory_budget": self.settings.get("MEMORY_BUDGET")}
+        switches = {field: bool(self.settings[key]) for field, key in OPTION_SETTINGS.items() if key in self.settings}
+        return {"memory_budget": self.settings.get("MEMORY_BUDGET"), "options": engine.EngineOptions(**switches)}
 
     # -- lookups -----------------------------------------------------------------------------
 

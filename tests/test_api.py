@@ -484,6 +484,31 @@ def test_settings_from_the_environment(tmp_path, monkeypatch):
     assert app.extensions["insights"].models.allow_download is True
 
 
+def test_fast_path_settings_reach_the_engine(tmp_path, monkeypatch, extra_methods):
+    from insights import create_app
+    from insights.engine import EngineOptions
+
+    monkeypatch.setenv("INSIGHTS_CPU_SLICES", "0")
+    app = create_app({"INSTANCE_PATH": str(tmp_path), "BUILTIN_MODELS": False, "MODELS_CONFIG": TINY_CONFIG,
+                      "DEVICE": "cpu", "TWIN": False, "MEMORY_BUDGET": 12345})
+    seen = []
+    original = ENGINE.attribute
+
+    def recording(*a, **k):
+        seen.append((k["options"], k["memory_budget"]))
+        return original(*a, **k)
+
+    monkeypatch.setattr(ENGINE, "attribute", recording)
+    try:
+        client = app.test_client()
+        iid = upload(client, png()).json["id"]
+        r = client.post("/api/explain", json={"image": iid, "method": "saliency", "target": 0})
+        assert r.status_code == 200, r.json
+    finally:
+        app.extensions["insights"].jobs.shutdown()
+    assert seen == [(EngineOptions(twin=False, cuda_graphs=True, cuda_fused=True, cpu_slices=False), 12345)]
+
+
 def test_services_and_pages_are_attached(app, client):
     services = app.extensions["insights"]
     assert services.store is app.extensions["insights.store"] and services.models.default == "tiny"
