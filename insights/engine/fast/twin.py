@@ -10,7 +10,7 @@ bits differs, as it does between any two memory layouts.
 When the input feeds a single convolution and nothing else (the stem of almost every CNN), the
 twin is also split into ``stem`` and ``rest``: ``model(x) == rest(stem(x))``. The stem is linear
 (plus a bias), which lets integrated gradients evaluate it twice instead of once per step and
-back-propagate through it once for the whole path (see ``gradient.py``).
+back-propagate through it once for the whole path (see ``seam.through_stem``).
 
 ``find_twin(model, sample)`` returns, instead of a twin, the reason why the model itself must run
 whenever the shortcut might not be the same model: with any module in training mode, with hooks
