@@ -5,12 +5,10 @@ rewrite itself: which convolutions are fused, and that the function is unchanged
 calls that replace them on a GPU are checked by the GPU benchmark run (README, "GPU")."""
 from __future__ import annotations
 
-import operator
-
 import pytest
 import torch
 import torchvision
-from torch import fx, nn
+from torch import nn
 
 import insights
 from conftest import rel_error, seeded
