@@ -128,15 +128,19 @@ def test_only_the_last_finished_jobs_are_kept(runner):
     assert runner.get(jobs[0].id) is None and runner.get(jobs[-1].id) is jobs[-1]
 
 
-def test_wait_change_wakes_on_progress(runner):
-    step, finish = threading.Event(), threading.Event()
-
+def two_steps(step: threading.Event, finish: threading.Event, result=None):
+    """A job function that reports 1 of 2 once ``step`` is set and returns once ``finish`` is."""
     def fn(job):
         step.wait(5)
         job.progress(1, 2)
         finish.wait(5)
+        return result
+    return fn
 
-    job = runner.submit(fn)
+
+def test_wait_change_wakes_on_progress(runner):
+    step, finish = threading.Event(), threading.Event()
+    job = runner.submit(two_steps(step, finish))
     while job.status != "running":
         time.sleep(0.005)
     v = job.version
@@ -231,14 +235,7 @@ def test_a_failing_batch_fails_each_of_its_jobs(runner):
 
 def test_events_send_each_change_a_keep_alive_when_idle_and_end_with_the_final_state(runner):
     step, finish = threading.Event(), threading.Event()
-
-    def fn(job):
-        step.wait(5)
-        job.progress(1, 2)
-        finish.wait(5)
-        return "r" * 64
-
-    job = runner.submit(fn, total=2)
+    job = runner.submit(two_steps(step, finish, "r" * 64), total=2)
     events = runner.events(job, heartbeat=0.05)
     states = [next(events)]
     while states[-1]["status"] != "running":  # queued, then running
