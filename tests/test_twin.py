@@ -228,11 +228,16 @@ class StemPool(nn.Module):
         return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
 
 
+def call_order(fast) -> list[str]:
+    """The class names of the twin's modules in the order its graph calls them."""
+    return [type(fast.module.get_submodule(n.target)).__name__
+            for n in fast.module.graph.nodes if n.op == "call_module"]
+
+
 def test_relu_then_max_pool_becomes_max_pool_then_relu_with_equal_values_and_gradients(images):
     model = seeded(StemPool)
     fast = twin(model, images)
-    order = [type(fast.module.get_submodule(n.target)).__name__
-             for n in fast.module.graph.nodes if n.op == "call_module"]
+    order = call_order(fast)
     assert order[:3] == ["Conv2d", "MaxPool2d", "ReLU"]
     assert isinstance(model.pool, nn.MaxPool2d) and model.relu.inplace  # the model is as it was
 
@@ -333,8 +338,7 @@ class ReluFeedsTwo(nn.Module):
 def test_relu_and_pool_stay_in_order_when_the_relu_input_has_other_readers(images):
     model = seeded(ReluFeedsTwo)
     fast = twin(model, images)
-    order = [type(fast.module.get_submodule(n.target)).__name__
-             for n in fast.module.graph.nodes if n.op == "call_module"]
+    order = call_order(fast)
     assert order[:3] == ["Conv2d", "ReLU", "MaxPool2d"]
     with torch.no_grad():
         assert rel_error(fast.module(images), model(images)) < 1e-5
