@@ -78,6 +78,22 @@ def test_occlusion_from_replayed_graphs_equals_the_plain_map(recording, small_cn
     assert sorted(RECORDED_ROWS) == [1, 25]
 
 
+def test_batches_are_padded_to_the_budgets_chunk_not_to_the_clean_pass(recording, small_cnn, images):
+    """Eight images with a budget of three rows per batch: the clean pass (8 rows) is not a chunk,
+    so no batch is padded past the budget's chunk."""
+    from insights.engine.probe import probe
+
+    x = images[:1].repeat(8, 1, 1, 1) + 0.1 * torch.arange(8.0).view(8, 1, 1, 1)
+    budget = int(probe(small_cnn, x)["activation_bytes"] * 3.5)  # room for 3 rows per batch
+    params = dict(sliding_window_shapes=(3, 32, 32), strides=(3, 32, 32))  # 1 window + clean
+    info = {}
+    got = insights.attribute(small_cnn, x, "occlusion", 4, memory_budget=budget, info=info, **params)
+    want = insights.attribute(small_cnn, x, "occlusion", 4, memory_budget=budget, options=NO_GRAPHS,
+                              **params)
+    assert torch.equal(got, want) and info["fast_paths"]["cuda_graphs"] == "used"
+    assert sorted(RECORDED_ROWS) == [3, 8]  # the 8-row clean pass, and chunks of 3, 3, 2→3
+
+
 def test_integrated_gradients_through_the_stem_from_replayed_graphs(recording, small_cnn, images):
     fast = twin(small_cnn, images)
     assert fast.stem is not None

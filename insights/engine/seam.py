@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from .context import Context
 
 CL = torch.channels_last
-Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Score = Callable[..., torch.Tensor]  # score(x, target, pad=True)
 
 
 # --------------------------------------------------------------------------- choices
@@ -135,15 +135,15 @@ def plain_scorer(ctx: Context) -> Iterator[Score]:
     """The reference for :func:`scorer`: the model itself on each batch."""
     logits_at = _scores_of(ctx.model)
     with _no_autograd(ctx.device):
-        yield lambda x, target: logits_at(_channels_last(x), target.to(x.device))
+        yield lambda x, target, pad=True: logits_at(_channels_last(x), target.to(x.device))
 
 
 @contextmanager
 def scorer(ctx: Context) -> Iterator[Score]:
-    """Yields ``score(x, target)``: the target logit of each row of a batch, in fp32, without
-    autograd, in channels-last layout; by the twin where the model has one, its batches replayed
-    as CUDA graphs on a GPU (shorter batches padded to the widest so far, one recording per
-    shape), its fused bf16 copy for bf16 on a GPU, its sliced copy on the CPU. The arithmetic
+    """Yields ``score(x, target, pad=True)``: the target logit of each row of a batch, in fp32,
+    without autograd, in channels-last layout; by the twin where the model has one, its batches
+    replayed as CUDA graphs on a GPU (shorter batches padded to the widest padded batch so far,
+    one recording per shape; ``pad=False`` for a batch of another kind, such as the clean pass), its fused bf16 copy for bf16 on a GPU, its sliced copy on the CPU. The arithmetic
     (true fp32, or bf16 autocast) is the one :func:`insights.attribute` set for the whole call,
     so weights are cast to bf16 once for all batches."""
     fast = twin_for(ctx)
@@ -162,15 +162,16 @@ def scorer(ctx: Context) -> Iterator[Score]:
     cache = _graph_cache(ctx, fast)
     net = sliced if sliced is not None else fused if fused is not None else fast.module
     run = _replayed(ctx, cache, "score-fused" if fused is not None else "score", _scores_of(net))
-    widest = 0
+    widest = 0  # the widest padded batch so far: the budget's chunk, not the clean pass
 
-    def score(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def score(x: torch.Tensor, target: torch.Tensor, pad: bool = True) -> torch.Tensor:
         nonlocal widest
         rows, target = x.shape[0], target.to(x.device)
-        if cache is not None and rows < widest:  # copies of the last row; their scores dropped
+        if pad and cache is not None and rows < widest:  # copies of the last row, scores dropped
             x = torch.cat([x, x[-1:].expand((widest - rows,) + tuple(x.shape[1:]))])
             target = torch.cat([target, target[-1:].expand(widest - rows)])
-        widest = max(widest, rows)
+        if pad:
+            widest = max(widest, rows)
         return run(_channels_last(x), target)[:rows]
 
     with _no_autograd(ctx.device):

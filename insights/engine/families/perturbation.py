@@ -112,7 +112,7 @@ def occlude(ctx: Context, windows: Sequence[int], strides: Sequence[int], baseli
     diffs = torch.empty(total * n, device=x.device)  # row r: window r // n, sample r % n
     every_channel = bool(masks[0].all())  # windows through all channels (the usual case)
     with ctx.scorer() as score:
-        clean = score(x, target)
+        clean = score(x, target, pad=False)  # one row per image, not a chunk: never padded
         ctx.advance(n)
         for s in ctx.chunks(total * n, grad=False):
             rows = torch.arange(s.start, s.stop, device=x.device)
@@ -179,7 +179,7 @@ def ablate_features(ctx: Context, mask: torch.Tensor, baselines) -> torch.Tensor
     base = expand_baseline(baselines, x)
     out = torch.zeros_like(x, dtype=torch.float32)
     with ctx.scorer() as score:
-        clean = score(x, target)
+        clean = score(x, target, pad=False)  # one row per image, not a chunk: never padded
         ctx.advance(n)
         for s in ctx.chunks(ids.numel() * n, grad=False):
             rows = torch.arange(s.start, s.stop, device=x.device)
