@@ -324,6 +324,11 @@ class ModelRegistry:
         with self._guard:
             return list(self._loaded)
 
+    def peek(self, name: str) -> nn.Module | None:
+        """The model if it is in memory now, without loading it or changing its place."""
+        with self._guard:
+            return self._loaded.get(name)
+
     # -- loading --------------------------------------------------------------------------
 
     def get(self, name: str) -> nn.Module:

@@ -173,7 +173,10 @@ class Service:
             given = {**given, "layer": spec.cam_layer}  # the model's own CAM layer by default
         p = method.validate(given)
         shape = (len(spec.preprocessing.mean), spec.preprocessing.crop, spec.preprocessing.crop)
-        info = engine.method_info(method_id, p, shape)
+        # The model's layers count where a method's cost follows them (Score-CAM's channels);
+        # a model not yet in memory is not loaded for that, and the engine reports the real
+        # cost with the result.
+        info = engine.method_info(method_id, p, shape, self.models.peek(name))
         passes = int(info["cost"]["forward"])
         limit = self.settings.get("MAX_PASSES", 20_000)
         if passes > limit:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -92,6 +94,18 @@ def jsonable(params: dict) -> dict:
     return json.loads(json.dumps(params, default=lambda v: list(v) if isinstance(v, tuple) else str(v)))
 
 
+@dataclass
+class Computed:
+    """One image's share of an explanation's model work, for :meth:`ExplainTask.finish`."""
+
+    map: np.ndarray  # 1×C×H×W float32
+    logits: torch.Tensor
+    elapsed: float  # seconds of the engine call (for the whole batch)
+    layer: str | None  # the layer a CAM method used
+    batch_size: int
+    cost: dict  # passes per image, as the engine counted them for this model
+
+
 class ExplainTask(Task):
     """One explanation. The image is decoded and preprocessed when the task is made (in the
     request thread), the model work runs on the compute worker, and encoding and storing happen
@@ -136,30 +150,29 @@ class ExplainTask(Task):
         elapsed = time.perf_counter() - start
         arr = attr.detach().cpu().float().numpy()
         for row, i in enumerate(todo):
-            out[i] = (arr[row:row + 1], logits[row], elapsed, details.get("layer"), len(todo))
+            out[i] = Computed(arr[row:row + 1], logits[row], elapsed, details.get("layer"), len(todo),
+                              details.get("cost") or first.info.get("cost"))
         return out
 
-    def finish(self, computed) -> str:
+    def finish(self, computed: "Computed | None") -> str:
         """Encodes and stores the computed map; returns the result id."""
         if computed is None:
             return self.rid
-        arr, logits, elapsed, layer, batch_size = computed
-        png, enc = imaging.encode_map(arr[0], bool(self.info["signed"]))
-        self.service.store.put_result(self.metadata(arr, logits, elapsed, layer, batch_size, enc),
-                                      self.view, arr, png)
+        png, enc = imaging.encode_map(computed.map[0], bool(self.info["signed"]))
+        self.service.store.put_result(self.metadata(computed, enc), self.view, computed.map, png)
         return self.rid
 
-    def metadata(self, arr, logits, elapsed: float, layer: str | None, batch_size: int, enc: dict) -> dict:
+    def metadata(self, c: "Computed", enc: dict) -> dict:
         """The stored result's description (docs/api.md, "Results")."""
-        rid, record, spec = self.rid, self.record, self.spec
+        rid, record, spec, arr = self.rid, self.record, self.spec, c.map
         return {
             "id": rid, "model": self.name, "method": self.method_id, "params": jsonable(self.params),
             "target": self.target, "target_label": spec.labels[self.target],
             "image": {"id": record["id"], "width": record["width"], "height": record["height"],
                       "url": f"/api/images/{record['id']}"},
-            "elapsed_s": round(elapsed, 4), "batch_size": batch_size, "created": utc_now(),
-            "output": self.info["output"], "signed": bool(self.info["signed"]), "layer": layer,
-            "cost": self.info["cost"], "predictions": top_predictions(logits, spec.labels, 5),
+            "elapsed_s": round(c.elapsed, 4), "batch_size": c.batch_size, "created": utc_now(),
+            "output": self.info["output"], "signed": bool(self.info["signed"]), "layer": c.layer,
+            "cost": c.cost, "predictions": top_predictions(c.logits, spec.labels, 5),
             "range": {"min": enc["min"], "max": enc["max"]}, "encoding": {"zero": enc["zero"], "scale": enc["scale"]},
             "size": [int(arr.shape[-2]), int(arr.shape[-1])], "shape": list(arr.shape),
             "links": {"input": f"/api/results/{rid}/input.png", "map": f"/api/results/{rid}/map.png",

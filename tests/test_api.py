@@ -577,6 +577,41 @@ def test_concurrent_explanations_batch_and_equal_one_at_a_time(app):
         assert np.abs(solo).max() > 0
 
 
+def test_a_cost_that_follows_a_layer_counts_once_the_model_is_loaded(app, client, image_id, monkeypatch):
+    """A method whose passes are a layer's channel count (the way Score-CAM costs): the budget
+    check counts them when the model is in memory, and the result states the engine's count."""
+    import torch
+
+    from insights.engine import registry
+    from insights.engine.method import Method
+    from insights.engine.params import Cost, Param
+
+    class PerChannel(Method):
+        id, label, family = "per_channel_test", "Per channel (test)", "test"
+        params = (Param("layer", "string", None, "Layer."),)
+
+        def cost(self, p, facts):
+            shape = facts.layer_shape(p["layer"])
+            return Cost(shape[0] if shape else 1, 0)
+
+        def run(self, ctx, p):
+            ctx.advance(ctx.inputs.shape[0])
+            return torch.zeros_like(ctx.inputs)
+
+    monkeypatch.setitem(registry._methods, PerChannel.id, PerChannel())
+    ask = {"image": image_id, "method": PerChannel.id, "target": 0, "params": {"layer": "features.2"}}
+    app.config["MAX_PASSES"] = 7
+    first = client.post("/api/explain", json=ask)  # the model is not loaded yet: 1 pass is assumed
+    assert first.status_code == 200 and first.json["result"]["cost"] == {"forward": 8, "backward": 0}
+    ask["target"] = 1  # not stored yet; now the model is in memory and its 8 channels count
+    error_of(client.post("/api/explain", json=ask), 400, "over_budget", "params", "need 8 forward passes")
+    ask["params"] = {"layer": "features.0"}  # 6 channels: within the limit, over INLINE_MAX_PASSES
+    queued = client.post("/api/explain", json=ask)
+    assert queued.status_code == 202 and queued.json["job"]["total"] == 6
+    state = wait_job(client, queued.json["job"]["id"])
+    assert client.get(f"/api/results/{state['result_id']}").json["cost"] == {"forward": 6, "backward": 0}
+
+
 def test_noisy_methods_are_not_batched(app, image_id):
     from insights.tasks import ExplainTask
 
@@ -592,7 +627,7 @@ def test_noisy_methods_are_not_batched(app, image_id):
     assert job.batch_key == plain.batch_key
     assert service.jobs.submit(lambda j: None, batch=True).batch_key is None
     assert job.wait(20) and job.status == "done"
-    assert job.result[4] == 1  # computed alone: a batch of one
+    assert job.result.batch_size == 1  # computed alone
 
 
 def test_predictions_are_computed_once_per_model_and_image(client, app, image_id, monkeypatch):

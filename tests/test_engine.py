@@ -352,6 +352,8 @@ def test_cost_can_depend_on_a_layer_of_the_model(small_cnn, images, monkeypatch)
     assert facts.layer_shape("no_such_layer") is None
     assert Facts((3, 64, 64)).layer_shape("conv2") is None  # only the shape is known
     assert insights.method_info(PerChannel.id, {"layer": "conv2"})["cost"] == {"forward": 1, "backward": 0}
+    assert insights.method_info(PerChannel.id, {"layer": "conv2"}, (3, 64, 64), small_cnn)["cost"] == \
+        {"forward": 12, "backward": 0}  # told the model, the description counts its layer too
     seen, info = [], {}
     insights.attribute(small_cnn, images, PerChannel.id, [1, 2], layer="conv2", info=info,
                        progress=lambda done, total: seen.append((done, total)))

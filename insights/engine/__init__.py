@@ -36,11 +36,13 @@ def methods() -> list[str]:
     return registry.ids()
 
 
-def method_info(method: str, params: dict | None = None, shape: Sequence[int] = (3, 224, 224)) -> dict:
+def method_info(method: str, params: dict | None = None, shape: Sequence[int] = (3, 224, 224),
+                model: nn.Module | None = None) -> dict:
     """Describes a method: id, label, description, family, output kind, whether its map is signed,
     the parameter schema, and the cost (forward and backward passes per image) for ``params``
-    on an input of ``shape`` (C, H, W)."""
-    return registry.get(method).info(params, shape)
+    on an input of ``shape`` (C, H, W) and, when given, ``model`` (a cost may follow the size of
+    one of its layers; without the model such a method states its smallest cost)."""
+    return registry.get(method).info(params, shape, model)
 
 
 def _targets(target: Any, n: int, device: torch.device) -> torch.Tensor:

@@ -85,8 +85,16 @@ class Method:
             raise ParamError(unknown[0], f"is not a parameter of {self.id}; known: {', '.join(known) or 'none'}")
         return {name: param.coerce(given[name]) if name in given else param.default for name, param in known.items()}
 
-    def info(self, given: dict | None = None, shape: Sequence[int] = (3, 224, 224)) -> dict:
+    def info(self, given: dict | None = None, shape: Sequence[int] = (3, 224, 224),
+             model: nn.Module | None = None) -> dict:
+        """The self-description; the cost is for ``shape`` (C, H, W) and, when given, ``model``
+        (whose layers a cost may depend on)."""
         p = self.validate(given or {})
+        facts = Facts(tuple(shape))
+        if model is not None:
+            weight = next(model.parameters(), None)
+            device = weight.device if weight is not None else torch.device("cpu")
+            facts = Facts(tuple(shape), model, torch.zeros((1,) + tuple(shape), device=device))
         return {
             "id": self.id,
             "label": self.label,
@@ -95,7 +103,7 @@ class Method:
             "output": self.output,
             "signed": self.signed(p),
             "params": [param.schema() for param in self.params],
-            "cost": self.cost(p, Facts(tuple(shape))).as_dict(),
+            "cost": self.cost(p, facts).as_dict(),
         }
 
 
