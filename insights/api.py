@@ -30,7 +30,7 @@ def _error(err: Exception):
     if isinstance(err, HTTPException):
         return http_error(err)
     e = describe(err)
-    if e.status >= 500:
+    if e.code == "internal":
         current_app.logger.exception("internal error in %s", request.path)
     return error_response(e.status, e.code, e.message, e.field)
 
@@ -117,6 +117,7 @@ def methods():
 @bp.get("/models/<name>/labels")
 def labels(name: str):
     """Class names matching ``q`` (case-insensitive substring)."""
+    service().models.spec(name)  # an unknown model is named before a bad limit
     limit = as_int(request.args.get("limit", 20), "limit", 1, 1000)
     return jsonify(service().labels(name, request.args.get("q", ""), limit))
 

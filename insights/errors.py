@@ -57,7 +57,7 @@ class Described:
 def describe(exc: BaseException) -> Described:
     """The answer for ``exc``: its own status and code where it carries them, the engine's
     errors as 400s, anything else as a 500 ``internal`` error."""
-    if isinstance(exc, ServiceError) or (hasattr(exc, "status") and hasattr(exc, "code")):
+    if isinstance(exc, ServiceError) or _carries_its_answer(exc):
         return Described(int(exc.status), exc.code, getattr(exc, "message", None) or str(exc),
                          getattr(exc, "field", None))
     if isinstance(exc, UnknownMethod):
@@ -66,6 +66,13 @@ def describe(exc: BaseException) -> Described:
         field = getattr(exc, "field", None)
         return Described(400, "bad_target" if field == "target" else "bad_param", str(exc), field)
     return Described(500, "internal", f"{type(exc).__name__}: {exc}", None)
+
+
+def _carries_its_answer(exc: BaseException) -> bool:
+    """Our own errors outside this module (a bad image, an unknown model, a bad overlay option)
+    carry ``status`` and ``code`` too; another library's exception with such attributes (an
+    HTTPError raised by a model's own code) is still an internal error."""
+    return type(exc).__module__.startswith("insights.") and hasattr(exc, "status") and hasattr(exc, "code")
 
 
 # --------------------------------------------------------------------------- checked values

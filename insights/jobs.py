@@ -282,7 +282,7 @@ class JobRunner:
                     j._set(status="cancelled", finished=clock())
             except Exception as exc:  # reported to the client; the worker keeps going
                 error = describe(exc)
-                if error.status >= 500:
+                if error.code == "internal":
                     log.exception("job %s failed", job.id)
                 for j in started:
                     # Only a waiting request re-raises the exception; kept jobs hold no tracebacks.

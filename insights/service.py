@@ -28,6 +28,19 @@ OPTION_SETTINGS = {"twin": "TWIN", "cuda_graphs": "CUDA_GRAPHS", "cuda_fused": "
                    "cpu_slices": "CPU_SLICES"}
 
 
+
+def switch(value: Any, name: str) -> bool:
+    """An on/off setting as a bool: true/false, 1/0, on/off or yes/no (any case); anything else
+    is refused at start-up rather than read as "on"."""
+    words = {"true": True, "1": True, "on": True, "yes": True, "false": False, "0": False, "off": False, "no": False}
+    if isinstance(value, bool):
+        return value
+    key = str(value).strip().lower()
+    if isinstance(value, (int, str)) and key in words:
+        return words[key]
+    raise ValueError(f"setting {name} must be true or false, got {value!r}")
+
+
 @dataclass
 class Explained:
     """The answer to an explain request: a stored result (``result``) or a queued ``job``."""
@@ -51,6 +64,8 @@ class Service:
         self.settings: dict = dict(settings or {})
 
     def init_app(self, app) -> None:
+        for key in OPTION_SETTINGS.values():
+            app.config[key] = switch(app.config[key], key)
         self.settings = app.config
         self.models.init_app(app)
         self.store.init_app(app)
@@ -58,7 +73,8 @@ class Service:
 
     def engine_settings(self) -> dict:
         """The keyword arguments every engine call of this app gets (memory budget, fast paths)."""
-        switches = {field: bool(self.settings[key]) for field, key in OPTION_SETTINGS.items() if key in self.settings}
+        switches = {field: switch(self.settings[key], key) for field, key in OPTION_SETTINGS.items()
+                    if key in self.settings}
         return {"memory_budget": self.settings.get("MEMORY_BUDGET"), "options": engine.EngineOptions(**switches)}
 
     # -- lookups -----------------------------------------------------------------------------

@@ -509,6 +509,29 @@ def test_fast_path_settings_reach_the_engine(tmp_path, monkeypatch, extra_method
     assert seen == [(EngineOptions(twin=False, cuda_graphs=True, cuda_fused=True, cpu_slices=False), 12345)]
 
 
+@pytest.mark.parametrize("raw, on", [("off", False), ("No", False), ("0", False), ("false", False),
+                                     ("on", True), ("yes", True), ("1", True)])
+def test_fast_path_switches_read_from_the_environment(tmp_path, monkeypatch, raw, on):
+    from insights import create_app
+
+    monkeypatch.setenv("INSIGHTS_CPU_SLICES", raw)
+    app = create_app({"INSTANCE_PATH": str(tmp_path), "BUILTIN_MODELS": False, "MODELS_CONFIG": TINY_CONFIG})
+    assert app.config["CPU_SLICES"] is on
+    assert app.extensions["insights"].engine_settings()["options"].cpu_slices is on
+
+
+def test_a_switch_that_is_not_on_or_off_is_refused_at_start(tmp_path, monkeypatch):
+    from insights import create_app
+
+    monkeypatch.setenv("INSIGHTS_TWIN", "maybe")
+    with pytest.raises(ValueError, match="setting TWIN must be true or false, got 'maybe'"):
+        create_app({"INSTANCE_PATH": str(tmp_path), "BUILTIN_MODELS": False, "MODELS_CONFIG": TINY_CONFIG})
+
+
+def test_labels_of_an_unknown_model_name_the_model_before_the_limit(client):
+    error_of(client.get("/api/models/nope/labels?limit=0"), 400, "unknown_model", "model", "'nope'")
+
+
 def test_services_and_pages_are_attached(app, client):
     services = app.extensions["insights"]
     assert services.store is app.extensions["insights.store"] and services.models.default == "tiny"

@@ -1,0 +1,61 @@
+"""The one mapping from exceptions to answers (insights/errors.py)."""
+from __future__ import annotations
+
+import urllib.error
+
+import pytest
+
+from insights import imaging
+from insights.engine import ParamError, UnknownMethod
+from insights.errors import BadParam, NotFound, ServiceError, as_int, as_number, describe
+from insights.models import ModelUnavailable, UnknownModel
+
+
+@pytest.mark.parametrize("exc, answer", [
+    (NotFound("no job", "job"), (404, "not_found", "no job", "job")),
+    (BadParam("n: bad", "n"), (400, "bad_param", "n: bad", "n")),
+    (ServiceError("too many", "params", code="over_budget"), (400, "over_budget", "too many", "params")),
+    (imaging.ImageError("huge", code="too_large"), (413, "too_large", "huge", "image")),
+    (imaging.ImageError("not a picture"), (400, "bad_image", "not a picture", "image")),
+    (UnknownModel("x", ["tiny"]), (400, "unknown_model", "unknown model 'x'; known models: tiny", "model")),
+    (ModelUnavailable("x", "no weights"), (503, "model_unavailable", "model 'x' is not available: no weights",
+                                           "model")),
+    (UnknownMethod("x", ["saliency"]), (400, "unknown_method", "unknown method 'x'; known methods: saliency",
+                                        "method")),
+    (ParamError("target", "out of range"), (400, "bad_target", "target: out of range", "target")),
+    (ParamError("n_steps", "too big"), (400, "bad_param", "n_steps: too big", "n_steps")),
+    (ZeroDivisionError("division by zero"), (500, "internal", "ZeroDivisionError: division by zero", None)),
+])
+def test_each_error_maps_to_its_status_code_and_field(exc, answer):
+    d = describe(exc)
+    assert (d.status, d.code, d.message, d.field) == answer
+    assert d.as_dict() == {"code": answer[1], "message": answer[2], "field": answer[3]}
+
+
+def test_another_librarys_exception_with_a_status_is_still_internal():
+    err = urllib.error.HTTPError("http://x", 404, "Not Found", {}, None)
+    assert hasattr(err, "status") and hasattr(err, "code")
+    assert (describe(err).status, describe(err).code) == (500, "internal")
+
+
+@pytest.mark.parametrize("value, want", [(3, 3), ("4", 4), (5.0, 5), (" 6 ", 6)])
+def test_integers_in_range(value, want):
+    assert as_int(value, "k", 1, 10) == want
+
+
+@pytest.mark.parametrize("value, words", [
+    (0, "between 1 and 10, got 0"), (10 ** 400, "between 1 and 10"), ("1e400", "must be an integer"),
+    (2.5, "must be an integer"), (True, "must be an integer"), ("nan", "must be an integer"), ([1], "must be an integer"),
+])
+def test_bad_integers_name_the_field(value, words):
+    with pytest.raises(BadParam) as info:
+        as_int(value, "k", 1, 10, code="bad_target")
+    assert info.value.field == "k" and info.value.code == "bad_target" and words in info.value.message
+
+
+@pytest.mark.parametrize("value, words", [("x", "must be a number"), (2, "between 0.0 and 1.0"),
+                                          (None, "must be a number")])
+def test_bad_numbers_name_the_field(value, words):
+    with pytest.raises(BadParam) as info:
+        as_number(value, "alpha", 0.0, 1.0)
+    assert info.value.field == "alpha" and words in info.value.message
