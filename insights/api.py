@@ -248,7 +248,8 @@ def result_overlay(rid: str):
     """The map rendered over the input from map.png, as the page draws it (insights/overlay.py)."""
     meta = service().result(rid)
     opts = overlay.options(request.args, bool(meta["signed"]))
-    etag = hashlib.sha256(f"{rid}:{overlay.VERSION}:{json.dumps(opts.as_dict(), sort_keys=True)}".encode()).hexdigest()
+    key = f"{rid}:{overlay.fingerprint()}:{json.dumps(opts.as_dict(), sort_keys=True)}"
+    etag = hashlib.sha256(key.encode()).hexdigest()
     if request.if_none_match and etag in request.if_none_match:
         return immutable(b"", "image/png", etag)  # answered 304 without rendering
     store = service().store

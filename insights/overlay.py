@@ -21,6 +21,7 @@ so the picture depends on the PNG alone and both sides do exact integer sums. Th
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 from dataclasses import asdict, dataclass
 from typing import Mapping
@@ -146,6 +147,16 @@ def lut_png(name: str) -> bytes:
     return buf.getvalue()
 
 
+@functools.lru_cache(maxsize=1)
+def fingerprint() -> str:
+    """Changes when the rules (``VERSION``) or matplotlib (whose colour tables we serve) change:
+    part of every colour table's URL and of overlay.png's ETag, so that a browser never keeps an
+    old table or picture next to a new one."""
+    import matplotlib
+
+    return hashlib.sha256(f"{VERSION}:{matplotlib.__version__}".encode()).hexdigest()[:12]
+
+
 def describe() -> dict:
     """The specification as the page reads it: choices, defaults, ranges and table URLs."""
     names = [c[0] for c in COLORMAPS] + sorted(set(AUTO_COLORMAP.values()))
@@ -158,7 +169,7 @@ def describe() -> dict:
         "magnitude_modes": list(MAGNITUDE_MODES),
         "defaults": DEFAULTS,
         "ranges": {k: {"min": lo, "max": hi, "step": step} for k, (lo, hi, step) in RANGES.items()},
-        "luts": {name: f"/api/colormaps/{name}.png" for name in names},
+        "luts": {name: f"/api/colormaps/{name}.png?v={fingerprint()}" for name in names},
     }
 
 

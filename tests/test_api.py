@@ -356,6 +356,20 @@ def test_overlay_etag_depends_on_options(client, fixed_result):
     assert client.get(url + "?alpha=0.2").headers["ETag"] != client.get(url + "?alpha=0.3").headers["ETag"]
 
 
+def test_overlay_etag_changes_with_the_overlay_rules_and_matplotlib(client, fixed_result, monkeypatch):
+    from insights import overlay
+
+    url = fixed_result["links"]["overlay"]
+    before = client.get(url).headers["ETag"]
+    overlay.fingerprint.cache_clear()
+    monkeypatch.setattr(overlay, "VERSION", overlay.VERSION + 1)
+    try:
+        after = client.get(url, headers={"If-None-Match": before})
+        assert after.status_code == 200 and after.headers["ETag"] != before
+    finally:
+        overlay.fingerprint.cache_clear()
+
+
 def test_unknown_result_is_404(client):
     for suffix in ("", "/map.png", "/overlay.png", "/attribution.npy", "/input.png"):
         error_of(client.get("/api/results/" + "a" * 64 + suffix), 404, "not_found", "result")

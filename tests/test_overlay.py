@@ -88,9 +88,23 @@ def test_describe_offers_only_what_renders():
     spec = overlay.describe()
     assert [m["value"] for m in spec["modes"]] == MODES and [s["value"] for s in spec["signs"]] == SIGNS
     assert set(overlay.AUTO_COLORMAP.values()) | set(OFFERED) == set(spec["luts"])
-    for name in spec["luts"]:
+    for name, url in spec["luts"].items():
         overlay.lut(name)
+        assert url == f"/api/colormaps/{name}.png?v={overlay.fingerprint()}"
     assert overlay.options({k: v for k, v in spec["defaults"].items()}, signed=True).mode == "blended_heat_map"
+
+
+def test_a_new_matplotlib_gives_new_table_urls(monkeypatch):
+    import matplotlib
+
+    before = overlay.fingerprint()
+    overlay.fingerprint.cache_clear()
+    monkeypatch.setattr(matplotlib, "__version__", matplotlib.__version__ + ".post1")
+    try:
+        assert overlay.fingerprint() != before
+        assert all(url.endswith(overlay.fingerprint()) for url in overlay.describe()["luts"].values())
+    finally:
+        overlay.fingerprint.cache_clear()
 
 
 # --------------------------------------------------------------------------- normalisation
