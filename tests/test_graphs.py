@@ -94,6 +94,26 @@ def test_batches_are_padded_to_the_budgets_chunk_not_to_the_clean_pass(recording
     assert sorted(RECORDED_ROWS) == [3, 8]  # the 8-row clean pass, and chunks of 3, 3, 2→3
 
 
+def test_a_decline_for_one_batch_shape_is_not_hidden_by_later_replays(recording, small_cnn, images, monkeypatch):
+    """Recording fails for the clean pass's shape only: the call's note says declined, whatever
+    the later batches did, and the map is still the plain one."""
+    real = graphs.record_into
+
+    def fail_for_one_row(graph, fn, inputs, stream):
+        if inputs[0].shape[0] == 1:
+            raise RuntimeError("capture failed")
+        return real(graph, fn, inputs, stream)
+
+    monkeypatch.setattr(graphs, "record_into", fail_for_one_row)
+    info = {}
+    got = insights.attribute(small_cnn, images[:1], "occlusion", 3, info=info, **OCCLUSION)
+    want = insights.attribute(small_cnn, images[:1], "occlusion", 3, options=NO_GRAPHS, **OCCLUSION)
+    assert torch.equal(got, want)
+    assert info["fast_paths"]["cuda_graphs"].startswith("declined: ")
+    assert "capture failed" in info["fast_paths"]["cuda_graphs"]
+    assert RECORDED_ROWS == [25]  # the window batches were still recorded and replayed
+
+
 def test_integrated_gradients_through_the_stem_from_replayed_graphs(recording, small_cnn, images):
     fast = twin(small_cnn, images)
     assert fast.stem is not None

@@ -109,9 +109,11 @@ class Context:
 
     def note(self, path: str, status: str) -> None:
         """Records that fast path ``path`` ran ("used") or why it did not ("declined: ...") in
-        ``info["fast_paths"]``, and logs a decline at debug level."""
+        ``info["fast_paths"]``, and logs a decline at debug level. Within one call the first
+        decline stays: a path used for some batches and declined for others reads declined."""
         paths = self.info.setdefault("fast_paths", {})
-        if paths.get(path) == status:
+        before = paths.get(path)
+        if before == status or before not in (None, "used"):  # a decline, once noted, stays
             return
         paths[path] = status
         if status != "used":
