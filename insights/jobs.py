@@ -187,7 +187,7 @@ class JobRunner:
         job.cancel.set()
         with job._cond:
             if job.status == "queued":
-                job._set(status="cancelled", finished=clock())
+                job._set(status="cancelled", finished=clock(), work=None)  # its inputs can go now
         return job
 
     @staticmethod

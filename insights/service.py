@@ -159,7 +159,9 @@ class Service:
             raise job.exception
         if job.status == "cancelled":
             raise Conflict("the computation was cancelled")
-        return task.finish(job.result)
+        answer = task.finish(job.result)
+        job.result = None  # the computed tensors; the kept job need not hold them
+        return answer
 
     def predict(self, name: Any, image_id: Any, top_k: Any = 5) -> dict:
         """The model's ``top_k`` classes for a stored image."""

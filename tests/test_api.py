@@ -450,7 +450,7 @@ def test_job_events_stream_until_done(client, image_id):
     assert done == sorted(done) and len(events) >= 3
 
 
-def test_model_work_never_overlaps(client, image_id, monkeypatch):
+def test_model_work_never_overlaps(app, client, image_id, monkeypatch):
     """Inline requests from several threads run one at a time on the worker."""
     active, peak = [0], [0]
     lock = threading.Lock()
@@ -480,6 +480,8 @@ def test_model_work_never_overlaps(client, image_id, monkeypatch):
     for t in threads:
         t.join()
     assert codes == [200] * 5 and peak[0] == 1
+    kept = list(app.extensions["insights"].jobs._jobs.values())
+    assert len(kept) >= 5 and all(j.result is None and j.work is None for j in kept)  # no tensors held
 
 
 # --------------------------------------------------------------------------- app factory

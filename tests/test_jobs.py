@@ -80,6 +80,7 @@ def test_cancel_queued_and_running(runner):
     assert started.wait(5)
     runner.cancel(second.id)
     assert second.status == "cancelled"  # at once, without waiting for the worker
+    assert second.work is None  # and what it would have computed on is let go
     runner.cancel(first.id)
     assert first.wait(5) and first.status == "cancelled"
     after = runner.submit(lambda job: "ok")
