@@ -117,7 +117,9 @@ class Job:
 
 class JobBackend(Protocol):
     """What the service needs of a job runner; another backend (a queue on other machines)
-    implements the same five calls."""
+    implements the same calls."""
+
+    def init_app(self, app) -> None: ...
 
     def submit(self, work: Any, key: str | None = None, total: int = 0, urgent: bool = False,
                batch: bool = False) -> Job: ...

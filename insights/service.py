@@ -15,7 +15,7 @@ from PIL import Image
 
 from . import engine, imaging
 from .errors import BadParam, Conflict, NotFound, ServiceError, as_int
-from .jobs import Job, JobRunner
+from .jobs import Job, JobBackend, JobRunner
 from .models import LogitsCache, ModelRegistry, ModelUnavailable
 from .store import Store, result_id
 from .tasks import ExplainTask, PredictTask, Task
@@ -26,7 +26,6 @@ SAMPLES = {"chelsea": "Chelsea the cat", "coffee": "A cup of coffee", "astronaut
 # The app settings that switch the engine's fast paths (EngineOptions fields).
 OPTION_SETTINGS = {"twin": "TWIN", "cuda_graphs": "CUDA_GRAPHS", "cuda_fused": "CUDA_FUSED",
                    "cpu_slices": "CPU_SLICES"}
-
 
 
 def switch(value: Any, name: str) -> bool:
@@ -53,10 +52,11 @@ class Explained:
 
 class Service:
     """Predict and explain for one app. ``app.extensions["insights"]`` holds it; ``models``,
-    ``store`` and ``jobs`` are its collaborators, each with its own ``init_app``."""
+    ``store`` and ``jobs`` (any :class:`~insights.jobs.JobBackend`; the in-process runner by
+    default) are its collaborators, each with its own ``init_app``."""
 
     def __init__(self, models: ModelRegistry | None = None, store: Store | None = None,
-                 jobs: JobRunner | None = None, settings: dict | None = None):
+                 jobs: JobBackend | None = None, settings: dict | None = None):
         self.models = models or ModelRegistry()
         self.store = store or Store()
         self.jobs = jobs or JobRunner()
