@@ -131,11 +131,16 @@ def test_deeplift_sums_to_delta_with_overlapping_pool_windows(images):
     assert ((theirs.detach().sum((1, 2, 3)) - delta).abs() / delta.abs()).max() > 0.01
 
 
-def test_deeplift_rescale_rule_on_a_relu_has_the_known_answer():
-    lin = nn.Linear(4, 1, bias=False)
+def gate_then_linear(gate: nn.Module, weights: list[float]) -> nn.Module:
+    """Flatten a 1×1×2×2 input, apply ``gate`` elementwise, then one bias-free linear unit."""
+    lin = nn.Linear(len(weights), 1, bias=False)
     with torch.no_grad():
-        lin.weight.copy_(torch.tensor([[1.0, -2.0, 3.0, 0.5]]))
-    model = nn.Sequential(nn.Flatten(), nn.ReLU(), lin)
+        lin.weight.copy_(torch.tensor([weights]))
+    return nn.Sequential(nn.Flatten(), gate, lin)
+
+
+def test_deeplift_rescale_rule_on_a_relu_has_the_known_answer():
+    model = gate_then_linear(nn.ReLU(), [1.0, -2.0, 3.0, 0.5])
     x = torch.tensor([2.0, 1.0, -1.0, 0.3]).view(1, 1, 2, 2)
     attr = insights.attribute(model, x, "deeplift", 0, baselines=torch.tensor([0.0, 3.0, 1.0, 0.3]).view(1, 1, 2, 2))
     # w_i (relu(x_i) - relu(b_i)); the unchanged last pixel gets nothing.
@@ -197,10 +202,7 @@ def test_gates_match_captum(model, images, method, cls):
 
 
 def test_relu6_is_a_gate():
-    lin = nn.Linear(4, 1, bias=False)
-    with torch.no_grad():
-        lin.weight.copy_(torch.tensor([[1.0, -2.0, 3.0, 4.0]]))
-    model = nn.Sequential(nn.Flatten(), nn.ReLU6(), lin)
+    model = gate_then_linear(nn.ReLU6(), [1.0, -2.0, 3.0, 4.0])
     x = torch.tensor([2.0, 1.0, -1.0, 7.0]).view(1, 1, 2, 2)
     guided = insights.attribute(model, x, "guided_backprop", 0)
     deconv = insights.attribute(model, x, "deconvolution", 0)
