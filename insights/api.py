@@ -7,7 +7,7 @@ import json
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, engine, imaging, overlay
+from . import __version__, imaging, overlay
 from .errors import NotFound, ServiceError, as_int, describe
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -104,14 +104,17 @@ def index():
 @bp.get("/models")
 def models():
     """The model list with availability (nothing is loaded to answer)."""
-    reg = service().models
-    return jsonify({"models": [reg.info(n) for n in reg.names()], "device": str(reg.device)})
+    return jsonify({"models": service().model_list(), "device": str(service().models.device)})
 
 
 @bp.get("/methods")
 def methods():
-    """Every method's self-description, in the registry's order."""
-    return jsonify({"methods": [engine.method_info(m) for m in engine.methods()]})
+    """Every method's self-description, in the registry's order; with ``model``, whether each
+    runs on that model (``supported``) and why not (``reason``)."""
+    model = request.args.get("model")
+    if model is not None:
+        service().models.spec(model)  # an unknown model is a 400 naming it
+    return jsonify({"methods": service().method_list(model)})
 
 
 @bp.get("/models/<name>/labels")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .engine import InsightsError, UnknownMethod
+from .engine import InsightsError, UnknownMethod, UnsupportedModel
 
 
 class ServiceError(Exception):
@@ -62,6 +62,8 @@ def describe(exc: BaseException) -> Described:
                          getattr(exc, "field", None))
     if isinstance(exc, UnknownMethod):
         return Described(400, "unknown_method", str(exc), "method")
+    if isinstance(exc, UnsupportedModel):
+        return Described(400, "unsupported_method", str(exc), "method")
     if isinstance(exc, InsightsError):
         field = getattr(exc, "field", None)
         return Described(400, "bad_target" if field == "target" else "bad_param", str(exc), field)

@@ -88,6 +88,7 @@ class ModelSpec:
     # Returns None when the model can be loaded, else the reason it cannot (must be instant).
     check: Callable[[], str | None] | None = None
     failure: str | None = None  # set when a load attempt failed
+    takes_hooks: bool = True  # False for TorchScript modules: methods that need hooks are refused
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -192,6 +193,7 @@ def torchscript_loader(path: str) -> Callable[[], nn.Module]:
     """A loader for a TorchScript file chosen by the operator (no pickle involved)."""
     def load() -> nn.Module:
         return torch.jit.load(path, map_location="cpu")
+    load.takes_hooks = False  # read by register(): a TorchScript module takes no forward hooks
     return load
 
 
@@ -258,7 +260,8 @@ class ModelRegistry:
         if not labels:
             raise ValueError(f"model {name!r} needs at least one class label")
         spec = ModelSpec(name=name, loader=loader, preprocessing=preprocessing, labels=labels,
-                         cam_layer=cam_layer or None, label=label or name, description=description, check=check)
+                         cam_layer=cam_layer or None, label=label or name, description=description, check=check,
+                         takes_hooks=getattr(loader, "takes_hooks", True))
         self._specs[name] = spec
         if default or self.default is None:
             self.default = name
@@ -318,7 +321,8 @@ class ModelRegistry:
         return {"name": name, "label": spec.label, "description": spec.description, "available": reason is None,
                 "reason": reason, "default": name == self.default, "loaded": name in self._loaded,
                 "input_size": [len(p.mean), p.crop, p.crop], "num_classes": spec.num_classes,
-                "cam_layer": spec.cam_layer, "preprocessing": p.as_dict()}
+                "cam_layer": spec.cam_layer, "preprocessing": p.as_dict(),
+                "format": "module" if spec.takes_hooks else "torchscript"}
 
     def loaded(self) -> list[str]:
         with self._guard:

@@ -120,6 +120,24 @@ class Service:
         """The job's state at every change (None: nothing changed for a heartbeat's time)."""
         return self.jobs.events(self.job(job_id), float(self.settings.get("SSE_HEARTBEAT_S", 15)))
 
+    def unsupported(self, name: str) -> dict[str, str]:
+        """The methods that cannot run on a model, each with the reason (nothing is loaded)."""
+        hooks = self.models.spec(name).takes_hooks
+        found = {m: engine.registry.get(m).unsupported(hooks) for m in engine.methods()}
+        return {m: why for m, why in found.items() if why}
+
+    def model_list(self) -> list[dict]:
+        """Every registered model's entry, with the methods it cannot run and why."""
+        return [{**self.models.info(n), "unsupported": self.unsupported(n)} for n in self.models.names()]
+
+    def method_list(self, model: str | None = None) -> list[dict]:
+        """Every method's self-description; for a ``model``, whether it runs on it and why not."""
+        out = [engine.method_info(m) for m in engine.methods()]
+        if model is not None:
+            why = self.unsupported(model)
+            out = [{**info, "supported": info["id"] not in why, "reason": why.get(info["id"])} for info in out]
+        return out
+
     def labels(self, name: str, query: str, limit: int) -> dict:
         """Class names of a model containing ``query`` (case-insensitive)."""
         spec = self.models.spec(name)
@@ -183,6 +201,9 @@ class Service:
         if not isinstance(given, dict):
             raise BadParam("params must be a JSON object of parameter values", "params")
         method = engine.registry.get(method_id)
+        reason = method.unsupported(spec.takes_hooks)
+        if reason:
+            raise engine.UnsupportedModel(method_id, reason)
         names = {p.name: p for p in method.params}
         for key, value in given.items():
             if key in names and names[key].type == "tensor" and value is not None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import probe as _probe
 from .context import Context
-from .errors import Cancelled, InsightsError, ParamError, UnknownMethod
+from .errors import Cancelled, InsightsError, ParamError, UnknownMethod, UnsupportedModel
 from .method import Facts, MethodRegistry
 from .options import EngineOptions
 from .precision import arithmetic
@@ -70,6 +70,13 @@ def _check_call(model: nn.Module, inputs: Any, target: Any) -> tuple[torch.Tenso
     return x, t
 
 
+def check_supported(m, model: nn.Module) -> None:
+    """Raises :class:`UnsupportedModel` when method ``m`` cannot run on ``model``."""
+    reason = m.unsupported(_probe.takes_hooks(model))
+    if reason:
+        raise UnsupportedModel(m.id, reason)
+
+
 def attribute(model: nn.Module, inputs: torch.Tensor, method: str, target: Any, *,
               progress: Callable[[int, int], Any] | None = None, cancel: Any = None,
               memory_budget: int | None = None, info: dict | None = None,
@@ -85,6 +92,7 @@ def attribute(model: nn.Module, inputs: torch.Tensor, method: str, target: Any, 
     (:class:`EngineOptions`, default all on) switches fast paths off."""
     m = registry.get(method)
     p = m.validate(params)
+    check_supported(m, model)
     x, t = _check_call(model, inputs, target)
     cost = m.cost(p, Facts(tuple(x.shape[1:]), model, x[:1]))
     ctx = Context(model=model, inputs=x, target=t, total=max(1, cost.forward * x.shape[0]),
@@ -108,4 +116,4 @@ def attribute(model: nn.Module, inputs: torch.Tensor, method: str, target: Any, 
 from .combined import attribute_many  # noqa: E402
 
 __all__ = ["attribute", "attribute_many", "methods", "method_info", "registry", "EngineOptions", "Cancelled",
-           "InsightsError", "ParamError", "UnknownMethod"]
+           "InsightsError", "ParamError", "UnknownMethod", "UnsupportedModel"]

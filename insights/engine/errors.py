@@ -24,5 +24,15 @@ class ParamError(InsightsError):
         self.message = message
 
 
+class UnsupportedModel(InsightsError):
+    """The method cannot run on this kind of model (e.g. it needs hooks a TorchScript module
+    does not take); the message says why and what to do instead."""
+
+    def __init__(self, method: str, reason: str):
+        super().__init__(reason)
+        self.method = method
+        self.field = "method"
+
+
 class Cancelled(Exception):
     """Raised inside :func:`insights.attribute` when the caller's cancel signal is set."""

@@ -52,6 +52,15 @@ class Method:
     def signed(self, p: dict) -> bool:
         return True
 
+    def unsupported(self, hooks: bool) -> str | None:
+        """Why the method cannot run on a model that does (``hooks``) or does not take forward
+        hooks on its modules (a TorchScript module), or None when it can."""
+        if self.exclusive and not hooks:
+            return (f"{self.label} needs forward hooks on the model's modules, which a TorchScript "
+                    "module does not take; register the model as an nn.Module in a models config "
+                    "(python app.py --config my_models.py) to use it")
+        return None
+
     def batchable(self, p: dict) -> bool:
         """Whether each row's map is the same whether the row runs alone or in a batch with other
         images (False for methods that draw noise for the whole batch at once)."""

@@ -1,0 +1,103 @@
+"""Users' own models: a TorchScript module gets every method that needs no hooks, with the same
+map as the module it was scripted from, and a clear refusal for the others — in the engine and
+through the HTTP API."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import insights
+from appkit import png, upload, wait_job
+from conftest import rel_error
+from insights.engine import UnsupportedModel, registry
+
+SMALL = {"occlusion": {"sliding_window_shapes": (3, 16, 16), "strides": (3, 8, 8)},
+         "feature_ablation": {"patch_size": 16}, "integrated_gradients": {"n_steps": 8},
+         "gradient_shap": {"n_samples": 4}}
+
+
+def scripted(model: torch.nn.Module) -> torch.nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script's deprecation notice
+        return torch.jit.script(model)
+
+
+@pytest.mark.parametrize("method", registry.ids())
+def test_every_method_runs_on_torchscript_or_says_why(method, small_cnn, images):
+    script = scripted(small_cnn)
+    params = SMALL.get(method, {})
+    if registry.get(method).exclusive:  # installs hooks
+        with pytest.raises(UnsupportedModel) as refused:
+            insights.attribute(script, images, method, [1, 2], **params)
+        assert refused.value.field == "method"
+        assert "TorchScript" in str(refused.value) and "--config" in str(refused.value)
+        return
+    info = {}
+    ours = insights.attribute(script, images, method, [1, 2], info=info, **params)
+    eager = insights.attribute(small_cnn, images, method, [1, 2], **params)
+    assert ours.shape == eager.shape and torch.isfinite(ours).all() and ours.abs().max() > 0
+    assert rel_error(ours, eager) < 1e-4
+    if "twin" in info.get("fast_paths", {}):
+        assert info["fast_paths"]["twin"].startswith("declined: ")
+
+
+def test_attribute_many_refuses_a_hook_method_on_torchscript(small_cnn, images):
+    script = scripted(small_cnn)
+    with pytest.raises(UnsupportedModel, match="Grad-CAM needs forward hooks"):
+        insights.attribute_many(script, images, ["saliency", "grad_cam"], [1, 2])
+    saliency, ixg = insights.attribute_many(script, images, ["saliency", "input_x_gradient"], [1, 2])
+    assert torch.allclose(saliency, insights.attribute(small_cnn, images, "saliency", [1, 2]))
+    assert torch.allclose(ixg, insights.attribute(small_cnn, images, "input_x_gradient", [1, 2]))
+
+
+# --------------------------------------------------------------------------- through the API
+
+
+@pytest.fixture
+def ts_app(tmp_path):
+    from conftest import SmallCNN, seeded
+
+    path, labels = tmp_path / "tiny_ts.pt", tmp_path / "labels.txt"
+    scripted(seeded(lambda: SmallCNN(classes=5))).save(str(path))
+    labels.write_text("\n".join(["apple", "banana", "cherry", "date", "elderberry"]) + "\n")
+    app = insights.create_app({"INSTANCE_PATH": str(tmp_path / "instance"), "BUILTIN_MODELS": False,
+                               "TORCHSCRIPT": str(path), "TORCHSCRIPT_LABELS": str(labels), "DEVICE": "cpu",
+                               "INLINE_MAX_PASSES": 5, "MAX_IMAGE_PIXELS": 250_000})
+    yield app
+    app.extensions["insights"].jobs.shutdown()
+
+
+def test_torchscript_model_explains_through_the_api(ts_app):
+    client = ts_app.test_client()
+    entry = client.get("/api/models").json["models"][0]
+    assert entry["name"] == "tiny_ts" and entry["format"] == "torchscript"
+    hooked = sorted(m for m in registry.ids() if registry.get(m).exclusive)
+    assert sorted(entry["unsupported"]) == hooked and "TorchScript" in entry["unsupported"]["grad_cam"]
+    listed = client.get("/api/methods?model=tiny_ts").json["methods"]
+    assert {m["id"]: m["supported"] for m in listed} == {m: m not in hooked for m in registry.ids()}
+    assert all((m["reason"] is None) == m["supported"] for m in listed)
+
+    image = upload(client, png()).json["id"]
+    assert client.post("/api/predict", json={"image": image, "top_k": 2}).status_code == 200
+    for method in ("saliency", "integrated_gradients"):
+        r = client.post("/api/explain", json={"image": image, "method": method, "target": 1,
+                                              "params": {"n_steps": 4} if method == "integrated_gradients" else {}})
+        assert r.status_code == 200 and r.json["result"]["method"] == method, r.json
+    queued = client.post("/api/explain", json={"image": image, "method": "occlusion", "target": 1, "params": {
+        "sliding_window_shapes": [3, 75, 75], "strides": [3, 75, 75]}})  # 9 windows: a job
+    assert queued.status_code == 202
+    assert wait_job(client, queued.json["job"]["id"])["status"] == "done"
+
+    refused = client.post("/api/explain", json={"image": image, "method": "grad_cam", "target": 1})
+    assert refused.status_code == 400 and refused.json["error"]["code"] == "unsupported_method"
+    assert refused.json["error"]["field"] == "method" and "--config" in refused.json["error"]["message"]
+    assert ts_app.extensions["insights"].jobs.get(queued.json["job"]["id"]).status == "done"
+
+
+def test_methods_for_an_unknown_model_is_a_400(ts_app):
+    r = ts_app.test_client().get("/api/methods?model=nope")
+    assert r.status_code == 400 and r.json["error"]["code"] == "unknown_model"
+    plain = ts_app.test_client().get("/api/methods").json["methods"]
+    assert all("supported" not in m for m in plain)  # without a model: the plain descriptions
