@@ -35,13 +35,17 @@ async function start() {
       result.invite(target.top());
     },
   });
+  const methods = methodPanel(state, { changed: run.refresh });
   modelPanel(state, {
     changed: () => {
+      methods.fit();
+      compare.fit();
       if (state.image) target.predict();
       run.refresh();
     },
   });
-  methodPanel(state, { changed: run.refresh });
+  methods.fit(); // the default model is chosen now
+  compare.fit();
   upload.loadSamples();
   document.body.dataset.ready = "true";
 }

@@ -140,5 +140,15 @@ export function comparePanel(state, { store, refresh }) {
   renderChoices();
   setupTabs();
   $("#compare-run").addEventListener("click", run);
-  return { clear };
+  /** Greys out (and unticks) the methods the chosen model cannot run, with the reason. */
+  function fit() {
+    const why = (state.models.find((m) => m.name === state.model) || {}).unsupported || {};
+    for (const input of $("#compare-method-list").querySelectorAll("input")) {
+      input.disabled = Boolean(why[input.value]);
+      if (input.disabled) input.checked = false;
+      input.parentElement.title = why[input.value] || "";
+    }
+  }
+
+  return { clear, fit };
 }

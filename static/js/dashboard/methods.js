@@ -6,8 +6,10 @@ import { stepError } from "./errors.js";
 const FAMILIES = { gradient: "Gradients", rules: "Propagation rules", cam: "Class activation maps", perturbation: "Perturbation" };
 const familyLabel = (f) => FAMILIES[f] || f.replace(/_/g, " ").replace(/^./, (c) => c.toUpperCase());
 
-/** Renders state.methods and selects the first; `changed()` runs on each choice. */
+/** Renders state.methods and selects the first; `changed()` runs on each choice. `fit()`, called
+ * when the model changes, greys out the methods that model cannot run, with the server's reason. */
 export function methodPanel(state, { changed }) {
+  const options = new Map(); // method id → { input, option, reason }
   function select(id) {
     state.method = state.methods.find((m) => m.id === id);
     stepError("method", "");
@@ -28,13 +30,37 @@ export function methodPanel(state, { changed }) {
       const input = h("input.visually-hidden", { type: "radio", name: "method", id, value: m.id, checked: m.id === state.method.id });
       input.addEventListener("change", () => select(m.id));
       const cost = m.cost ? m.cost.forward + m.cost.backward : 0;
-      group.append(h("div.option.method", {}, input,
+      const reason = h("span.option-desc.option-reason");
+      const option = h("div.option.method", {}, input,
         h("label", { for: id },
           h("span.option-title", {}, m.label,
             cost > 20 ? h("span.badge.slow", { text: "slow", title: `${cost} passes per image` }) : null),
-          h("span.option-desc", { text: m.description }))));
+          h("span.option-desc", { text: m.description }), reason));
+      options.set(m.id, { input, option, reason });
+      group.append(option);
     }
     list.append(group);
   }
+
+  function fit() {
+    const model = state.models.find((m) => m.name === state.model) || {};
+    const why = model.unsupported || {};
+    for (const [id, { input, option, reason }] of options) {
+      input.disabled = Boolean(why[id]);
+      option.classList.toggle("disabled", Boolean(why[id]));
+      reason.textContent = why[id] || "";
+      option.title = why[id] || "";
+    }
+    if (why[state.method.id]) {
+      const usable = state.methods.find((m) => !why[m.id]);
+      if (usable) {
+        options.get(usable.id).input.checked = true;
+        select(usable.id);
+      }
+    }
+  }
+
   select(state.method.id);
+  fit();
+  return { fit };
 }
