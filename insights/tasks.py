@@ -104,6 +104,19 @@ class Computed:
     layer: str | None  # the layer a CAM method used
     batch_size: int
     cost: dict  # passes per image, as the engine counted them for this model
+    completeness: dict | None = None  # {"delta", "kind", "threshold"}, or None (docs/api.md)
+
+
+COMPLETENESS_THRESHOLD = 0.05  # above this relative delta, an "exact" map is flagged unreliable
+
+
+def completeness(details: dict, row: int) -> dict | None:
+    """One row's completeness from the engine's ``info`` (``deltas``, ``delta_kind``), or None
+    for a method without the property (or a noise tunnel, which has no single score difference)."""
+    deltas = details.get("deltas")
+    if not deltas:
+        return None
+    return {"delta": float(deltas[row]), "kind": details["delta_kind"], "threshold": COMPLETENESS_THRESHOLD}
 
 
 class ExplainTask(Task):
@@ -151,7 +164,7 @@ class ExplainTask(Task):
         arr = attr.detach().cpu().float().numpy()
         for row, i in enumerate(todo):
             out[i] = Computed(arr[row:row + 1], logits[row], elapsed, details.get("layer"), len(todo),
-                              details.get("cost") or first.info.get("cost"))
+                              details.get("cost") or first.info.get("cost"), completeness(details, row))
         return out
 
     def finish(self, computed: "Computed | None") -> str:
@@ -172,7 +185,7 @@ class ExplainTask(Task):
                       "url": f"/api/images/{record['id']}"},
             "elapsed_s": round(c.elapsed, 4), "batch_size": c.batch_size, "created": utc_now(),
             "output": self.info["output"], "signed": bool(self.info["signed"]), "layer": c.layer,
-            "cost": c.cost, "predictions": top_predictions(c.logits, spec.labels, 5),
+            "cost": c.cost, "completeness": c.completeness, "predictions": top_predictions(c.logits, spec.labels, 5),
             "range": {"min": enc["min"], "max": enc["max"]}, "encoding": {"zero": enc["zero"], "scale": enc["scale"]},
             "size": [int(arr.shape[-2]), int(arr.shape[-1])], "shape": list(arr.shape),
             "links": {"input": f"/api/results/{rid}/input.png", "map": f"/api/results/{rid}/map.png",

@@ -1,5 +1,6 @@
 // The share page: the stored result drawn with the same viewer as the dashboard; nothing is recomputed.
 import { api } from "./api.js";
+import { completenessText, completenessWarning } from "./completeness.js";
 import { loadOverlay, overlayUrl } from "./overlay.js";
 import { colormapFor, effectiveSign, loadResult } from "./render.js";
 import { $, copyText, h, plainError, toast } from "./ui.js";
@@ -20,6 +21,12 @@ async function start() {
     $("#colorbar-slot").append(bar);
     const controls = viewControls(store, "share");
     $("#view-slot").append(controls);
+    const text = completenessText(meta.completeness);
+    if (text) {
+      $(".share-facts").append(h("span.fact", {}, h("b", { text: "Completeness" }), h("span", { id: "fact-completeness", text })));
+    }
+    const warning = completenessWarning(meta);
+    if (warning) $("#view-slot").before(warning);
     const asset = await loadResult(meta);
     bindCanvas($("#overlay"), asset, store, (a, view) => {
       bar.update(a, view);

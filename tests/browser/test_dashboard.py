@@ -461,3 +461,43 @@ def test_canvas_is_the_overlay_png_for_every_mode_and_sign(context, chelsea):
     print(f"\ncanvas vs overlay.png, largest channel difference: {max(worst.values())}/255 over {len(worst)} views")
     assert max(worst.values()) <= 2, worst
     assert errors == [], errors
+
+
+def test_a_map_that_misses_its_score_difference_shows_the_warning_here_and_on_the_share_page(page, browser, chelsea_b64):
+    drop_image(page, chelsea_b64)
+    page.click("label[for=method-integrated_gradients]")
+    page.fill("#param-integrated_gradients-n_steps", "1")  # one point: far from the path integral
+    page.click("#run")
+    page.wait_for_function("document.querySelector('#result-method')?.textContent === 'Integrated Gradients'",
+                           timeout=60_000)
+    warning = page.locator("#completeness-warning")
+    expect(warning).to_be_visible()
+    assert "not reliable" in warning.inner_text() and "n_steps" in warning.inner_text()
+    facts = page.locator("#result-meta").inner_text()
+    assert "Completeness" in facts and "% off" in facts
+    page.locator("#hero").scroll_into_view_if_needed()
+    shot(page, "12-completeness-warning")
+    rid = page.locator("#download-npy").get_attribute("href").split("/")[3]
+    fresh = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        other = fresh.new_page()
+        other.goto(page.evaluate("location.origin") + f"/r/{rid}")
+        other.wait_for_selector("body[data-ready=true]")
+        expect(other.locator("#completeness-warning")).to_be_visible()
+        assert other.locator("#fact-completeness").inner_text().endswith("% off")
+        shot(other, "13-share-completeness-warning")
+    finally:
+        fresh.close()
+
+
+def test_a_complete_map_shows_its_completeness_without_a_warning(page, chelsea_b64):
+    explain(page, chelsea_b64, "deeplift")
+    assert page.locator("#result-method").inner_text() == "DeepLIFT"
+    facts = page.locator("#result-meta").inner_text()
+    assert "Completeness" in facts and "% off" in facts, facts
+    assert page.locator("#completeness-warning").count() == 0
+    page.click("label[for=method-saliency]")  # no such property: no line, no warning
+    page.click("#run")
+    page.wait_for_function("document.querySelector('#result-method').textContent === 'Saliency'", timeout=60_000)
+    assert "Completeness" not in page.locator("#result-meta").inner_text()
+    assert page.locator("#completeness-warning").count() == 0

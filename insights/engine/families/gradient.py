@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import registry
+from .. import registry, seam
 from ..context import Context
 from ..params import Cost, Param
 from ..errors import ParamError
@@ -43,6 +43,9 @@ class GradientMethod(Method):
     passes_per_sample = 1  # forward (and backward) passes per image without noise
     noise_tunnel = True  # False: the method draws its own noise and has no nt_* parameters
     shared_pass: str | None = None  # the shared pass (see Method.shared_needs) it can use without noise
+    # Completeness: "exact" when the map sums to f(x) - f(baseline) (up to quadrature), "expected"
+    # when it does only on average over the method's random draws; None: no such property.
+    completeness: str | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -75,10 +78,43 @@ class GradientMethod(Method):
             return None
         return {self.shared_pass}
 
+    def completeness_baseline(self, x: torch.Tensor, p: dict) -> torch.Tensor:
+        """The baseline rows the map's sum is measured against (see :func:`record_completeness`)."""
+        return baseline_rows(p["baselines"], x, x.shape[0])
+
     def run(self, ctx: Context, p: dict) -> torch.Tensor:
         if p.get("nt_type", "none") == "none":
-            return self.compute(ctx, ctx.inputs, ctx.target, p)
+            out = self.compute(ctx, ctx.inputs, ctx.target, p)
+            if self.completeness:
+                record_completeness(ctx, out, self.completeness_baseline(ctx.inputs, p), self.completeness)
+            return out
+        # With a noise tunnel the map aggregates maps of noisy copies: there is no single score
+        # difference it should sum to, so no delta is recorded.
         return noise_tunnel(self, ctx, p)
+
+
+COMPLETENESS_FLOOR = 1e-6  # score differences below this count as this, so a delta stays finite
+
+
+def record_completeness(ctx: Context, maps: torch.Tensor, base: torch.Tensor, kind: str) -> None:
+    """Records how far each row's map is from summing to f(x) - f(baseline), f the target logit:
+    ``info["deltas"]`` per row, |sum - (f(x) - f(base))| / |f(x) - f(base)|, ``info["delta"]``
+    their largest, and ``info["delta_kind"]`` ("exact", or "expected" when the sum matches only
+    on average). Two forward passes without autograd, in budget-sized chunks."""
+    x, t = ctx.inputs, ctx.target
+    size = ctx.chunk_size(grad=False, factor=2.0)
+    diffs = []
+    with seam.plain_scorer(ctx) as score:
+        for start in range(0, x.shape[0], size):
+            s = slice(start, min(x.shape[0], start + size))
+            both = score(torch.cat([x[s], base[s]]), t[s].repeat(2)).double()
+            diffs.append(both[: s.stop - s.start] - both[s.stop - s.start:])
+    diff = torch.cat(diffs)
+    sums = maps.detach().flatten(1).double().sum(1).to(diff.device)
+    deltas = ((sums - diff).abs() / diff.abs().clamp_min(COMPLETENESS_FLOOR)).tolist()
+    ctx.info["deltas"] = deltas
+    ctx.info["delta"] = max(deltas)
+    ctx.info["delta_kind"] = kind
 
 
 def noise_tunnel(method: GradientMethod, ctx: Context, p: dict) -> torch.Tensor:
@@ -188,6 +224,7 @@ def _quadrature(rule: str, n: int) -> tuple[tuple[float, ...], tuple[float, ...]
 @registry.register
 class IntegratedGradients(GradientMethod):
     id = "integrated_gradients"
+    completeness = "exact"
     label = "Integrated Gradients"
     description = "Adds up the gradient along a straight path from a baseline image (by default " \
                   "the average colour) to the photo, and multiplies by the difference. The map " \
@@ -202,8 +239,8 @@ class IntegratedGradients(GradientMethod):
         PRECISION_PARAM,
     )
 
-    def validate(self, given: dict) -> dict:
-        p = super().validate(given)
+    def validate(self, given: dict, shape=None) -> dict:
+        p = super().validate(given, shape)
         if p["integration"] != "gausslegendre" and p["n_steps"] < 2:
             raise ParamError("n_steps", f"must be at least 2 with {p['integration']}, got {p['n_steps']}")
         return p
@@ -226,6 +263,7 @@ class GradientShap(GradientMethod):
                   "photo and randomly chosen baselines, optionally with noise on the photo: an " \
                   "estimate of SHAP values. One backward pass per sample."
     noise_tunnel = False
+    completeness = "expected"  # only the average over the draws sums to f(x) - f(mean baseline)
     base_params = (
         Param("n_samples", "int", 20, "Random samples per image.", min=1, max=1000),
         Param("stdevs", "float", 0.0, "Standard deviation of the Gaussian noise added to the "
@@ -249,6 +287,9 @@ class GradientShap(GradientMethod):
             raise ParamError("baselines", f"must be K×{'×'.join(map(str, x.shape[1:]))}, "
                                           f"got {tuple(value.shape)}")
         return dist
+
+    def completeness_baseline(self, x, p):
+        return self._distribution(p["baselines"], x).mean(0, keepdim=True).expand_as(x)
 
     def compute(self, ctx, x, target, p):
         dist = self._distribution(p["baselines"], x)

@@ -145,6 +145,7 @@ class DeepLift(GradientMethod):
                   "score among the pixels, layer by layer (the rescale rule). The map sums to the " \
                   "score difference. One pass over the photo and the baseline together."
     exclusive = True
+    completeness = "exact"  # where its rules cover every non-linearity (not LayerNorm, attention, gates)
     passes_per_sample = 2  # the image and its baseline run as one batch
     base_params = (BASELINES,)
 

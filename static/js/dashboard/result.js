@@ -1,5 +1,6 @@
 // The hero: the image or its explanation, the view controls and colour bar, the facts, and the
 // share link and downloads (the PNG is the server's rendering of the view on the canvas).
+import { completenessText, completenessWarning } from "../completeness.js";
 import { autoColormap, overlayUrl } from "../overlay.js";
 import { colormapFor, effectiveSign, loadResult } from "../render.js";
 import { $, copyText, h, toast } from "../ui.js";
@@ -45,6 +46,7 @@ export function resultView(state) {
     asset = null;
     result = null;
     canvas.hidden = true;
+    $("#completeness-warning")?.remove();
     $("#hero-side").hidden = true;
     $("#hero-actions").hidden = true;
   }
@@ -96,8 +98,12 @@ export function resultView(state) {
       ...row("Parameters", describeParams(meta.params)),
       ...(meta.layer ? row("Layer", meta.layer) : []),
       ...row("Range", `${Number(meta.range.min).toPrecision(3)} … ${Number(meta.range.max).toPrecision(3)}`),
+      ...(completenessText(meta.completeness) ? row("Completeness", completenessText(meta.completeness)) : []),
       ...row("Time", meta.cached ? "cached" : `${Number(meta.elapsed_s).toFixed(2)} s`),
     );
+    const warning = completenessWarning(meta);
+    $("#completeness-warning")?.remove();
+    if (warning) $("#hero-side").prepend(warning);
     $("#download-npy").href = meta.links.npy;
     $("#download-npy").setAttribute("download", `${meta.method}-${meta.id.slice(0, 8)}.npy`);
     updateDownload();
