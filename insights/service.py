@@ -130,13 +130,19 @@ class Service:
         """Every registered model's entry, with the methods it cannot run and why."""
         return [{**self.models.info(n), "unsupported": self.unsupported(n)} for n in self.models.names()]
 
+    def input_shape(self, name: str) -> tuple[int, int, int]:
+        """(C, H, W) of the model's input after preprocessing."""
+        p = self.models.spec(name).preprocessing
+        return (len(p.mean), p.crop, p.crop)
+
     def method_list(self, model: str | None = None) -> list[dict]:
-        """Every method's self-description; for a ``model``, whether it runs on it and why not."""
-        out = [engine.method_info(m) for m in engine.methods()]
-        if model is not None:
-            why = self.unsupported(model)
-            out = [{**info, "supported": info["id"] not in why, "reason": why.get(info["id"])} for info in out]
-        return out
+        """Every method's self-description; for a ``model``, with the defaults for its input size,
+        whether it runs on it and why not."""
+        if model is None:
+            return [engine.method_info(m) for m in engine.methods()]
+        why = self.unsupported(model)
+        return [{**info, "supported": info["id"] not in why, "reason": why.get(info["id"])}
+                for info in (engine.method_info(m, shape=self.input_shape(model)) for m in engine.methods())]
 
     def labels(self, name: str, query: str, limit: int) -> dict:
         """Class names of a model containing ``query`` (case-insensitive)."""
@@ -210,8 +216,8 @@ class Service:
                 raise BadParam(f"{key}: is a tensor parameter, only settable from Python", key)
         if "layer" in names and not given.get("layer") and spec.cam_layer:
             given = {**given, "layer": spec.cam_layer}  # the model's own CAM layer by default
-        p = method.validate(given)
-        shape = (len(spec.preprocessing.mean), spec.preprocessing.crop, spec.preprocessing.crop)
+        shape = self.input_shape(name)
+        p = method.validate(given, shape)
         # The model's layers count where a method's cost follows them (Score-CAM's channels);
         # a model not yet in memory is not loaded for that, and the engine reports the real
         # cost with the result.

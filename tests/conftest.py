@@ -35,6 +35,18 @@ class SmallCNN(nn.Module):
         return self.fc(self.flatten(self.avgpool(x)))
 
 
+class Gray(nn.Module):
+    """A 1-channel 28×28 classifier (MNIST-sized), four classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 7 * 7, 4)
+
+    def forward(self, x):
+        return self.fc(nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 7).flatten(1))
+
+
 def seeded(build, seed: int = 0) -> nn.Module:
     """Builds a model with weights drawn from ``seed`` without touching the global RNG."""
     with torch.random.fork_rng():

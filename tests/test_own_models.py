@@ -3,6 +3,7 @@ map as the module it was scripted from, and a clear refusal for the others — i
 through the HTTP API."""
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 import insights
 from appkit import png, upload, wait_job
-from conftest import rel_error
+from conftest import Gray, rel_error
 from insights.engine import UnsupportedModel, registry
 
 SMALL = {"occlusion": {"sliding_window_shapes": (3, 16, 16), "strides": (3, 8, 8)},
@@ -101,3 +102,56 @@ def test_methods_for_an_unknown_model_is_a_400(ts_app):
     assert r.status_code == 400 and r.json["error"]["code"] == "unknown_model"
     plain = ts_app.test_client().get("/api/methods").json["methods"]
     assert all("supported" not in m for m in plain)  # without a model: the plain descriptions
+
+
+# --------------------------------------------------------------------------- defaults from the input
+
+
+def defaults(info: dict) -> dict:
+    return {p["name"]: p["default"] for p in info["params"]}
+
+
+def test_window_defaults_follow_the_input_size():
+    big, small = insights.method_info("occlusion"), insights.method_info("occlusion", shape=(1, 28, 28))
+    assert defaults(big)["sliding_window_shapes"] == [3, 32, 32] and defaults(big)["strides"] == [3, 16, 16]
+    assert defaults(small)["sliding_window_shapes"] == [1, 4, 4] and defaults(small)["strides"] == [1, 2, 2]
+    assert small["cost"]["forward"] == 13 * 13 + 1
+    assert defaults(insights.method_info("feature_ablation"))["patch_size"] == 16
+    assert defaults(insights.method_info("feature_ablation", shape=(1, 28, 28)))["patch_size"] == 2
+
+
+def test_default_occlusion_runs_on_a_one_channel_model():
+    torch.manual_seed(0)
+    model, x = Gray().eval(), torch.randn(2, 1, 28, 28)
+    info = {}
+    ours = insights.attribute(model, x, "occlusion", [0, 3], info=info)
+    given = insights.attribute(model, x, "occlusion", [0, 3], sliding_window_shapes=(1, 4, 4), strides=(1, 2, 2))
+    assert torch.equal(ours, given) and ours.abs().max() > 0 and info["cost"]["forward"] == 170
+    patches = insights.attribute(model, x, "feature_ablation", [0, 3])
+    assert torch.equal(patches, insights.attribute(model, x, "feature_ablation", [0, 3], patch_size=2))
+
+
+def test_a_one_channel_config_model_gets_its_own_defaults_through_the_api(tmp_path):
+    config = tmp_path / "gray_models.py"
+    config.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+        "from conftest import Gray\n"
+        "register('gray', lambda: Gray(), Preprocessing(resize=28, crop=28, mean=(0.5,), std=(0.5,)),\n"
+        "         ['zero', 'one', 'two', 'three'])\n")
+    app = insights.create_app({"INSTANCE_PATH": str(tmp_path / "instance"), "BUILTIN_MODELS": False,
+                               "MODELS_CONFIG": str(config), "DEVICE": "cpu", "INLINE_MAX_PASSES": 5})
+    try:
+        client = app.test_client()
+        listed = {m["id"]: m for m in client.get("/api/methods?model=gray").json["methods"]}
+        assert defaults(listed["occlusion"])["sliding_window_shapes"] == [1, 4, 4]
+        assert listed["occlusion"]["cost"]["forward"] == 170 and listed["occlusion"]["supported"] is True
+        image = upload(client, png(size=(28, 28))).json["id"]
+        queued = client.post("/api/explain", json={"image": image, "method": "occlusion", "target": 2})
+        assert queued.status_code == 202, queued.json
+        state = wait_job(client, queued.json["job"]["id"])
+        assert state["status"] == "done", state
+        meta = client.get(f"/api/results/{state['result_id']}").json
+        assert meta["params"]["sliding_window_shapes"] == [1, 4, 4] and meta["shape"] == [1, 1, 28, 28]
+    finally:
+        app.extensions["insights"].jobs.shutdown()

@@ -70,6 +70,11 @@ def _check_call(model: nn.Module, inputs: Any, target: Any) -> tuple[torch.Tenso
     return x, t
 
 
+def input_shape(inputs: Any) -> tuple[int, ...] | None:
+    """(C, H, W) of an N×C×H×W tensor, for defaults that follow the input's size; else None."""
+    return tuple(inputs.shape[1:]) if isinstance(inputs, torch.Tensor) and inputs.dim() == 4 else None
+
+
 def check_supported(m, model: nn.Module) -> None:
     """Raises :class:`UnsupportedModel` when method ``m`` cannot run on ``model``."""
     reason = m.unsupported(_probe.takes_hooks(model))
@@ -91,7 +96,7 @@ def attribute(model: nn.Module, inputs: torch.Tensor, method: str, target: Any, 
     ``info["fast_paths"]`` which fast paths ran and why others did not). ``options``
     (:class:`EngineOptions`, default all on) switches fast paths off."""
     m = registry.get(method)
-    p = m.validate(params)
+    p = m.validate(params, input_shape(inputs))
     check_supported(m, model)
     x, t = _check_call(model, inputs, target)
     cost = m.cost(p, Facts(tuple(x.shape[1:]), model, x[:1]))

@@ -47,10 +47,10 @@ def attribute_many(model: nn.Module, inputs: torch.Tensor, requests: Sequence[An
     (``shared``) against those the methods would make one by one (``separate``), and
     ``info["methods"]`` holds each method's own details (e.g. the Grad-CAM layer, the fast paths).
     ``options`` as for :func:`insights.attribute`."""
-    from . import _check_call, check_supported  # the same checks as attribute()
+    from . import _check_call, check_supported, input_shape  # the same checks as attribute()
 
     methods = [(registry.get(method), params) for method, params in _requests(requests)]
-    checked = [(m, m.validate(params)) for m, params in methods]
+    checked = [(m, m.validate(params, input_shape(inputs))) for m, params in methods]
     for m, _p in checked:
         check_supported(m, model)
     x, t = _check_call(model, inputs, target)

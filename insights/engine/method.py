@@ -86,19 +86,21 @@ class Method:
 
     # -- description -------------------------------------------------------------
 
-    def validate(self, given: dict) -> dict:
-        """Returns a full parameter dict (defaults filled in), or raises ParamError."""
+    def validate(self, given: dict, shape: Sequence[int] | None = None) -> dict:
+        """Returns a full parameter dict (defaults filled in, for inputs of ``shape`` (C, H, W)
+        where a default depends on it), or raises ParamError."""
         known = {p.name: p for p in self.params}
         unknown = sorted(set(given) - set(known))
         if unknown:
             raise ParamError(unknown[0], f"is not a parameter of {self.id}; known: {', '.join(known) or 'none'}")
-        return {name: param.coerce(given[name]) if name in given else param.default for name, param in known.items()}
+        return {name: param.coerce(given[name]) if name in given else param.default_for(shape)
+                for name, param in known.items()}
 
     def info(self, given: dict | None = None, shape: Sequence[int] = (3, 224, 224),
              model: nn.Module | None = None) -> dict:
         """The self-description; the cost is for ``shape`` (C, H, W) and, when given, ``model``
         (whose layers a cost may depend on)."""
-        p = self.validate(given or {})
+        p = self.validate(given or {}, shape)
         facts = Facts(tuple(shape))
         if model is not None:
             weight = next(model.parameters(), None)
@@ -111,7 +113,7 @@ class Method:
             "family": self.family,
             "output": self.output,
             "signed": self.signed(p),
-            "params": [param.schema() for param in self.params],
+            "params": [param.schema(shape) for param in self.params],
             "cost": self.cost(p, facts).as_dict(),
         }
 

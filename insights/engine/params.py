@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -25,13 +25,23 @@ class Param:
     choices: tuple[str, ...] | None = None
     length: int | None = None  # int_list: required number of items
     tensor_ok: bool = False  # float params that also accept a tensor from Python callers
+    # The default for an input of shape (C, H, W), where it depends on it (occlusion's window);
+    # ``default`` is then its value for 3×224×224.
+    scaled: Callable[[tuple[int, ...]], Any] | None = None
 
     def __post_init__(self):
         assert self.type in PARAM_TYPES, self.type
 
-    def schema(self) -> dict:
+    def default_for(self, shape: Sequence[int] | None) -> Any:
+        """The default for inputs of ``shape`` (C, H, W); the plain default when unknown."""
+        if self.scaled is None or shape is None:
+            return self.default
+        return self.scaled(tuple(shape))
+
+    def schema(self, shape: Sequence[int] | None = None) -> dict:
         out: dict[str, Any] = {"name": self.name, "type": self.type, "help": self.help}
-        out["default"] = list(self.default) if isinstance(self.default, tuple) else self.default
+        default = self.default_for(shape)
+        out["default"] = list(default) if isinstance(default, tuple) else default
         for key in ("min", "max", "length"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)

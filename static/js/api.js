@@ -35,7 +35,8 @@ async function request(method, url, body) {
 
 export const api = {
   models: () => request("GET", "/api/models").then((r) => r.data.models),
-  methods: () => request("GET", "/api/methods").then((r) => r.data.methods),
+  methods: (model) => request("GET", model ? `/api/methods?model=${encodeURIComponent(model)}` : "/api/methods")
+    .then((r) => r.data.methods),
   samples: () => request("GET", "/api/samples").then((r) => r.data.samples),
   labels: (model, q, limit = 8) =>
     request("GET", `/api/models/${encodeURIComponent(model)}/labels?q=${encodeURIComponent(q)}&limit=${limit}`)

@@ -38,14 +38,18 @@ async function start() {
   const methods = methodPanel(state, { changed: run.refresh });
   modelPanel(state, {
     changed: () => {
-      methods.fit();
+      methods.use(state.model).catch((e) => stepError("method", plainError(e)));
       compare.fit();
       if (state.image) target.predict();
       run.refresh();
     },
   });
-  methods.fit(); // the default model is chosen now
-  compare.fit();
+  compare.fit(); // the default model is chosen now
+  try {
+    await methods.use(state.model);
+  } catch (e) {
+    stepError("method", plainError(e));
+  }
   upload.loadSamples();
   document.body.dataset.ready = "true";
 }

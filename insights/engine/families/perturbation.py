@@ -134,6 +134,11 @@ def occlude(ctx: Context, windows: Sequence[int], strides: Sequence[int], baseli
     return summed / covered
 
 
+def _part(side: int, parts: int) -> int:
+    """A default window side: ``side / parts`` rounded, at least one pixel (32 of 224 for 7)."""
+    return max(1, round(side / parts))
+
+
 @registry.register
 class Occlusion(PerturbationMethod):
     id = "occlusion"
@@ -142,9 +147,11 @@ class Occlusion(PerturbationMethod):
                   "drops at each position. Model-agnostic; one forward pass per position."
     params = (
         Param("sliding_window_shapes", "int_list", (3, 32, 32), "Window size as channels, "
-              "height, width.", min=1, length=3),
+              "height, width (by default all channels and a seventh of the side).", min=1, length=3,
+              scaled=lambda s: (s[0], _part(s[1], 7), _part(s[2], 7))),
         Param("strides", "int_list", (3, 16, 16), "Step between windows as channels, height, "
-              "width; at most the window size.", min=1, length=3),
+              "width; at most the window size (by default half the window).", min=1, length=3,
+              scaled=lambda s: (s[0], _part(s[1], 14), _part(s[2], 14))),
         BASELINES_PARAM,
         PRECISION_PARAM,
     )
@@ -198,8 +205,9 @@ class FeatureAblation(PerturbationMethod):
     description = "Replaces each square patch (or each feature of a given mask) by the baseline " \
                   "and records the score drop for all its pixels. One forward pass per patch."
     params = (
-        Param("patch_size", "int", 16, "Side of the square patches (shared by all channels).",
-              min=1, max=4096),
+        Param("patch_size", "int", 16, "Side of the square patches (shared by all channels; by "
+              "default a fourteenth of the shorter side).", min=1, max=4096,
+              scaled=lambda s: _part(min(s[1], s[2]), 14)),
         Param("feature_mask", "tensor", None, "Python only: an integer tensor broadcastable to "
               "the input; elements with the same value form one feature. Replaces the patch grid."),
         BASELINES_PARAM,

@@ -1,4 +1,5 @@
 // Step 4: the method, grouped by family, and its parameter form (built from the method's schema).
+import { api } from "../api.js";
 import { paramForm } from "../form.js";
 import { $, h } from "../ui.js";
 import { stepError } from "./errors.js";
@@ -60,7 +61,18 @@ export function methodPanel(state, { changed }) {
     }
   }
 
+  /** The methods as described for `model` (defaults that follow its input size); the form is
+   * rebuilt only when the chosen method's parameters differ, so edits survive a like model. */
+  async function use(model) {
+    const before = JSON.stringify(state.method.params);
+    state.methods = await api.methods(model);
+    fit();
+    const now = state.methods.find((m) => m.id === state.method.id);
+    if (now && JSON.stringify(now.params) !== before) select(now.id);
+    else if (now) state.method = now;
+  }
+
   select(state.method.id);
   fit();
-  return { fit };
+  return { fit, use };
 }

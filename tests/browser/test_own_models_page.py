@@ -31,9 +31,15 @@ def ts_server(tmp_path_factory):
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.script(seeded(lambda: SmallCNN(classes=5))).save(str(folder / "scripted.pt"))
     (folder / "labels.txt").write_text("apple\nbanana\ncherry\ndate\nelderberry\n")
+    (folder / "gray.py").write_text(  # and a 1-channel 28×28 model from a config file
+        f"import sys\nsys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})\n"
+        "from conftest import Gray\n"
+        "register('gray', lambda: Gray(), Preprocessing(resize=28, crop=28, mean=(0.5,), std=(0.5,)),\n"
+        "         ['zero', 'one', 'two', 'three'])\n")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     app = create_app({"INSTANCE_PATH": str(folder / "instance"), "BUILTIN_MODELS": False,
-                      "TORCHSCRIPT": str(folder / "scripted.pt"), "TORCHSCRIPT_LABELS": str(folder / "labels.txt")})
+                      "MODELS_CONFIG": str(folder / "gray.py"), "TORCHSCRIPT": str(folder / "scripted.pt"),
+                      "TORCHSCRIPT_LABELS": str(folder / "labels.txt")})
     httpd = make_server("127.0.0.1", 0, app, threaded=True)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_port}"
@@ -69,6 +75,29 @@ def test_torchscript_model_greys_out_hook_methods_and_explains_with_the_others(b
         os.makedirs(SHOTS, exist_ok=True)
         page.screenshot(path=os.path.join(SHOTS, "12-torchscript-model.png"), full_page=True)
         page.locator("#method-list").screenshot(path=os.path.join(SHOTS, "12-torchscript-methods.png"))
+        assert errors == []
+    finally:
+        context.close()
+
+
+def test_the_form_offers_each_models_own_window_defaults(browser, ts_server):  # noqa: F811
+    context = browser.new_context(viewport={"width": 1440, "height": 1100}, base_url=ts_server)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto("/")
+        page.wait_for_selector("body[data-ready=true]")
+        page.locator("label[for=method-occlusion]").click()
+        window = page.locator("#param-occlusion-sliding_window_shapes")
+        expect(window).to_have_value("3, 32, 32")  # the TorchScript model: 3×224×224
+        page.locator("label[for=model-gray]").click()
+        expect(window).to_have_value("1, 4, 4")  # the gray model: 1×28×28
+        expect(page.locator("#param-occlusion-strides")).to_have_value("1, 2, 2")
+        expect(page.locator("#method-grad_cam")).to_be_enabled()  # an nn.Module takes hooks
+        page.locator("label[for=model-scripted]").click()
+        expect(window).to_have_value("3, 32, 32")
+        expect(page.locator("#method-grad_cam")).to_be_disabled()
         assert errors == []
     finally:
         context.close()
