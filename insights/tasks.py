@@ -116,7 +116,10 @@ def completeness(details: dict, row: int) -> dict | None:
     deltas = details.get("deltas")
     if not deltas:
         return None
-    return {"delta": float(deltas[row]), "kind": details["delta_kind"], "threshold": COMPLETENESS_THRESHOLD}
+    out = {"delta": float(deltas[row]), "kind": details["delta_kind"], "threshold": COMPLETENESS_THRESHOLD}
+    if "uncovered" in details:  # DeepLift: the model's modules its rules do not cover
+        out["uncovered"] = list(details["uncovered"])
+    return out
 
 
 class ExplainTask(Task):

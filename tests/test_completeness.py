@@ -72,6 +72,8 @@ def test_deeplift_reports_a_large_delta_where_its_rules_do_not_cover_the_model()
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     _, info = run(model, x, "deeplift")
     assert info["delta_kind"] == "exact" and info["delta"] > 0.05
+    assert info["uncovered"] == ["LayerNorm"]
+    assert completeness(info, 1)["uncovered"] == ["LayerNorm"]
 
 
 def test_gradient_shap_delta_is_expected_and_measured_from_the_mean_baseline(small_cnn, images):
@@ -102,7 +104,7 @@ def test_result_metadata_carries_the_completeness(client, image_id):
 
     deeplift = explain("deeplift")
     assert deeplift["kind"] == "exact" and deeplift["threshold"] == COMPLETENESS_THRESHOLD
-    assert 0 <= deeplift["delta"] < 1e-3
+    assert 0 <= deeplift["delta"] < 1e-3 and deeplift["uncovered"] == []
     assert explain("gradient_shap", n_samples=4)["kind"] == "expected"
     assert explain("integrated_gradients", n_steps=1)["delta"] > 0
     assert explain("saliency") is None

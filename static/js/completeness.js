@@ -35,7 +35,12 @@ export function unreliable(meta) {
 export function completenessWarning(meta) {
   if (!unreliable(meta)) return null;
   const c = meta.completeness;
-  const why = REASONS[meta.method] || "The method's assumptions do not hold for this model.";
+  let why = REASONS[meta.method] || "The method's assumptions do not hold for this model.";
+  if (meta.method === "deeplift" && c.uncovered && c.uncovered.length) {
+    why = `DeepLIFT's rules cover ReLU-like activations and max pooling, not this model's ${c.uncovered.join(", ")} ` +
+      "(nor attention or multiplicative gates written as plain operations), so its map does not add up " +
+      "to the change of the score. Use Integrated Gradients for this model.";
+  }
   return h("div.completeness-warning", { id: "completeness-warning", role: "alert" },
     h("strong", { text: "This map is not reliable for this model." }),
     h("p", { text: `It should add up to the change of the class score from the baseline to the image, ` +

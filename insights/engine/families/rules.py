@@ -37,6 +37,17 @@ EPS = 1e-10  # below this input difference, a module keeps its own gradient (as 
 RESCALE_MODULES = (nn.ReLU, nn.ReLU6, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.SiLU, nn.GELU,
                    nn.Hardtanh, nn.Hardswish, nn.Softplus)
 
+# Non-elementwise modules the rescale rule does not cover: DeepLift runs through them with their
+# plain gradient, so its map may not sum to the score difference (its delta says by how much).
+UNCOVERED_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.LocalResponseNorm,
+                     nn.MultiheadAttention, nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.GLU)
+
+
+def uncovered_modules(model: nn.Module) -> list[str]:
+    """The class names of ``model``'s modules that DeepLift's rules do not cover, sorted."""
+    return sorted({type(m).__name__ for m in model.modules() if isinstance(m, UNCOVERED_MODULES)})
+
+
 # Modules treated as ReLU gates by guided backpropagation and deconvolution. ReLU6 gates like a
 # ReLU that also closes above 6, so mobile networks (EfficientNet-Lite) get guided maps too.
 GATE_MODULES = (nn.ReLU, nn.ReLU6)
@@ -148,6 +159,12 @@ class DeepLift(GradientMethod):
     completeness = "exact"  # where its rules cover every non-linearity (not LayerNorm, attention, gates)
     passes_per_sample = 2  # the image and its baseline run as one batch
     base_params = (BASELINES,)
+
+    def run(self, ctx, p):
+        out = super().run(ctx, p)
+        if "delta" in ctx.info:  # what its delta may come from (info["uncovered"], docs/api.md)
+            ctx.info["uncovered"] = uncovered_modules(ctx.model)
+        return out
 
     def compute(self, ctx, x, target, p):
         base = baseline_rows(p["baselines"], x, ctx.inputs.shape[0])
