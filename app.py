@@ -13,12 +13,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", action="append", default=[], metavar="FILE.py",
                    help="Python file that registers models with register(...); may be repeated")
     p.add_argument("--torchscript", metavar="MODEL.pt", help="a TorchScript classifier to serve")
-    p.add_argument("--labels", metavar="LABELS.txt", help="class names of --torchscript, one per line")
+    p.add_argument("--exported", metavar="MODEL.pt2", help="a torch.export program (torch.export.save) to serve")
+    p.add_argument("--labels", metavar="LABELS.txt", help="class names of --torchscript or --exported, one per line")
     p.add_argument("--instance", metavar="DIR", help="folder for uploads, results and the index (default ./instance)")
     p.add_argument("--threads", type=int, default=8, help="waitress request threads (default 8)")
     args = p.parse_args(argv)
-    if bool(args.torchscript) != bool(args.labels):
-        p.error("--torchscript and --labels go together")
+    if args.torchscript and args.exported:
+        p.error("serve either --torchscript or --exported, not both")
+    if bool(args.torchscript or args.exported) != bool(args.labels):
+        p.error("--torchscript and --labels go together (as do --exported and --labels)")
     return args
 
 
@@ -35,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
         config["MODELS_CONFIG"] = args.config
     if args.torchscript:
         config["TORCHSCRIPT"], config["TORCHSCRIPT_LABELS"] = args.torchscript, args.labels
+    if args.exported:
+        config["EXPORTED"], config["EXPORTED_LABELS"] = args.exported, args.labels
     if args.instance:
         config["INSTANCE_PATH"] = args.instance
     app = create_app(config)

@@ -34,6 +34,8 @@ DEFAULTS = {
     "MODELS_CONFIG": None,  # Python file(s) calling register(...)
     "TORCHSCRIPT": None,  # a TorchScript classifier ...
     "TORCHSCRIPT_LABELS": None,  # ... and its labels file, one class per line
+    "EXPORTED": None,  # a torch.export program (.pt2) ...
+    "EXPORTED_LABELS": None,  # ... and its labels file
     "DEFAULT_MODEL": None,  # None: efficientnet_lite0, or the TorchScript model when given
     "STORE_PATH": None,  # None: the instance folder
 }

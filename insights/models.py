@@ -88,7 +88,8 @@ class ModelSpec:
     # Returns None when the model can be loaded, else the reason it cannot (must be instant).
     check: Callable[[], str | None] | None = None
     failure: str | None = None  # set when a load attempt failed
-    takes_hooks: bool = True  # False for TorchScript modules: methods that need hooks are refused
+    takes_hooks: bool = True  # False for TorchScript and exported programs: hook methods are refused
+    format: str = "module"  # module | torchscript | exported
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -193,7 +194,50 @@ def torchscript_loader(path: str) -> Callable[[], nn.Module]:
     """A loader for a TorchScript file chosen by the operator (no pickle involved)."""
     def load() -> nn.Module:
         return torch.jit.load(path, map_location="cpu")
-    load.takes_hooks = False  # read by register(): a TorchScript module takes no forward hooks
+    load.takes_hooks, load.format = False, "torchscript"  # read by register(): no forward hooks
+    return load
+
+
+class ExportedClassifier(nn.Module):
+    """A ``torch.export`` program as a classifier the engine can run. Its layers are one flat
+    graph (no hooks to put on them, ``takes_hooks = False``), it cannot switch to training mode
+    (it was exported in the mode it runs in), and a program exported for a fixed batch size runs
+    a batch of another size one row at a time."""
+
+    takes_hooks = False
+
+    def __init__(self, program):
+        super().__init__()
+        self.program = program.module()
+        first = next(n for n in program.graph.nodes if n.op == "placeholder"
+                     and n.name in program.graph_signature.user_inputs)
+        shape = first.meta["val"].shape
+        self.fixed_batch = shape[0] if isinstance(shape[0], int) else None  # a SymInt: dynamic
+        self.row_shape = tuple(d if isinstance(d, int) else None for d in shape[1:])  # None: dynamic
+
+    def train(self, mode: bool = True) -> "ExportedClassifier":
+        self.training = False  # the program's own mode is fixed; only the wrapper's flag moves
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(want is not None and want != got for want, got in zip(self.row_shape, x.shape[1:])):
+            shown = "×".join(str(d) if d is not None else "any" for d in self.row_shape)
+            raise ValueError(f"the exported program takes {shown} inputs, not {'×'.join(map(str, x.shape[1:]))}; "
+                             "register it in a models config with exported_loader and a Preprocessing whose "
+                             "crop matches")
+        if self.fixed_batch is None or x.shape[0] == self.fixed_batch:
+            return self.program(x)
+        if self.fixed_batch != 1:
+            raise ValueError(f"the exported program takes batches of exactly {self.fixed_batch}; export it "
+                             "with a dynamic batch (dynamic_shapes={'x': {0: torch.export.Dim('batch')}})")
+        return torch.cat([self.program(row) for row in x.split(1)])
+
+
+def exported_loader(path: str) -> Callable[[], nn.Module]:
+    """A loader for a program saved with ``torch.export.save`` (an operator's file)."""
+    def load() -> nn.Module:
+        return ExportedClassifier(torch.export.load(path))
+    load.takes_hooks, load.format = False, "exported"  # read by register()
     return load
 
 
@@ -232,6 +276,8 @@ class ModelRegistry:
             self.load_config(path)
         if cfg["TORCHSCRIPT"]:
             self.register_torchscript(cfg["TORCHSCRIPT"], cfg["TORCHSCRIPT_LABELS"])
+        if cfg["EXPORTED"]:
+            self.register_exported(cfg["EXPORTED"], cfg["EXPORTED_LABELS"])
         if cfg["DEFAULT_MODEL"]:
             self.spec(cfg["DEFAULT_MODEL"])  # raises UnknownModel naming the setting's value
             self.default = cfg["DEFAULT_MODEL"]
@@ -261,7 +307,7 @@ class ModelRegistry:
             raise ValueError(f"model {name!r} needs at least one class label")
         spec = ModelSpec(name=name, loader=loader, preprocessing=preprocessing, labels=labels,
                          cam_layer=cam_layer or None, label=label or name, description=description, check=check,
-                         takes_hooks=getattr(loader, "takes_hooks", True))
+                         takes_hooks=getattr(loader, "takes_hooks", True), format=getattr(loader, "format", "module"))
         self._specs[name] = spec
         if default or self.default is None:
             self.default = name
@@ -290,8 +336,18 @@ class ModelRegistry:
             raise FileNotFoundError(f"models config {path} does not exist")
         runpy.run_path(path, init_globals={
             "register": self.register, "Preprocessing": Preprocessing, "torchscript_loader": torchscript_loader,
-            "state_dict_loader": state_dict_loader, "read_labels": read_labels, "IMAGENET_MEAN": IMAGENET_MEAN,
+            "state_dict_loader": state_dict_loader, "exported_loader": exported_loader, "read_labels": read_labels, "IMAGENET_MEAN": IMAGENET_MEAN,
             "IMAGENET_STD": IMAGENET_STD, "imagenet_labels": imagenet_labels})
+
+    def register_exported(self, path: str, labels_path: str | None) -> ModelSpec:
+        """A ``torch.export`` program (``.pt2``) and its labels file, as the default model."""
+        if not labels_path:
+            raise ValueError("an exported program needs a labels file (--labels)")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"exported program {path} does not exist")
+        name = os.path.splitext(os.path.basename(path))[0].replace(" ", "_") or "exported"
+        return self.register(name, exported_loader(os.path.abspath(path)), Preprocessing(resize=256, crop=224),
+                             labels_path, label=name, description=f"exported program {path}", default=True)
 
     def register_torchscript(self, path: str, labels_path: str | None) -> ModelSpec:
         if not labels_path:
@@ -322,7 +378,7 @@ class ModelRegistry:
                 "reason": reason, "default": name == self.default, "loaded": name in self._loaded,
                 "input_size": [len(p.mean), p.crop, p.crop], "num_classes": spec.num_classes,
                 "cam_layer": spec.cam_layer, "preprocessing": p.as_dict(),
-                "format": "module" if spec.takes_hooks else "torchscript"}
+                "format": spec.format}
 
     def loaded(self) -> list[str]:
         with self._guard:

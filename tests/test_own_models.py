@@ -155,3 +155,74 @@ def test_a_one_channel_config_model_gets_its_own_defaults_through_the_api(tmp_pa
         assert meta["params"]["sliding_window_shapes"] == [1, 4, 4] and meta["shape"] == [1, 1, 28, 28]
     finally:
         app.extensions["insights"].jobs.shutdown()
+
+
+# --------------------------------------------------------------------------- torch.export programs
+
+
+def exported(model: torch.nn.Module, path, dynamic: bool = True, side: int = 64):
+    """``model`` exported for 3×side×side inputs (a dynamic batch, or a fixed batch of one),
+    saved and loaded back as the app loads it."""
+    from insights.models import exported_loader
+
+    x = torch.randn(2 if dynamic else 1, 3, side, side)
+    shapes = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic else None
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=shapes), str(path))
+    return exported_loader(str(path))()
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic batch", "batch of one"])
+@pytest.mark.parametrize("method", registry.ids())
+def test_every_method_runs_on_an_exported_program_or_says_why(method, dynamic, small_cnn, images, tmp_path):
+    program = exported(small_cnn, tmp_path / "m.pt2", dynamic)
+    assert program.fixed_batch == (None if dynamic else 1)
+    params = SMALL.get(method, {})
+    if registry.get(method).exclusive:
+        with pytest.raises(UnsupportedModel, match="exported program"):
+            insights.attribute(program, images, method, [1, 2], **params)
+        return
+    info = {}
+    ours = insights.attribute(program, images, method, [1, 2], info=info, **params)
+    eager = insights.attribute(small_cnn, images, method, [1, 2], **params)
+    assert rel_error(ours, eager) < 1e-4 and ours.abs().max() > 0
+    if "twin" in info.get("fast_paths", {}):
+        assert info["fast_paths"]["twin"] == "declined: an opaque module (an exported program)"
+
+
+def test_a_program_for_a_fixed_batch_above_one_says_how_to_re_export(small_cnn, tmp_path):
+    from insights.models import exported_loader
+
+    x = torch.randn(2, 3, 64, 64)
+    torch.export.save(torch.export.export(small_cnn, (x,)), str(tmp_path / "two.pt2"))
+    program = exported_loader(str(tmp_path / "two.pt2"))()
+    assert torch.allclose(program(x), small_cnn(x), atol=1e-5)
+    with pytest.raises(ValueError, match=r"batches of exactly 2; export it with a dynamic batch"):
+        program(torch.randn(3, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"takes 3×64×64 inputs, not 3×224×224; register it in a models config"):
+        program(torch.randn(2, 3, 224, 224))
+
+
+def test_an_exported_program_explains_through_the_api(tmp_path, small_cnn):
+    exported(small_cnn, tmp_path / "small.pt2", side=224)  # what --exported preprocesses to
+    (tmp_path / "labels.txt").write_text("\n".join(f"class {i}" for i in range(10)) + "\n")
+    app = insights.create_app({"INSTANCE_PATH": str(tmp_path / "instance"), "BUILTIN_MODELS": False,
+                               "EXPORTED": str(tmp_path / "small.pt2"), "EXPORTED_LABELS": str(tmp_path / "labels.txt"),
+                               "DEVICE": "cpu", "INLINE_MAX_PASSES": 5})
+    try:
+        client = app.test_client()
+        entry = client.get("/api/models").json["models"][0]
+        assert (entry["name"], entry["format"]) == ("small", "exported")
+        assert sorted(entry["unsupported"]) == sorted(m for m in registry.ids() if registry.get(m).exclusive)
+        image = upload(client, png()).json["id"]
+        top = client.post("/api/predict", json={"image": image, "top_k": 3}).json["predictions"]
+        assert len(top) == 3 and top[0]["label"].startswith("class ")
+        ig = client.post("/api/explain", json={"image": image, "method": "integrated_gradients", "target": 4,
+                                               "params": {"n_steps": 4}})
+        assert ig.status_code == 200 and ig.json["result"]["shape"] == [1, 3, 224, 224]
+        occ = client.post("/api/explain", json={"image": image, "method": "occlusion", "target": 4, "params": {
+            "sliding_window_shapes": [3, 75, 75], "strides": [3, 75, 75]}})
+        assert occ.status_code == 202 and wait_job(client, occ.json["job"]["id"])["status"] == "done"
+        refused = client.post("/api/explain", json={"image": image, "method": "deeplift", "target": 4})
+        assert refused.status_code == 400 and refused.json["error"]["code"] == "unsupported_method"
+    finally:
+        app.extensions["insights"].jobs.shutdown()

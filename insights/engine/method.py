@@ -57,8 +57,8 @@ class Method:
         hooks on its modules (a TorchScript module), or None when it can."""
         if self.exclusive and not hooks:
             return (f"{self.label} needs forward hooks on the model's modules, which a TorchScript "
-                    "module does not take; register the model as an nn.Module in a models config "
-                    "(python app.py --config my_models.py) to use it")
+                    "module or an exported program does not take; register the model as an "
+                    "nn.Module in a models config (python app.py --config my_models.py) to use it")
         return None
 
     def batchable(self, p: dict) -> bool:

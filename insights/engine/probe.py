@@ -19,8 +19,10 @@ OPAQUE_ACTIVATION_FACTOR = 200
 
 
 def takes_hooks(model: nn.Module) -> bool:
-    """Whether forward hooks can be put on the model's modules (not on TorchScript modules)."""
-    return not isinstance(model, torch.jit.ScriptModule)
+    """Whether forward hooks can be put on the model's modules and see its layers: not on a
+    TorchScript module, nor on a module that says so (``takes_hooks = False``, e.g. a wrapped
+    ``torch.export`` program, whose layers are one flat graph)."""
+    return not isinstance(model, torch.jit.ScriptModule) and getattr(model, "takes_hooks", True)
 
 
 def probe(model: nn.Module, sample: torch.Tensor) -> dict:

@@ -67,6 +67,8 @@ def find_twin(model: nn.Module, sample: torch.Tensor) -> Twin | str:
     ``sample`` (one input row or more) checks a newly built twin against the model."""
     if isinstance(model, torch.jit.ScriptModule):
         return "a TorchScript module"
+    if getattr(model, "takes_hooks", True) is False:
+        return "an opaque module (an exported program)"
     if sample.dtype != torch.float32:
         return f"{sample.dtype} inputs"
     named = list(model.named_modules())  # one walk of the module tree for all the checks
