@@ -22,6 +22,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .loaders import exported_loader, state_dict_loader, torchscript_loader
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -190,65 +192,12 @@ def _torchvision_spec(name: str, label: str, cam_layer: str | None, allow_downlo
                      description=f"torchvision {name} with weights {weights}")
 
 
-def torchscript_loader(path: str) -> Callable[[], nn.Module]:
-    """A loader for a TorchScript file chosen by the operator (no pickle involved)."""
-    def load() -> nn.Module:
-        return torch.jit.load(path, map_location="cpu")
-    load.takes_hooks, load.format = False, "torchscript"  # read by register(): no forward hooks
-    return load
-
-
-class ExportedClassifier(nn.Module):
-    """A ``torch.export`` program as a classifier the engine can run. Its layers are one flat
-    graph (no hooks to put on them, ``takes_hooks = False``), it cannot switch to training mode
-    (it was exported in the mode it runs in), and a program exported for a fixed batch size runs
-    a batch of another size one row at a time."""
-
-    takes_hooks = False
-
-    def __init__(self, program):
-        super().__init__()
-        self.program = program.module()
-        first = next(n for n in program.graph.nodes if n.op == "placeholder"
-                     and n.name in program.graph_signature.user_inputs)
-        shape = first.meta["val"].shape
-        self.fixed_batch = shape[0] if isinstance(shape[0], int) else None  # a SymInt: dynamic
-        self.row_shape = tuple(d if isinstance(d, int) else None for d in shape[1:])  # None: dynamic
-
-    def train(self, mode: bool = True) -> "ExportedClassifier":
-        self.training = False  # the program's own mode is fixed; only the wrapper's flag moves
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if any(want is not None and want != got for want, got in zip(self.row_shape, x.shape[1:])):
-            shown = "×".join(str(d) if d is not None else "any" for d in self.row_shape)
-            raise ValueError(f"the exported program takes {shown} inputs, not {'×'.join(map(str, x.shape[1:]))}; "
-                             "register it in a models config with exported_loader and a Preprocessing whose "
-                             "crop matches")
-        if self.fixed_batch is None or x.shape[0] == self.fixed_batch:
-            return self.program(x)
-        if self.fixed_batch != 1:
-            raise ValueError(f"the exported program takes batches of exactly {self.fixed_batch}; export it "
-                             "with a dynamic batch (dynamic_shapes={'x': {0: torch.export.Dim('batch')}})")
-        return torch.cat([self.program(row) for row in x.split(1)])
-
-
-def exported_loader(path: str) -> Callable[[], nn.Module]:
-    """A loader for a program saved with ``torch.export.save`` (an operator's file)."""
-    def load() -> nn.Module:
-        return ExportedClassifier(torch.export.load(path))
-    load.takes_hooks, load.format = False, "exported"  # read by register()
-    return load
-
-
-def state_dict_loader(build: Callable[[], nn.Module], path: str) -> Callable[[], nn.Module]:
-    """A loader that builds an architecture and loads a state dict with ``weights_only=True``."""
-    def load() -> nn.Module:
-        model = build()
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model
-    return load
-
+# The files an operator can serve by path (--torchscript, --exported): the words for each kind
+# and its loader.
+FILE_KINDS = {
+    "torchscript": ("a TorchScript model", "TorchScript file", "TorchScript model", torchscript_loader),
+    "exported": ("an exported program", "exported program", "exported program", exported_loader),
+}
 
 # --------------------------------------------------------------------------- registry
 
@@ -275,9 +224,9 @@ class ModelRegistry:
         for path in _as_list(cfg["MODELS_CONFIG"]):
             self.load_config(path)
         if cfg["TORCHSCRIPT"]:
-            self.register_torchscript(cfg["TORCHSCRIPT"], cfg["TORCHSCRIPT_LABELS"])
+            self.register_file(cfg["TORCHSCRIPT"], cfg["TORCHSCRIPT_LABELS"], "torchscript")
         if cfg["EXPORTED"]:
-            self.register_exported(cfg["EXPORTED"], cfg["EXPORTED_LABELS"])
+            self.register_file(cfg["EXPORTED"], cfg["EXPORTED_LABELS"], "exported")
         if cfg["DEFAULT_MODEL"]:
             self.spec(cfg["DEFAULT_MODEL"])  # raises UnknownModel naming the setting's value
             self.default = cfg["DEFAULT_MODEL"]
@@ -336,28 +285,23 @@ class ModelRegistry:
             raise FileNotFoundError(f"models config {path} does not exist")
         runpy.run_path(path, init_globals={
             "register": self.register, "Preprocessing": Preprocessing, "torchscript_loader": torchscript_loader,
-            "state_dict_loader": state_dict_loader, "exported_loader": exported_loader, "read_labels": read_labels, "IMAGENET_MEAN": IMAGENET_MEAN,
-            "IMAGENET_STD": IMAGENET_STD, "imagenet_labels": imagenet_labels})
+            "state_dict_loader": state_dict_loader, "exported_loader": exported_loader, "read_labels": read_labels,
+            "IMAGENET_MEAN": IMAGENET_MEAN, "IMAGENET_STD": IMAGENET_STD, "imagenet_labels": imagenet_labels})
 
-    def register_exported(self, path: str, labels_path: str | None) -> ModelSpec:
-        """A ``torch.export`` program (``.pt2``) and its labels file, as the default model."""
+    def register_file(self, path: str, labels_path: str | None, kind: str) -> ModelSpec:
+        """A model file of ``kind`` (see FILE_KINDS) and its labels file, as the default model,
+        preprocessed like ImageNet at 224×224."""
+        needs, file_words, description, loader = FILE_KINDS[kind]
         if not labels_path:
-            raise ValueError("an exported program needs a labels file (--labels)")
+            raise ValueError(f"{needs} needs a labels file (--labels)")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"exported program {path} does not exist")
-        name = os.path.splitext(os.path.basename(path))[0].replace(" ", "_") or "exported"
-        return self.register(name, exported_loader(os.path.abspath(path)), Preprocessing(resize=256, crop=224),
-                             labels_path, label=name, description=f"exported program {path}", default=True)
+            raise FileNotFoundError(f"{file_words} {path} does not exist")
+        name = os.path.splitext(os.path.basename(path))[0].replace(" ", "_") or kind
+        return self.register(name, loader(os.path.abspath(path)), Preprocessing(resize=256, crop=224), labels_path,
+                             label=name, description=f"{description} {path}", default=True)
 
     def register_torchscript(self, path: str, labels_path: str | None) -> ModelSpec:
-        if not labels_path:
-            raise ValueError("a TorchScript model needs a labels file (--labels)")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"TorchScript file {path} does not exist")
-        name = os.path.splitext(os.path.basename(path))[0].replace(" ", "_") or "torchscript"
-        return self.register(name, torchscript_loader(os.path.abspath(path)),
-                             Preprocessing(resize=256, crop=224), labels_path, label=name,
-                             description=f"TorchScript model {path}", default=True)
+        return self.register_file(path, labels_path, "torchscript")
 
     # -- queries ------------------------------------------------------------------------
 

@@ -163,7 +163,7 @@ def test_a_one_channel_config_model_gets_its_own_defaults_through_the_api(tmp_pa
 def exported(model: torch.nn.Module, path, dynamic: bool = True, side: int = 64):
     """``model`` exported for 3×side×side inputs (a dynamic batch, or a fixed batch of one),
     saved and loaded back as the app loads it."""
-    from insights.models import exported_loader
+    from insights.loaders import exported_loader
 
     x = torch.randn(2 if dynamic else 1, 3, side, side)
     shapes = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic else None
@@ -190,7 +190,7 @@ def test_every_method_runs_on_an_exported_program_or_says_why(method, dynamic, s
 
 
 def test_a_program_for_a_fixed_batch_above_one_says_how_to_re_export(small_cnn, tmp_path):
-    from insights.models import exported_loader
+    from insights.loaders import exported_loader
 
     x = torch.randn(2, 3, 64, 64)
     torch.export.save(torch.export.export(small_cnn, (x,)), str(tmp_path / "two.pt2"))
