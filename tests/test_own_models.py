@@ -226,3 +226,29 @@ def test_an_exported_program_explains_through_the_api(tmp_path, small_cnn):
         assert refused.status_code == 400 and refused.json["error"]["code"] == "unsupported_method"
     finally:
         app.extensions["insights"].jobs.shutdown()
+
+
+def test_deeplift_on_a_config_convnext_is_stored_with_its_warning(tmp_path):
+    """ConvNeXt-Tiny (random weights) registered through a models config: DeepLift runs, and the
+    stored result says how far off its sum is and which modules its rules do not cover, which is
+    what the page and the share page turn into the warning."""
+    config = tmp_path / "convnext.py"
+    config.write_text(
+        "import torch, torchvision\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torchvision.models.convnext_tiny(weights=None, num_classes=4)\n"
+        "register('convnext', build, Preprocessing(resize=64, crop=64), ['a', 'b', 'c', 'd'])\n")
+    app = insights.create_app({"INSTANCE_PATH": str(tmp_path / "instance"), "BUILTIN_MODELS": False,
+                               "MODELS_CONFIG": str(config), "DEVICE": "cpu"})
+    try:
+        client = app.test_client()
+        assert client.get("/api/models").json["models"][0]["unsupported"] == {}  # an nn.Module: all methods
+        image = upload(client, png(size=(64, 64))).json["id"]
+        r = client.post("/api/explain", json={"image": image, "method": "deeplift", "target": 1})
+        assert r.status_code == 200, r.json
+        completeness = r.json["result"]["completeness"]
+        assert completeness["kind"] == "exact" and completeness["delta"] > completeness["threshold"] == 0.05
+        assert "LayerNorm2d" in completeness["uncovered"]
+    finally:
+        app.extensions["insights"].jobs.shutdown()
