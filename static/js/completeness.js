@@ -4,12 +4,13 @@ import { h } from "./ui.js";
 
 // Why an "exact" map can miss by more than the threshold, per method.
 const REASONS = {
-  deeplift: "DeepLIFT's rules cover ReLU-like activations and max pooling, not LayerNorm, attention " +
-    "or multiplicative gates, so on this model its map does not add up to the change of the score. " +
+  deeplift: "DeepLIFT's rules cover ReLU-like activation modules and max pooling, not LayerNorm, " +
+    "attention, multiplicative gates (squeeze-and-excitation) or activations called as functions " +
+    "inside forward(), so on this model its map does not add up to the change of the score. " +
     "Use Integrated Gradients for this model.",
   integrated_gradients: "Either too few steps on the path from the baseline to the image (raise " +
     "n_steps), or the score jumps along the path, as with a normalisation layer that sees an all-zero " +
-    "baseline (ConvNeXt, Swin): try another baseline value.",
+    "baseline (ConvNeXt): try another baseline value.",
 };
 
 function percent(delta) {
