@@ -13,7 +13,7 @@ def torchscript_loader(path: str) -> Callable[[], nn.Module]:
     """A loader for a TorchScript file chosen by the operator (no pickle involved)."""
     def load() -> nn.Module:
         return torch.jit.load(path, map_location="cpu")
-    load.takes_hooks, load.format = False, "torchscript"  # read by register(): no forward hooks
+    load.format = "torchscript"  # read by register(): its modules take no forward hooks
     return load
 
 
@@ -56,7 +56,7 @@ def exported_loader(path: str) -> Callable[[], nn.Module]:
     """A loader for a program saved with ``torch.export.save`` (an operator's file)."""
     def load() -> nn.Module:
         return ExportedClassifier(torch.export.load(path))
-    load.takes_hooks, load.format = False, "exported"  # read by register()
+    load.format = "exported"  # read by register()
     return load
 
 

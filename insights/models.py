@@ -90,13 +90,17 @@ class ModelSpec:
     # Returns None when the model can be loaded, else the reason it cannot (must be instant).
     check: Callable[[], str | None] | None = None
     failure: str | None = None  # set when a load attempt failed
-    takes_hooks: bool = True  # False for TorchScript and exported programs: hook methods are refused
-    format: str = "module"  # module | torchscript | exported
+    format: str = "module"  # module | torchscript | exported (the loader's ``format``)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def takes_hooks(self) -> bool:
+        """Only an nn.Module's layers take forward hooks (not TorchScript, not exported programs)."""
+        return self.format == "module"
 
     def unavailable_reason(self) -> str | None:
         if self.failure:
@@ -256,7 +260,7 @@ class ModelRegistry:
             raise ValueError(f"model {name!r} needs at least one class label")
         spec = ModelSpec(name=name, loader=loader, preprocessing=preprocessing, labels=labels,
                          cam_layer=cam_layer or None, label=label or name, description=description, check=check,
-                         takes_hooks=getattr(loader, "takes_hooks", True), format=getattr(loader, "format", "module"))
+                         format=getattr(loader, "format", "module"))
         self._specs[name] = spec
         if default or self.default is None:
             self.default = name

@@ -73,8 +73,8 @@ class Service:
 
     def engine_settings(self) -> dict:
         """The keyword arguments every engine call of this app gets (memory budget, fast paths)."""
-        switches = {field: switch(self.settings[key], key) for field, key in OPTION_SETTINGS.items()
-                    if key in self.settings}
+        switches = {field: bool(self.settings[key]) for field, key in OPTION_SETTINGS.items()
+                    if key in self.settings}  # parsed once, by init_app
         return {"memory_budget": self.settings.get("MEMORY_BUDGET"), "options": engine.EngineOptions(**switches)}
 
     # -- lookups -----------------------------------------------------------------------------

@@ -136,7 +136,7 @@ class ExplainTask(Task):
         self.spec = service.models.spec(name)
         self.x, self.view = load_inputs(service, self.spec, self.image_id)
         if engine.registry.get(method_id).batchable(params):
-            self.batch_key = ("explain", name, method_id, canonical_json(jsonable(params)))
+            self.batch_key = ("explain", name, method_id, canonical_json(params))
 
     @classmethod
     def compute(cls, tasks: list["ExplainTask"], jobs: list) -> list:

@@ -4,7 +4,7 @@ import { api } from "./api.js";
 import { comparePanel } from "./dashboard/compare.js";
 import { stepError } from "./dashboard/errors.js";
 import { methodPanel } from "./dashboard/methods.js";
-import { modelPanel } from "./dashboard/models.js";
+import { defaultModel, modelPanel } from "./dashboard/models.js";
 import { resultView } from "./dashboard/result.js";
 import { runPanel } from "./dashboard/run.js";
 import { createState } from "./dashboard/state.js";
@@ -16,7 +16,9 @@ import { plainError } from "./ui.js";
 async function start() {
   const state = createState();
   try {
-    [state.models, state.methods] = await Promise.all([api.models(), api.methods(), loadOverlay()]);
+    [state.models] = await Promise.all([api.models(), loadOverlay()]);
+    // The methods as described for the model the page starts with (its input size's defaults).
+    state.methods = await api.methods(defaultModel(state.models));
   } catch (e) {
     stepError("run", `The dashboard could not load its settings: ${plainError(e)}`);
     return;
@@ -45,11 +47,7 @@ async function start() {
     },
   });
   compare.fit(); // the default model is chosen now
-  try {
-    await methods.use(state.model);
-  } catch (e) {
-    stepError("method", plainError(e));
-  }
+  methods.fit();
   upload.loadSamples();
   document.body.dataset.ready = "true";
 }

@@ -2,12 +2,18 @@
 import { $, h } from "../ui.js";
 import { stepError } from "./errors.js";
 
+/** The model the page starts with: the server's default when available, else the first available. */
+export function defaultModel(models) {
+  const available = models.filter((m) => m.available);
+  return (available.find((m) => m.default) || available[0] || {}).name || null;
+}
+
 /** Renders the models of state.models, selects the default; `changed()` runs on each choice. */
 export function modelPanel(state, { changed }) {
   const list = $("#model-list");
   list.replaceChildren();
   const available = state.models.filter((m) => m.available);
-  state.model = (available.find((m) => m.default) || available[0] || {}).name || null;
+  state.model = defaultModel(state.models);
   const unavailable = state.models.filter((m) => !m.available);
   const more = h("details.more-models", {}, h("summary", { text: `${unavailable.length} more ${unavailable.length === 1 ? "model" : "models"} not available here` }));
   for (const m of state.models) {
