@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.instance:
         config["INSTANCE_PATH"] = args.instance
     app = create_app(config)
-    server = create_server(app, host=args.host, port=args.port, threads=args.threads)
+    # waitress would otherwise buffer bodies up to its own 1 GiB default before Flask's limit applies.
+    server = create_server(app, host=args.host, port=args.port, threads=args.threads,
+                           max_request_body_size=int(app.config["MAX_CONTENT_LENGTH"]))
     host = server.effective_host
     host = f"[{host}]" if ":" in str(host) else host
     print(f"Insights is serving on http://{host}:{server.effective_port}/ "

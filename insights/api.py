@@ -64,11 +64,35 @@ def service():
     return current_app.extensions["insights"]
 
 
+MAX_JSON_DEPTH = 8  # our bodies nest three levels (body → params → a list); more is refused
+
+
 def body() -> dict:
-    data = request.get_json(silent=True)
+    """The request's JSON object, refused with a 400 when it is not one or nests too deep."""
+    try:
+        data = request.get_json(silent=True)
+    except RecursionError:  # nesting deeper than the parser's own stack allows
+        raise ServiceError(f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise ServiceError("the request body must be a JSON object (Content-Type: application/json)")
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise ServiceError(f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels")
     return data
+
+
+def json_depth(value, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deep ``value`` nests (a scalar is 0), counted without recursion and only up to
+    ``limit`` + 1."""
+    deepest, level = 0, [(value, 0)]
+    while level:
+        item, depth = level.pop()
+        if isinstance(item, (dict, list)):
+            depth += 1
+            deepest = max(deepest, depth)
+            if depth > limit:
+                return depth
+            level.extend((v, depth) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def immutable(data: bytes, mimetype: str, etag: str, download: str | None = None):

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from .engine import InsightsError, UnknownMethod, UnsupportedModel
+from .engine.params import shown
 
 
 class ServiceError(Exception):
@@ -82,7 +83,7 @@ def _carries_its_answer(exc: BaseException) -> bool:
 
 def as_int(value, field: str, lo: int, hi: int, code: str = "bad_param") -> int:
     """``value`` (a JSON number or a numeric string) as an integer in [lo, hi], or a 400."""
-    words = f"{field}: must be an integer, got {value!r}"
+    words = f"{field}: must be an integer, got {shown(value)}"
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise BadParam(words, field, code=code)
     if isinstance(value, int):
@@ -95,8 +96,7 @@ def as_int(value, field: str, lo: int, hi: int, code: str = "bad_param") -> int:
         if not math.isfinite(number) or not number.is_integer():
             raise BadParam(words, field, code=code)
     if not lo <= number <= hi:
-        shown = int(number) if abs(number) < 1e18 else value
-        raise BadParam(f"{field}: must be between {lo} and {hi}, got {shown}", field, code=code)
+        raise BadParam(f"{field}: must be between {lo} and {hi}, got {shown(value)}", field, code=code)
     return int(number)
 
 
@@ -105,7 +105,7 @@ def as_number(value, field: str, lo: float, hi: float) -> float:
     try:
         x = float(value)
     except (TypeError, ValueError, OverflowError):
-        raise BadParam(f"{field}: must be a number, got {value!r}", field) from None
+        raise BadParam(f"{field}: must be a number, got {shown(value)}", field) from None
     if not lo <= x <= hi:
-        raise BadParam(f"{field}: must be between {lo} and {hi}, got {value!r}", field)
+        raise BadParam(f"{field}: must be between {lo} and {hi}, got {shown(value)}", field)
     return x

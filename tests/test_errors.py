@@ -59,3 +59,42 @@ def test_bad_numbers_name_the_field(value, words):
     with pytest.raises(BadParam) as info:
         as_number(value, "alpha", 0.0, 1.0)
     assert info.value.field == "alpha" and words in info.value.message
+
+
+# --------------------------------------------------------------------------- huge numbers, deep JSON
+
+from appkit import app, client, extra_methods, image_id, snapshot  # noqa: E402,F401
+
+HUGE = "1" + "0" * 400  # an integer literal far beyond any float
+
+
+@pytest.mark.parametrize("path, template, field, words", [
+    ("/api/predict", '{"image": "%s", "top_k": %s}', "top_k", "must be between 1 and"),
+    ("/api/explain", '{"image": "%s", "method": "saliency", "target": %s}', "target", "must be between 0 and"),
+    ("/api/explain", '{"image": "%s", "method": "integrated_gradients", "params": {"n_steps": %s}}',
+     "n_steps", "must be at most 1024"),
+    ("/api/explain", '{"image": "%s", "method": "integrated_gradients", "params": {"n_steps": -%s}}',
+     "n_steps", "must be at least 1"),
+    ("/api/explain", '{"image": "%s", "method": "integrated_gradients", "params": {"stdevs": %s}}',
+     "stdevs", "must be at most"),
+    ("/api/explain", '{"image": "%s", "method": "occlusion", "params": {"sliding_window_shapes": [3, %s, 8]}}',
+     "sliding_window_shapes", "out of range"),
+])
+def test_an_integer_beyond_any_float_is_a_400_naming_the_field(client, image_id, path, template, field, words):
+    r = client.post(path, data=template % (image_id, HUGE), content_type="application/json")
+    assert r.status_code == 400, r.json
+    err = r.json["error"]
+    assert err["field"] == field and words in err["message"]
+    assert len(err["message"]) < 200  # the 401-digit number is not echoed whole
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"a": ' * 9 + "1" + "}" * 9,
+                                  '{"image": "x", "params": {"a": ' + "[" * 50 + "]" * 50 + "}}"])
+def test_json_nested_too_deep_is_a_400_and_writes_nothing(app, client, text):
+    before = snapshot(app.instance_path)
+    r = client.post("/api/explain", data=text, content_type="application/json")
+    assert r.status_code == 400
+    assert r.json["error"] == {"code": "bad_request", "field": None,
+                               "message": "the JSON body nests deeper than 8 levels"}
+    assert snapshot(app.instance_path) == before
+    assert client.get("/api/models").status_code == 200  # and the server keeps serving

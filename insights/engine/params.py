@@ -64,49 +64,61 @@ class Param:
                 return value
             if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
                 return value.lower() in ("true", "1")
-            raise ParamError(self.name, f"must be true or false, got {value!r}")
+            raise ParamError(self.name, f"must be true or false, got {shown(value)}")
         if self.type == "string":
             if not isinstance(value, str):
-                raise ParamError(self.name, f"must be a string, got {value!r}")
+                raise ParamError(self.name, f"must be a string, got {shown(value)}")
             value = value.strip()
             if not value and self.default is None:
                 return None  # an empty form field means "choose automatically"
             return value
         if self.type == "choice":
             if value not in self.choices:
-                raise ParamError(self.name, f"must be one of {', '.join(self.choices)}; got {value!r}")
+                raise ParamError(self.name, f"must be one of {', '.join(self.choices)}; got {shown(value)}")
             return value
         if self.type == "int_list":
             if isinstance(value, str):
                 value = [v for v in value.replace("x", ",").split(",") if v.strip()]
             if not isinstance(value, (list, tuple)):
-                raise ParamError(self.name, f"must be a list of integers, got {value!r}")
-            items = tuple(self._number(v, int) for v in value)
-            if self.length is not None and len(items) != self.length:
-                raise ParamError(self.name, f"must have {self.length} items, got {len(items)}")
-            return items
+                raise ParamError(self.name, f"must be a list of integers, got {shown(value)}")
+            if self.length is not None and len(value) != self.length:
+                raise ParamError(self.name, f"must have {self.length} items, got {len(value)}")
+            return tuple(self._number(v, int) for v in value)
         return self._number(value, int if self.type == "int" else float)
 
     def _number(self, value: Any, kind: type) -> Any:
         if isinstance(value, bool):
-            raise ParamError(self.name, f"must be a number, got {value!r}")
+            raise ParamError(self.name, f"must be a number, got {shown(value)}")
         try:
             if isinstance(value, str):
                 value = value.strip()
             number = float(value)
+        except OverflowError:  # an integer literal beyond any float: out of every range
+            bound = self.max if value > 0 else self.min
+            if bound is None:
+                raise ParamError(self.name, f"is out of range, got {shown(value)}") from None
+            side = "most" if value > 0 else "least"
+            raise ParamError(self.name, f"must be at {side} {bound}, got {shown(value)}") from None
         except (TypeError, ValueError):
-            raise ParamError(self.name, f"must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+            raise ParamError(self.name, f"must be {'an integer' if kind is int else 'a number'}, "
+                                        f"got {shown(value)}") from None
         if not math.isfinite(number):
-            raise ParamError(self.name, f"must be finite, got {value!r}")
+            raise ParamError(self.name, f"must be finite, got {shown(value)}")
         if kind is int:
             if number != int(number):
-                raise ParamError(self.name, f"must be an integer, got {value!r}")
+                raise ParamError(self.name, f"must be an integer, got {shown(value)}")
             number = int(number)
         if self.min is not None and number < self.min:
             raise ParamError(self.name, f"must be at least {self.min}, got {number}")
         if self.max is not None and number > self.max:
             raise ParamError(self.name, f"must be at most {self.max}, got {number}")
         return number
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so that an error never echoes a huge input."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 1]}… ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
