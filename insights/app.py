@@ -16,7 +16,7 @@ DEFAULTS = {
     "MAX_CONTENT_LENGTH": 20 * 1024 * 1024,  # bytes of one request body (uploads)
     "MAX_IMAGE_PIXELS": 40_000_000,  # width × height of an upload
     "INLINE_MAX_PASSES": 64,  # explanations with more forward passes run as jobs
-    "MAX_PASSES": 20_000,  # explanations with more forward passes are refused
+    "MAX_PASSES": None,  # explanations with more forward passes are refused (None: 4000 on CPU, 20000 on GPU)
     "MAX_TOP_K": 100,  # most predictions one /api/predict answers
     "MAX_LOADED_MODELS": 2,  # models kept in memory (least recently used dropped)
     "JOBS_KEPT": 200,  # finished jobs remembered for clients
@@ -38,6 +38,24 @@ DEFAULTS = {
     "EXPORTED_LABELS": None,  # ... and its labels file
     "DEFAULT_MODEL": None,  # None: efficientnet_lite0, or the TorchScript model when given
     "STORE_PATH": None,  # None: the instance folder
+    # -- hosting (docs/api.md, "Settings"; README, "Host it for your team") --
+    "MAX_ASPECT_RATIO": 16,  # uploads longer than this many times their width (or wider) are refused
+    "UPLOAD_MAX_SIDE": 2048,  # uploads are reduced to at most this many pixels on the longer side
+    "TOKENS": None,  # access tokens (a list, or a comma-separated string); None: no sign-in
+    "TOKENS_FILE": None,  # a file of access tokens, one per line
+    "READ_ONLY": False,  # serve only share pages and result files; every write answers 403
+    "MAX_QUEUED_JOBS": 32,  # jobs waiting or running at once; beyond this new work gets 503
+    "MAX_JOBS_PER_CLIENT": 4,  # jobs one client may have waiting or running; beyond this 429
+    "RATE_LIMIT_PER_MIN": 120,  # writes one client may make per minute; beyond this 429
+    "INLINE_TIMEOUT_S": 10,  # a request waits this long for its computation, then answers 202 with the job
+    "MAX_EVENT_STREAMS": 2,  # event streams open at once; beyond this 503 (the page polls instead)
+    "EVENT_STREAM_MAX_S": 60,  # seconds an event stream stays open before the server ends it
+    "STORE_MAX_BYTES": 5 * 1024 ** 3,  # bytes of images and results kept; oldest evicted, else 507
+    "RETENTION_DAYS": None,  # results and unreferenced uploads older than this are deleted (None: kept)
+    "PUBLIC_URL": None,  # the address people reach the server at, for share links and previews
+    "TRUSTED_HOSTS": None,  # Host header values the server answers (Flask's own setting)
+    "PROXY_HOPS": 0,  # proxies in front whose X-Forwarded-* headers are trusted (werkzeug ProxyFix)
+    "FRAME_ANCESTORS": "'self'",  # who may embed the pages in a frame (CSP frame-ancestors)
 }
 
 

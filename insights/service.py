@@ -68,6 +68,8 @@ class Service:
             app.config[key] = switch(app.config[key], key)
         self.settings = app.config
         self.models.init_app(app)
+        if app.config.get("MAX_PASSES") is None:  # sane for the device: ~30 s of CPU work
+            app.config["MAX_PASSES"] = 4_000 if self.models.device.type == "cpu" else 20_000
         self.store.init_app(app)
         self.jobs.init_app(app)
 
@@ -223,7 +225,7 @@ class Service:
         # cost with the result.
         info = engine.method_info(method_id, p, shape, self.models.peek(name))
         passes = int(info["cost"]["forward"])
-        limit = self.settings.get("MAX_PASSES", 20_000)
+        limit = self.settings["MAX_PASSES"]
         if passes > limit:
             raise ServiceError(f"these parameters need {passes} forward passes, more than the limit of "
                                f"{limit} (MAX_PASSES); use a coarser setting", "params", code="over_budget")
