@@ -101,8 +101,9 @@ def create_app(config: dict | None = None) -> Flask:
 
     Compress().init_app(app)
 
-    from . import api, pages
+    from . import api, auth, pages
 
+    auth.init_app(app)  # before the views and the admission limits: its gate sets g.token for them
     api.init_app(app)
     app.register_blueprint(pages.bp)
     return app

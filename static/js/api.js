@@ -11,7 +11,8 @@ export class ApiError extends Error {
 }
 
 async function request(method, url, body) {
-  const init = { method, headers: { Accept: "application/json" } };
+  // X-Requested-With: a change signed in by cookie must carry it (insights/auth.py, CSRF).
+  const init = { method, headers: { Accept: "application/json", "X-Requested-With": "insights" } };
   if (body instanceof FormData) init.body = body;
   else if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
