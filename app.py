@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import sys
 
 
@@ -17,6 +18,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--labels", metavar="LABELS.txt", help="class names of --torchscript or --exported, one per line")
     p.add_argument("--instance", metavar="DIR", help="folder for uploads, results and the index (default ./instance)")
     p.add_argument("--threads", type=int, default=8, help="waitress request threads (default 8)")
+    access = p.add_argument_group("access (docs/api.md, Access)")
+    access.add_argument("--token", action="append", default=None, metavar="TOKEN",
+                        help="an access token (16 characters or more); may be repeated; replaces INSIGHTS_TOKENS. "
+                             "Prefer --tokens-file: a command line is visible to other users of the machine")
+    access.add_argument("--tokens-file", metavar="FILE", help="a file of access tokens, one per line")
+    access.add_argument("--read-only", action="store_true",
+                        help="serve only share pages and result files; every write answers 403")
+    access.add_argument("--public-without-token", action="store_true",
+                        help="serve a non-loopback address with no token: anyone who reaches it can use it "
+                             "(a public demo; the admission limits still hold)")
     args = p.parse_args(argv)
     if args.torchscript and args.exported:
         p.error("serve either --torchscript or --exported, not both")
@@ -25,11 +36,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only: 127.0.0.0/8, ::1 or localhost."""
+    host = host.strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # another host name: it may resolve to any address
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return (mapped or address).is_loopback
+
+
+def exposure_refusal(host: str, *, tokens: int, read_only: bool, public_without_token: bool) -> str | None:
+    """Why serving ``host`` this way is refused (None when it is not): a non-loopback address with
+    no token lets anyone who reaches it upload images and run the models, unless the mirror is
+    read-only or the operator said so with --public-without-token."""
+    if tokens or read_only or public_without_token or is_loopback(host):
+        return None
+    return (f"refusing to serve {host} without an access token: anyone who can reach this address could "
+            "upload images and run the models. Give a token (--token, --tokens-file or INSIGHTS_TOKENS), "
+            "serve a read-only mirror (--read-only), listen on 127.0.0.1, or pass --public-without-token "
+            "if an open instance is what you mean (a public demo; the admission limits still hold).")
+
+
+def main(argv: list[str] | None = None) -> int | None:
     args = parse_args(argv)
     from waitress import create_server
 
     from insights import create_app
+    from insights.app import DEFAULTS, env_settings
+    from insights.auth import AccessConfigError, flag, load_tokens
 
     config: dict = {}
     if args.device:
@@ -42,14 +80,40 @@ def main(argv: list[str] | None = None) -> None:
         config["EXPORTED"], config["EXPORTED_LABELS"] = args.exported, args.labels
     if args.instance:
         config["INSTANCE_PATH"] = args.instance
+    if args.token is not None:
+        config["TOKENS"] = args.token
+    if args.tokens_file:
+        config["TOKENS_FILE"] = args.tokens_file
+    if args.read_only:
+        config["READ_ONLY"] = True
+    # The access settings are checked before anything starts, with the environment's too.
+    settings = {**DEFAULTS, **env_settings(), **config}
+    try:
+        tokens = load_tokens(settings)
+    except AccessConfigError as e:
+        print(f"insights: {e}", file=sys.stderr)
+        return 2
+    read_only = flag(settings.get("READ_ONLY"))
+    refusal = exposure_refusal(args.host, tokens=len(tokens), read_only=read_only,
+                               public_without_token=args.public_without_token)
+    if refusal:
+        print(f"insights: {refusal}", file=sys.stderr)
+        return 2
+    if not tokens and not read_only and not is_loopback(args.host):
+        print(f"insights: warning: serving {args.host} with no access token (--public-without-token): "
+              "anyone who reaches this address can use it.", file=sys.stderr, flush=True)
     app = create_app(config)
     # waitress would otherwise buffer bodies up to its own 1 GiB default before Flask's limit applies.
     server = create_server(app, host=args.host, port=args.port, threads=args.threads,
                            max_request_body_size=int(app.config["MAX_CONTENT_LENGTH"]))
     host = server.effective_host
     host = f"[{host}]" if ":" in str(host) else host
+    access = app.extensions["insights.access"]
+    n = len(access.tokens)
+    how = "read-only" if access.read_only else f"{n} token{'s' * (n != 1)}" if n else "no token"
     print(f"Insights is serving on http://{host}:{server.effective_port}/ "
-          f"(device {app.extensions['insights'].models.device}, instance {app.instance_path})", flush=True)
+          f"(device {app.extensions['insights'].models.device}, instance {app.instance_path}, access: {how})",
+          flush=True)
     try:
         server.run()
     except KeyboardInterrupt:

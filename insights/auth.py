@@ -121,7 +121,7 @@ def _access() -> Access:
     return current_app.extensions["insights.access"]
 
 
-def _flag(value) -> bool:
+def flag(value) -> bool:
     """A boolean setting as it may come from the environment: true/1/yes, false/0/no/empty."""
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
@@ -259,7 +259,7 @@ def init_app(app: Flask) -> None:
     """Reads the access settings (refusing a short token at start-up), registers the sign-in
     views and the gate. Call it before the other blueprints so that the gate runs first and
     ``g.token`` is set for every later ``before_request``."""
-    access = Access(load_tokens(app.config), _flag(app.config.get("READ_ONLY")))
+    access = Access(load_tokens(app.config), flag(app.config.get("READ_ONLY")))
     app.extensions["insights.access"] = access
     app.register_blueprint(bp)
     app.before_request(_gate)

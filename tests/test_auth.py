@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import io
 import re
+import shutil
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -54,9 +55,9 @@ def build(**settings):
 
 
 @pytest.fixture(scope="module")
-def stored(tmp_path_factory):
+def made(tmp_path_factory):
     """An instance folder with one upload and one stored result, made while no token was set."""
-    instance = str(tmp_path_factory.mktemp("instance"))
+    instance = str(tmp_path_factory.mktemp("made") / "instance")
     app = build(INSTANCE_PATH=instance)
     client = app.test_client()
     image = upload(client, png()).json["id"]
@@ -64,6 +65,14 @@ def stored(tmp_path_factory):
     assert answer.status_code == 200, answer.json
     app.extensions["insights"].jobs.shutdown()
     return {"instance": instance, "image": image, "result": answer.json["result"]["id"]}
+
+
+@pytest.fixture
+def stored(made, tmp_path):
+    """A copy of that instance folder per test: a test that walks every route deletes what it can."""
+    instance = str(tmp_path / "instance")
+    shutil.copytree(made["instance"], instance)
+    return {**made, "instance": instance}
 
 
 @pytest.fixture

@@ -1,0 +1,183 @@
+"""The command line (app.py at the repo root): the access flags, and the refusal to serve a
+non-loopback address with no token unless the operator says so."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+
+import insights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKEN = "cli-token-0123456789abcdef"
+ACCESS_ENV = ("INSIGHTS_TOKENS", "INSIGHTS_TOKENS_FILE", "INSIGHTS_READ_ONLY")
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("insights_cli", os.path.join(ROOT, "app.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cli = load_cli()
+
+
+class Started(Exception):
+    """Raised by the stand-in create_app: main() got past its checks with this config."""
+
+
+@pytest.fixture
+def started(monkeypatch):
+    """main() with create_app replaced: records the config instead of building an app."""
+    for name in ACCESS_ENV:
+        monkeypatch.delenv(name, raising=False)
+    seen = []
+
+    def fake_create_app(config):
+        seen.append(config)
+        raise Started
+
+    monkeypatch.setattr(insights, "create_app", fake_create_app)
+    return seen
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost", "LocalHost",
+                                  "::ffff:127.0.0.1", " 127.0.0.1 "])
+def test_loopback_addresses(host):
+    assert cli.is_loopback(host)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.5", "10.0.0.1", "::ffff:10.0.0.1",
+                                  "insights.example.com", "my-laptop", ""])
+def test_other_addresses(host):
+    assert not cli.is_loopback(host)
+
+
+@pytest.mark.parametrize("host, tokens, read_only, public, refused", [
+    ("0.0.0.0", 0, False, False, True),
+    ("192.168.1.5", 0, False, False, True),
+    ("0.0.0.0", 1, False, False, False),
+    ("0.0.0.0", 0, True, False, False),
+    ("0.0.0.0", 0, False, True, False),
+    ("127.0.0.1", 0, False, False, False),
+    ("localhost", 0, False, False, False),
+])
+def test_exposure_refusal(host, tokens, read_only, public, refused):
+    why = cli.exposure_refusal(host, tokens=tokens, read_only=read_only, public_without_token=public)
+    assert (why is not None) == refused
+    if refused:
+        assert why.startswith(f"refusing to serve {host} without an access token")
+        assert "--public-without-token" in why and "--token" in why and "--read-only" in why
+
+
+def test_access_flags_parse():
+    args = cli.parse_args(["--token", "a" * 16, "--token", "b" * 16, "--tokens-file", "t.txt", "--read-only",
+                           "--public-without-token"])
+    assert args.token == ["a" * 16, "b" * 16] and args.tokens_file == "t.txt"
+    assert args.read_only and args.public_without_token
+    plain = cli.parse_args([])
+    assert plain.token is None and plain.tokens_file is None and not plain.read_only
+    assert not plain.public_without_token and plain.host == "127.0.0.1"
+
+
+def test_public_address_without_token_is_refused_before_anything_starts(started, capsys):
+    assert cli.main(["--host", "0.0.0.0", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "insights: refusing to serve 0.0.0.0 without an access token" in err
+    assert started == []  # no app was built, nothing listened
+
+
+@pytest.mark.parametrize("argv, env, expect", [
+    (["--token", TOKEN], {}, {"TOKENS": [TOKEN]}),
+    (["--read-only"], {}, {"READ_ONLY": True}),
+    ([], {"INSIGHTS_TOKENS": f"{TOKEN},{TOKEN[::-1]}"}, {}),
+    ([], {"INSIGHTS_READ_ONLY": "true"}, {}),
+    (["--public-without-token"], {}, {}),
+])
+def test_public_address_with_a_token_read_only_or_the_flag_goes_on(started, monkeypatch, capsys, argv, env, expect):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(Started):
+        cli.main(["--host", "0.0.0.0", "--port", "0", *argv])
+    assert expect.items() <= started[0].items()
+    err = capsys.readouterr().err
+    assert ("anyone who reaches this address can use it" in err) == ("--public-without-token" in argv)
+
+
+def test_tokens_file_is_read_before_the_decision(started, tmp_path, capsys):
+    path = tmp_path / "tokens"
+    path.write_text("\n")  # an empty file gives no token: still refused
+    assert cli.main(["--host", "0.0.0.0", "--tokens-file", str(path)]) == 2
+    path.write_text(TOKEN + "\n")
+    with pytest.raises(Started):
+        cli.main(["--host", "0.0.0.0", "--tokens-file", str(path)])
+    assert started[0]["TOKENS_FILE"] == str(path)
+
+
+def test_a_short_token_stops_the_command_with_a_message(started, capsys):
+    assert cli.main(["--token", "tooshort"]) == 2
+    err = capsys.readouterr().err
+    assert "insights: an access token from TOKENS has 8 characters; tokens need at least 16" in err
+    assert "tooshort" not in err and started == []
+
+
+def test_real_command_refuses_a_public_address_without_token(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ACCESS_ENV}
+    proc = subprocess.run([sys.executable, "app.py", "--host", "0.0.0.0", "--port", "0",
+                           "--instance", str(tmp_path / "instance")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "refusing to serve 0.0.0.0 without an access token" in proc.stderr
+    assert "Insights is serving" not in proc.stdout
+
+
+def test_real_server_with_a_token(tmp_path):
+    """``python app.py --token T``: the API wants the token, the dashboard sends browsers to sign in,
+    and a bearer gets through."""
+    env = {**{k: v for k, v in os.environ.items() if k not in ACCESS_ENV}, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", "0", "--token", TOKEN, "--device", "cpu",
+                             "--instance", str(tmp_path / "instance")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        banner = ""
+        for _ in range(50):
+            line = proc.stdout.readline()
+            if not line or line.startswith("Insights is serving"):
+                banner = line
+                break
+        assert banner.startswith("Insights is serving on http://127.0.0.1:"), banner
+        assert "access: 1 token)" in banner
+        base = banner.split()[4].rstrip("/")
+
+        def get(path, headers=None):
+            req = urllib.request.Request(base + path, headers=headers or {})
+            opener = urllib.request.build_opener(NoRedirect)
+            try:
+                with opener.open(req, timeout=30) as r:
+                    return r.status, r.headers, r.read()
+            except urllib.error.HTTPError as e:
+                return e.code, e.headers, e.read()
+
+        status, headers, body = get("/api/models")
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+        assert json.loads(body)["error"]["code"] == "unauthorized"
+        status, _h, body = get("/api/models", {"Authorization": f"Bearer {TOKEN}"})
+        assert status == 200 and json.loads(body)["models"]
+        status, headers, _b = get("/")
+        assert status == 303 and headers["Location"].startswith("/signin?next=")
+        assert get("/signin")[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
