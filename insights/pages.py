@@ -52,6 +52,20 @@ def param_value(value) -> str:
     return str(value)
 
 
+def public_url(path: str) -> str | None:
+    """The address others reach ``path`` (a path in the app, e.g. /r/<id>) at: ``PUBLIC_URL``
+    joined with it, or None when ``PUBLIC_URL`` is not set. The request's Host header never
+    goes into a link: anyone can send any Host."""
+    base = current_app.config.get("PUBLIC_URL")
+    return base + path if base else None
+
+
+@bp.app_context_processor
+def _public_base() -> dict:
+    """``public_base`` for base.html: the page script builds share links from it when set."""
+    return {"public_base": current_app.config.get("PUBLIC_URL")}
+
+
 @bp.get("/")
 def index():
     """The dashboard."""
@@ -64,14 +78,17 @@ def share(result_id: str):
     meta = _store().result(result_id)
     if meta is None:
         return render_template("404.html", path=request.path), 404
-    base = request.host_url.rstrip("/")
     words = _describe(meta)
+    path = f"/r/{meta['id']}"
     return render_template(
         "share.html",
         meta=meta,
         words=words,
         params=shown_params(meta.get("params") or {}),
-        og_image=f"{base}/api/results/{meta['id']}/overlay.png",
-        og_url=f"{base}{url_for('pages.share', result_id=meta['id'])}",
+        # Link previews need absolute addresses, so without PUBLIC_URL the card has no image and
+        # no og:url (title and description only); the canonical link is then relative.
+        og_image=public_url(f"/api/results/{meta['id']}/overlay.png"),
+        og_url=public_url(path),
+        canonical=public_url(path) or url_for("pages.share", result_id=meta["id"]),
         overlay=overlay.describe(),
     )

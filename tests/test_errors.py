@@ -1,6 +1,8 @@
 """The one mapping from exceptions to answers (insights/errors.py)."""
 from __future__ import annotations
 
+import logging
+import re
 import urllib.error
 
 import pytest
@@ -24,12 +26,31 @@ from insights.models import ModelUnavailable, UnknownModel
                                         "method")),
     (ParamError("target", "out of range"), (400, "bad_target", "target: out of range", "target")),
     (ParamError("n_steps", "too big"), (400, "bad_param", "n_steps: too big", "n_steps")),
-    (ZeroDivisionError("division by zero"), (500, "internal", "ZeroDivisionError: division by zero", None)),
 ])
 def test_each_error_maps_to_its_status_code_and_field(exc, answer):
     d = describe(exc)
     assert (d.status, d.code, d.message, d.field) == answer
     assert d.as_dict() == {"code": answer[1], "message": answer[2], "field": answer[3]}
+
+
+def test_anything_else_is_a_500_that_names_only_a_request_id_and_logs_the_detail(caplog):
+    caplog.set_level(logging.ERROR, "insights.errors")
+    exc = FileNotFoundError(2, "No such file or directory", "/srv/insights/index.sqlite3")
+    d = describe(exc)
+    rid = re.fullmatch(r"internal error; request id ([0-9a-f]{32})", d.message).group(1)
+    assert (d.status, d.code, d.field) == (500, "internal", None)
+    [record] = caplog.records
+    assert record.request_id == rid and record.exc_info[1] is exc  # the detail is in the log only
+    # Described again (a failed job re-raised in the request that waited for it): the same
+    # failure, logged once, and a request's own id points to the first one.
+    assert describe(exc).message == d.message and len(caplog.records) == 1
+    assert describe(exc, "req-1").message == "internal error; request id req-1"
+    assert caplog.records[-1].request_id == "req-1" and rid in caplog.records[-1].getMessage()
+
+
+def test_a_500_uses_the_request_id_it_is_given():
+    d = describe(ZeroDivisionError("division by zero"), "3f2b1c9e")
+    assert d.as_dict() == {"code": "internal", "message": "internal error; request id 3f2b1c9e", "field": None}
 
 
 def test_another_librarys_exception_with_a_status_is_still_internal():

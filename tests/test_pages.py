@@ -103,13 +103,14 @@ def test_dashboard_renders_with_every_control_labelled(client):
 
 
 def test_share_page_renders_result_with_opengraph_tags(app, client):
+    app.config["PUBLIC_URL"] = "https://insights.example.com"  # previews get absolute links from it only
     meta = store_result(app)
     res = client.get(f"/r/{meta['id']}")
     assert res.status_code == 200
     html = res.get_data(as_text=True)
     page = parse(html)
-    assert page.meta["og:image"] == f"http://localhost/api/results/{meta['id']}/overlay.png"
-    assert page.meta["og:url"] == f"http://localhost/r/{meta['id']}"
+    assert page.meta["og:image"] == f"https://insights.example.com/api/results/{meta['id']}/overlay.png"
+    assert page.meta["og:url"] == f"https://insights.example.com/r/{meta['id']}"
     assert page.meta["og:title"] == "tabby — Saliency on efficientnet_lite0"
     assert "tabby" in page.meta["og:description"] and "62.0%" in page.meta["og:description"]
     assert re.search(r'id="fact-model">efficientnet_lite0<', html)

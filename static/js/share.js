@@ -8,10 +8,11 @@ import { ViewStore, bindCanvas, colorBar, viewControls } from "./viewer.js";
 
 async function start() {
   const id = $("#share").dataset.result;
+  const link = document.querySelector('link[rel="canonical"]')?.href || location.href;  // PUBLIC_URL's when set
   $("#share-copy").addEventListener("click", async () => {
-    const ok = await copyText(location.href);
+    const ok = await copyText(link);
     $("#share-copy span").textContent = ok ? "Link copied" : "Copy failed";
-    toast(ok ? "Link copied" : `Copy this link: ${location.href}`);
+    toast(ok ? "Link copied" : `Copy this link: ${link}`);
     setTimeout(() => ($("#share-copy span").textContent = "Copy link"), 2200);
   });
   try {

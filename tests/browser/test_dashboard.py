@@ -75,10 +75,12 @@ def context(browser, server):
 
 @pytest.fixture
 def page(context, server):
-    """The dashboard, freshly loaded; the test fails on any uncaught script error."""
+    """The dashboard, freshly loaded; the test fails on any uncaught script error or anything
+    the Content-Security-Policy refused."""
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: "Content Security Policy" in m.text and errors.append(m.text))  # CSP violations
     page.goto("/")
     page.wait_for_selector("body[data-ready=true]")
     page.errors = errors
@@ -429,6 +431,7 @@ def test_canvas_is_the_overlay_png_for_every_mode_and_sign(context, chelsea):
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: "Content Security Policy" in m.text and errors.append(m.text))  # CSP violations
     page.goto(meta["links"]["share"])
     page.wait_for_selector("body[data-ready=true]")
     spec = page.evaluate("JSON.parse(document.getElementById('overlay-spec').textContent)")

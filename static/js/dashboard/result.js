@@ -111,7 +111,9 @@ export function resultView(state) {
 
   async function share() {
     if (!result) return;
-    const url = new URL(result.links.share, location.origin).href;
+    // PUBLIC_URL (base.html's meta tag) when the operator set one, else this page's own origin.
+    const base = document.querySelector('meta[name="insights-public-url"]')?.content || location.origin;
+    const url = base.replace(/\/$/, "") + new URL(result.links.share, location.origin).pathname;
     const ok = await copyText(url);
     const btn = $("#share");
     const label = $("span", btn);
