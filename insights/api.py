@@ -175,9 +175,10 @@ def upload():
 
 @bp.get("/images/<image_id>")
 def image(image_id: str):
-    """The stored image as PNG."""
+    """The stored image: JPEG when it was uploaded as one, else PNG."""
     service().image(image_id)
-    return immutable(service().store.image_png(image_id), "image/png", image_id)
+    data, mimetype = service().store.image_file(image_id)
+    return immutable(data, mimetype, image_id)
 
 
 # --------------------------------------------------------------------------- predict and explain
@@ -237,37 +238,69 @@ def job_events(job_id: str):
 # --------------------------------------------------------------------------- results
 
 
+def revalidated(data: bytes, mimetype: str, etag: str, download: str | None = None):
+    """A response of a share link: cached, but revalidated on every use (``no-cache``) so that
+    a deleted result stops being served; the strong ETag keeps those checks to a 304."""
+    resp = Response(data, mimetype=mimetype)
+    resp.set_etag(etag)
+    resp.cache_control.public = True
+    resp.cache_control.no_cache = True
+    if download:
+        resp.headers["Content-Disposition"] = f'attachment; filename="{download}"'
+    return resp.make_conditional(request)
+
+
+def digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(hashlib.sha256(part).digest())
+    return h.hexdigest()
+
+
 @bp.get("/results/<rid>")
 def result(rid: str):
     """A result's metadata."""
-    resp = jsonify(service().result(rid))
-    resp.set_etag(rid)
+    meta = service().result(rid)
+    resp = jsonify(meta)
+    resp.set_etag(digest(json.dumps(meta, sort_keys=True).encode()))
     resp.cache_control.public = True
-    resp.cache_control.max_age = IMMUTABLE_AGE
-    resp.cache_control.immutable = True
+    resp.cache_control.no_cache = True
     return resp.make_conditional(request)
+
+
+@bp.delete("/results/<rid>")
+def delete_result(rid: str):
+    """Deletes a result: its files and index row; its links answer 404 from then on."""
+    return jsonify({"deleted": service().delete_result(rid)})
 
 
 @bp.get("/results/<rid>/input.png")
 def result_input(rid: str):
     """The cropped image the model saw."""
     service().result(rid)
-    return immutable(service().store.result_file(rid, "input.png"), "image/png", f"{rid}-input")
+    data = service().store.result_file(rid, "input.png")
+    return revalidated(data, "image/png", digest(data))
 
 
 @bp.get("/results/<rid>/map.png")
 def result_map(rid: str):
     """The channel-summed map as an 8-bit grayscale PNG (see ``encoding``)."""
     service().result(rid)
-    return immutable(service().store.result_file(rid, "map.png"), "image/png", f"{rid}-map")
+    data = service().store.result_file(rid, "map.png")
+    return revalidated(data, "image/png", digest(data))
 
 
 @bp.get("/results/<rid>/attribution.npy")
 def result_npy(rid: str):
-    """The raw float32 attribution, N×C×H×W."""
+    """The float32 attribution, N×C×H×W, made from the stored compact map (304 without it)."""
     service().result(rid)
-    return immutable(service().store.result_file(rid, "attribution.npy"), "application/octet-stream",
-                     f"{rid}-npy", download=f"{rid[:12]}-attribution.npy")
+    store = service().store
+    stored = store.attribution_file(rid)
+    etag = digest(b"npy", stored)
+    if request.if_none_match and etag in request.if_none_match:
+        return revalidated(b"", "application/octet-stream", etag)
+    return revalidated(store.npy_bytes(stored), "application/octet-stream", etag,
+                       download=f"{rid[:12]}-attribution.npy")
 
 
 @bp.get("/results/<rid>/overlay.png")
@@ -275,14 +308,14 @@ def result_overlay(rid: str):
     """The map rendered over the input from map.png, as the page draws it (insights/overlay.py)."""
     meta = service().result(rid)
     opts = overlay.options(request.args, bool(meta["signed"]))
-    key = f"{rid}:{overlay.fingerprint()}:{json.dumps(opts.as_dict(), sort_keys=True)}"
-    etag = hashlib.sha256(key.encode()).hexdigest()
-    if request.if_none_match and etag in request.if_none_match:
-        return immutable(b"", "image/png", etag)  # answered 304 without rendering
     store = service().store
-    out = overlay.render_result(store.result_file(rid, "input.png"), store.result_file(rid, "map.png"),
-                                meta["encoding"], opts)
-    return immutable(imaging.png_bytes(out), "image/png", etag)
+    view, heat = store.result_file(rid, "input.png"), store.result_file(rid, "map.png")
+    key = f"{overlay.fingerprint()}:{json.dumps(opts.as_dict(), sort_keys=True)}:{json.dumps(meta['encoding'])}"
+    etag = digest(key.encode(), view, heat)
+    if request.if_none_match and etag in request.if_none_match:
+        return revalidated(b"", "image/png", etag)  # answered 304 without rendering
+    out = overlay.render_result(view, heat, meta["encoding"], opts)
+    return revalidated(imaging.png_bytes(out), "image/png", etag)
 
 
 @bp.get("/colormaps/<name>.png")

@@ -17,7 +17,7 @@ from . import engine, imaging
 from .errors import BadParam, Conflict, NotFound, ServiceError, as_int
 from .jobs import Job, JobBackend, JobRunner
 from .models import LogitsCache, ModelRegistry, ModelUnavailable
-from .store import Store, result_id
+from .store import Store
 from .tasks import ExplainTask, PredictTask, Task
 
 SAMPLES = {"chelsea": "Chelsea the cat", "coffee": "A cup of coffee", "astronaut": "Astronaut Eileen Collins",
@@ -106,6 +106,12 @@ class Service:
         if meta is None:
             raise NotFound(f"no result with id {rid!r}", "result")
         return meta
+
+    def delete_result(self, rid: str) -> str:
+        """Deletes a stored result (files and index row); its links answer 404 from then on."""
+        if not self.store.delete_result(rid):
+            raise NotFound(f"no result with id {rid!r}", "result")
+        return rid
 
     def job(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
@@ -233,7 +239,7 @@ class Service:
             target = self.run_inline(PredictTask(self, name, record["id"], 1))[0]["index"]
         target = as_int(target, "target", 0, spec.num_classes - 1, code="bad_target")
 
-        rid = result_id(record["id"], name, method_id, p, target)
+        rid = self.store.result_id(record["id"], name, method_id, p, target)
         stored = self.store.result(rid)
         if stored is not None:
             return Explained("done", cached=True, result=stored)

@@ -175,17 +175,18 @@ class ExplainTask(Task):
         if computed is None:
             return self.rid
         png, enc = imaging.encode_map(computed.map[0], bool(self.info["signed"]))
-        self.service.store.put_result(self.metadata(computed, enc), self.view, computed.map, png)
+        self.service.store.put_result(self.metadata(computed, enc), self.view, computed.map, png,
+                                      image_id=self.image_id)  # may raise StoreFull (507)
         return self.rid
 
     def metadata(self, c: "Computed", enc: dict) -> dict:
-        """The stored result's description (docs/api.md, "Results")."""
+        """The stored result's description (docs/api.md, "Results"). Shared with its link, so the
+        upload is described by its size only: no id or URL of the original."""
         rid, record, spec, arr = self.rid, self.record, self.spec, c.map
         return {
             "id": rid, "model": self.name, "method": self.method_id, "params": jsonable(self.params),
             "target": self.target, "target_label": spec.labels[self.target],
-            "image": {"id": record["id"], "width": record["width"], "height": record["height"],
-                      "url": f"/api/images/{record['id']}"},
+            "image": {"width": record["width"], "height": record["height"]},
             "elapsed_s": round(c.elapsed, 4), "batch_size": c.batch_size, "created": utc_now(),
             "output": self.info["output"], "signed": bool(self.info["signed"]), "layer": c.layer,
             "cost": c.cost, "completeness": c.completeness, "predictions": top_predictions(c.logits, spec.labels, 5),

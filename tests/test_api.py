@@ -229,7 +229,7 @@ def test_explain_inline_saliency_and_result_files(client, image_id):
     npy = np.load(io.BytesIO(client.get(meta["links"]["npy"]).data), allow_pickle=False)
     assert npy.shape == (1, 3, 32, 32) and npy.dtype == np.float32
     summed = npy[0].sum(0)
-    assert meta["encoding"]["scale"] == pytest.approx(float(summed.max()), rel=1e-5)
+    assert meta["encoding"]["scale"] == pytest.approx(float(summed.max()), rel=1e-3)  # stored as float16
     m = np.asarray(Image.open(io.BytesIO(client.get(meta["links"]["map"]).data)))
     assert m.shape == (32, 32) and m.dtype == np.uint8
     assert np.abs(m / 255 * meta["encoding"]["scale"] - summed).max() <= meta["encoding"]["scale"] / 255
@@ -340,12 +340,12 @@ def test_magnitude_modes_with_sign_all_show_the_magnitude(client, fixed_result, 
 
 
 @pytest.mark.parametrize("link", ["input", "map", "overlay", "npy"])
-def test_result_resources_are_immutable_with_etag(client, fixed_result, link):
+def test_result_resources_are_revalidated_with_etag(client, fixed_result, link):
+    """Share links can be deleted: caches keep them but ask again (304) on every use."""
     url = fixed_result["links"][link]
     r = client.get(url)
     assert r.status_code == 200 and r.headers["ETag"]
-    assert r.headers["Cache-Control"] == "public, max-age=31536000, immutable" or \
-        set(r.headers["Cache-Control"].split(", ")) == {"public", "max-age=31536000", "immutable"}
+    assert set(r.headers["Cache-Control"].split(", ")) == {"public", "no-cache"}
     again = client.get(url, headers={"If-None-Match": r.headers["ETag"]})
     assert again.status_code == 304 and again.data == b""
     assert client.get(url, headers={"If-None-Match": '"other"'}).status_code == 200
@@ -612,7 +612,8 @@ def test_concurrent_explanations_batch_and_equal_one_at_a_time(app):
     for i in range(4):
         x, _view = imaging.preprocess(store.load_image(ids[i]), spec.preprocessing)
         solo = attribute(model, x, "saliency", i, abs=False).numpy()
-        assert np.allclose(batched[i], solo, rtol=1e-4, atol=1e-6 * np.abs(solo).max())
+        # rtol: the .npy is made from the stored float16 copy (docs/api.md, Results)
+        assert np.allclose(batched[i], solo, rtol=1e-3, atol=1e-6 * np.abs(solo).max())
         assert np.abs(solo).max() > 0
 
 

@@ -139,7 +139,7 @@ def test_serve_explain_restart_and_read_back(instance):
         _s, meta = server.json(f"/api/results/{rid}")
         assert meta["method"] == "occlusion" and meta["signed"] is True
         _s, headers, map_png = server.get(f"/api/results/{rid}/map.png")
-        assert headers["Content-Type"] == "image/png" and "immutable" in headers["Cache-Control"]
+        assert headers["Content-Type"] == "image/png" and "no-cache" in headers["Cache-Control"]
         _s, _h, saliency_png = server.get(inline["result"]["links"]["map"])
     finally:
         server.stop()

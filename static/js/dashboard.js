@@ -24,7 +24,7 @@ async function start() {
     return;
   }
   const result = resultView(state);
-  const run = runPanel(state, { explained: (meta) => result.show(meta) });
+  const run = runPanel(state, { explained: (meta, imageId) => result.show(meta, imageId) });
   const target = targetPanel(state, { changed: run.refresh });
   const compare = comparePanel(state, { store: result.store, refresh: run.refresh });
   const upload = uploadPanel(state, {

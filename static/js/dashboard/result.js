@@ -24,6 +24,7 @@ export function resultView(state) {
   const canvas = $("#overlay");
   let result = null;
   let asset = null;
+  let shownImage = null; // the upload the shown result was made from (its metadata does not say)
   let unbind = null;
   $("#colorbar-slot").append(bar);
   $("#view-slot").append(controls);
@@ -53,7 +54,7 @@ export function resultView(state) {
 
   /** Shows the current image; a result of another image is put away. */
   function showImage() {
-    if (asset && asset.meta.image && asset.meta.image.id !== state.image.id) clear();
+    if (asset && shownImage !== state.image.id) clear();
     if (!asset) {
       $("#preview").src = state.image.url;
       $("#preview").hidden = false;
@@ -68,10 +69,11 @@ export function resultView(state) {
     $("#hero-sub").textContent = `The model's top guess is “${top.label}” (${(top.prob * 100).toFixed(1)}%). Pick a class and a method, then press Explain.`;
   }
 
-  async function show(meta) {
+  async function show(meta, imageId = state.image && state.image.id) {
     const loaded = await loadResult(meta);
     result = meta;
     asset = loaded;
+    shownImage = imageId;
     if (unbind) unbind();
     canvas.hidden = false;
     $("#preview").hidden = true;

@@ -3,7 +3,7 @@ import { api, explainToResult } from "../api.js";
 import { $, duration, toast } from "../ui.js";
 import { clearErrors, placeError } from "./errors.js";
 
-/** Wires Explain (and Ctrl+Enter) and the job box; `explained(meta)` shows each new result. */
+/** Wires Explain (and Ctrl+Enter) and the job box; `explained(meta, imageId)` shows each new result. */
 export function runPanel(state, { explained }) {
   const button = $("#run");
   const box = $("#job");
@@ -62,7 +62,7 @@ export function runPanel(state, { explained }) {
       performance.mark("insights:explained");
       job = null;
       box.hidden = true;
-      await explained(meta);
+      await explained(meta, body.image);
     } catch (e) {
       if (e.cancelled) {
         box.hidden = false;
