@@ -3,19 +3,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import wraps
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
 from . import __version__, imaging, metrics, overlay, security
+from .admission import client_id
 from .errors import NotFound, ServiceError, as_int, describe
+from .jobs import Ticket
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
 IMMUTABLE_AGE = 31536000
 # The settings shown under "limits" in GET /api.
 LIMIT_SETTINGS = ("MAX_CONTENT_LENGTH", "MAX_IMAGE_PIXELS", "INLINE_MAX_PASSES", "MAX_PASSES", "MAX_TOP_K",
-                  "MAX_LOADED_MODELS", "JOBS_KEPT", "MEMORY_BUDGET", "SSE_HEARTBEAT_S")
+                  "MAX_LOADED_MODELS", "JOBS_KEPT", "MEMORY_BUDGET", "SSE_HEARTBEAT_S", "MAX_QUEUED_JOBS",
+                  "MAX_JOBS_PER_CLIENT", "RATE_LIMIT_PER_MIN", "INLINE_TIMEOUT_S", "MAX_INLINE_WAITS",
+                  "MAX_EVENT_STREAMS", "EVENT_STREAM_MAX_S")
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None):
@@ -32,7 +37,10 @@ def _error(err: Exception):
     e = describe(err, security.request_id())  # an internal error is logged there, under the id
     if e.code == "busy":  # every admission refusal comes through here: counted once, by reason
         metrics.count_rejection(current_app, getattr(err, "reason", None) or "busy")
-    return error_response(e.status, e.code, e.message, e.field)
+    resp = error_response(e.status, e.code, e.message, e.field)
+    if getattr(err, "retry_after", None):  # admission control's refusals (errors.Busy)
+        resp.headers["Retry-After"] = str(err.retry_after)
+    return resp
 
 
 def http_error(err: HTTPException):
@@ -62,6 +70,24 @@ def init_app(app) -> None:
 
 def service():
     return current_app.extensions["insights"]
+
+
+def write(view):
+    """Marks a view that writes: each call counts against the client's rate limit
+    (``RATE_LIMIT_PER_MIN``), checked before the request's body is read."""
+    @wraps(view)
+    def counted(*args, **kwargs):
+        service().allow_write(client_id())
+        return view(*args, **kwargs)
+    return counted
+
+
+def queued(ticket: Ticket):
+    """202 with the job to follow and the submitter's cancel token (only this answer has it)."""
+    resp = jsonify({"status": "queued", "job": {**ticket.job.to_dict(), "cancel_token": ticket.cancel_token}})
+    resp.status_code = 202
+    resp.headers["Location"] = url_for("api.job", job_id=ticket.job.id)
+    return resp
 
 
 MAX_JSON_DEPTH = 8  # our bodies nest three levels (body → params → a list); more is refused
@@ -159,12 +185,14 @@ def samples():
 
 
 @bp.post("/samples/<name>")
+@write
 def sample(name: str):
     """Stores a sample photo as an image and answers its record."""
     return jsonify(image_json(service().put_sample(name))), 201
 
 
 @bp.post("/images")
+@write
 def upload():
     """Validates and stores an uploaded image (multipart field ``image``)."""
     f = request.files.get("image")
@@ -185,24 +213,24 @@ def image(image_id: str):
 
 
 @bp.post("/predict")
+@write
 def predict():
-    """The model's top-k classes for an image."""
+    """The model's top-k classes for an image (202 with the job when not done in time)."""
     data = body()
-    return jsonify(service().predict(data.get("model"), data.get("image"), data.get("top_k", 5)))
+    answer = service().predict(data.get("model"), data.get("image"), data.get("top_k", 5), client_id())
+    return queued(answer) if isinstance(answer, Ticket) else jsonify(answer)
 
 
 @bp.post("/explain")
+@write
 def explain():
     """Answers a stored result, computes a cheap one now, or queues a costly one as a job."""
     data = body()
     answer = service().explain(data.get("model"), data.get("image"), data.get("method"), data.get("params"),
-                               data.get("target"))
+                               data.get("target"), client_id())
     if answer.job is None:
         return jsonify({"status": answer.status, "cached": answer.cached, "result": answer.result})
-    resp = jsonify({"status": "queued", "job": answer.job.to_dict()})
-    resp.status_code = 202
-    resp.headers["Location"] = url_for("api.job", job_id=answer.job.id)
-    return resp
+    return queued(Ticket(answer.job, answer.cancel_token))
 
 
 # --------------------------------------------------------------------------- jobs
@@ -215,21 +243,33 @@ def job(job_id: str):
 
 
 @bp.delete("/jobs/<job_id>")
+@write
 def cancel_job(job_id: str):
-    """Cancels a queued or running job."""
-    return jsonify(service().cancel(job_id).to_dict())
+    """Cancels a queued or running job for its submitter (the cancel token its submission got)."""
+    token = request.headers.get("X-Cancel-Token") or request.args.get("cancel_token")
+    if not token:
+        data = request.get_json(silent=True)
+        token = data.get("cancel_token") if isinstance(data, dict) else None
+    return jsonify(service().cancel(job_id, token).to_dict())
 
 
 @bp.get("/jobs/<job_id>/events")
 def job_events(job_id: str):
-    """Server-sent events: the job as JSON at every change, ending with its final state."""
+    """Server-sent events: the job as JSON at every change, ending with its final state, or
+    with an ``expired`` event after ``EVENT_STREAM_MAX_S`` (503 ``busy`` past ``MAX_EVENT_STREAMS``)."""
     events = service().events(job_id)
 
     def stream():
-        for state in events:
-            yield ": keep-alive\n\n" if state is None else f"data: {json.dumps(state)}\n\n"
+        try:
+            for state in events:
+                yield ": keep-alive\n\n" if state is None else f"data: {json.dumps(state)}\n\n"
+            if events.expired:
+                yield "event: expired\ndata: {}\n\n"
+        finally:
+            events.close()
 
     resp = Response(stream(), mimetype="text/event-stream")
+    resp.call_on_close(events.close)  # also when the stream is never read
     resp.headers["Cache-Control"] = "no-cache"
     resp.headers["X-Accel-Buffering"] = "no"
     return resp

@@ -49,6 +49,7 @@ DEFAULTS = {
     "MAX_JOBS_PER_CLIENT": 4,  # jobs one client may have waiting or running; beyond this 429
     "RATE_LIMIT_PER_MIN": 120,  # writes one client may make per minute; beyond this 429
     "INLINE_TIMEOUT_S": 10,  # a request waits this long for its computation, then answers 202 with the job
+    "MAX_INLINE_WAITS": 4,  # requests waiting for their computation at once; beyond this 202 at once
     "MAX_EVENT_STREAMS": 2,  # event streams open at once; beyond this 503 (the page polls instead)
     "EVENT_STREAM_MAX_S": 60,  # seconds an event stream stays open before the server ends it
     "STORE_MAX_BYTES": 5 * 1024 ** 3,  # bytes of images and results kept; oldest evicted, else 507

@@ -46,6 +46,22 @@ class Conflict(ServiceError):
     status, code = 409, "cancelled"
 
 
+class Busy(ServiceError):
+    """Refused for now by admission control: 429 (this client's share is used up) or 503 (the
+    server is full); ``retry_after`` seconds is when trying again is likely to succeed."""
+
+    status, code = 429, "busy"
+
+    def __init__(self, message: str, retry_after: float, *, status: int = 429, reason: str = "busy"):
+        super().__init__(message, status=status)
+        self.retry_after = max(1, math.ceil(retry_after))
+        self.reason = reason  # queue_full, client_jobs, rate_limit, event_streams (for metrics)
+
+
+class Forbidden(ServiceError):
+    status, code = 403, "forbidden"
+
+
 @dataclass(frozen=True)
 class Described:
     """What a client is told about an exception."""

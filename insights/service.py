@@ -2,11 +2,14 @@
 
 Views parse a request, call one method here and serialise what it returns; every refusal is a
 :class:`~insights.errors.ServiceError` carrying its status and code. Model work always runs on
-the job runner: cheap requests wait for it (their tasks may batch with others), costly ones are
-answered with the queued job.
+the job runner, admitted for a client (``client``: :func:`insights.admission.client_id` in a
+request, ``"local"`` for Python callers): cheap requests wait for it (their tasks may batch with
+others) for at most ``INLINE_TIMEOUT_S``, and at most ``MAX_INLINE_WAITS`` requests wait at once;
+costly ones, and cheap ones that did not finish in time, are answered with the queued job.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -14,8 +17,9 @@ import numpy as np
 from PIL import Image
 
 from . import engine, imaging
-from .errors import BadParam, Conflict, NotFound, ServiceError, as_int
-from .jobs import Job, JobBackend, JobRunner
+from .admission import Slot, Slots
+from .errors import BadParam, Busy, Conflict, Forbidden, NotFound, ServiceError, as_int
+from .jobs import Job, JobBackend, JobRunner, Ticket
 from .models import LogitsCache, ModelRegistry, ModelUnavailable
 from .store import Store
 from .tasks import ExplainTask, PredictTask, Task
@@ -40,14 +44,53 @@ def switch(value: Any, name: str) -> bool:
     raise ValueError(f"setting {name} must be true or false, got {value!r}")
 
 
+LOCAL = "local"  # the client of calls from Python (no request)
+
+
 @dataclass
 class Explained:
-    """The answer to an explain request: a stored result (``result``) or a queued ``job``."""
+    """The answer to an explain request: a stored result (``result``) or a queued ``job`` with
+    the submitter's ``cancel_token``."""
 
     status: str  # done | queued
     cached: bool = False
     result: dict | None = None
     job: Job | None = None
+    cancel_token: str | None = None
+
+
+class EventStream:
+    """A job's states for one event stream (None: a heartbeat), holding one of the server's
+    stream places until it is closed; ``expired`` when it ended at ``EVENT_STREAM_MAX_S``
+    before the job did."""
+
+    def __init__(self, events: Iterator[dict | None], slot: Slot):
+        self._events, self._slot = events, slot
+        self.last: dict | None = None
+
+    def __iter__(self) -> "EventStream":
+        return self
+
+    def __next__(self) -> dict | None:
+        try:
+            state = next(self._events)
+        except StopIteration:
+            self.close()
+            raise
+        if state is not None:
+            self.last = state
+        return state
+
+    @property
+    def expired(self) -> bool:
+        return self.last is None or self.last["status"] not in ("done", "failed", "cancelled")
+
+    def close(self) -> None:
+        try:
+            self._events.close()
+        except ValueError:  # closed from another thread while it runs: it ends at its next step
+            pass
+        self._slot.release()
 
 
 class Service:
@@ -62,6 +105,8 @@ class Service:
         self.jobs = jobs or JobRunner()
         self.logits = LogitsCache()  # recent scores per (model, image)
         self.settings: dict = dict(settings or {})
+        # What this process lets requests hold of its threads (MAX_INLINE_WAITS, MAX_EVENT_STREAMS).
+        self.waits, self.streams = Slots(None), Slots(None)
 
     def init_app(self, app) -> None:
         for key in OPTION_SETTINGS.values():
@@ -72,6 +117,8 @@ class Service:
             app.config["MAX_PASSES"] = 4_000 if self.models.device.type == "cpu" else 20_000
         self.store.init_app(app)
         self.jobs.init_app(app)
+        self.waits = Slots(app.config.get("MAX_INLINE_WAITS"))
+        self.streams = Slots(app.config.get("MAX_EVENT_STREAMS"))
 
     def engine_settings(self) -> dict:
         """The keyword arguments every engine call of this app gets (memory budget, fast paths)."""
@@ -119,14 +166,31 @@ class Service:
             raise NotFound(f"no job with id {job_id!r} (jobs are kept in memory until restart)", "job")
         return job
 
-    def cancel(self, job_id: str) -> Job:
-        """Cancels a queued or running job."""
-        self.job(job_id)
-        return self.jobs.cancel(job_id)
+    def allow_write(self, client: str) -> None:
+        """Counts a write of ``client`` against its rate limit (429 ``busy`` past it)."""
+        self.jobs.admission.allow_write(client)
 
-    def events(self, job_id: str) -> Iterator[dict | None]:
-        """The job's state at every change (None: nothing changed for a heartbeat's time)."""
-        return self.jobs.events(self.job(job_id), float(self.settings.get("SSE_HEARTBEAT_S", 15)))
+    def cancel(self, job_id: str, token: Any) -> Job:
+        """Cancels a queued or running job for the submitter whose cancel token this is (403
+        ``forbidden`` without it); a job other submitters still hold goes on for them."""
+        self.job(job_id)
+        if not isinstance(token, str) or not token:
+            raise Forbidden("cancelling a job needs the cancel_token its submission answered "
+                            "(header X-Cancel-Token)", "cancel_token")
+        return self.jobs.cancel(job_id, token) or self.job(job_id)
+
+    def events(self, job_id: str) -> EventStream:
+        """The job's state at every change (None: nothing changed for a heartbeat's time), for at
+        most ``EVENT_STREAM_MAX_S``; refused (503 ``busy``) when ``MAX_EVENT_STREAMS`` are open."""
+        job = self.job(job_id)
+        lifetime = self.settings.get("EVENT_STREAM_MAX_S")
+        slot = self.streams.take()
+        if slot is None:
+            raise Busy(f"{self.streams.size} event streams are open, the most this server keeps "
+                       f"(MAX_EVENT_STREAMS); follow the job with GET /api/jobs/{job.id} instead",
+                       self.streams.seconds_to_free(float(lifetime or 60)), status=503, reason="event_streams")
+        until = time.monotonic() + float(lifetime) if lifetime else None
+        return EventStream(self.jobs.events(job, float(self.settings.get("SSE_HEARTBEAT_S", 15)), until), slot)
 
     def unsupported(self, name: str) -> dict[str, str]:
         """The methods that cannot run on a model, each with the reason (nothing is loaded)."""
@@ -163,7 +227,8 @@ class Service:
 
     def upload(self, data: bytes, filename: str | None) -> dict:
         """Validates and stores an uploaded file; answers the image's record."""
-        img = imaging.decode(data, filename, self.settings.get("MAX_IMAGE_PIXELS", 40_000_000))
+        img = imaging.decode(data, filename, self.settings.get("MAX_IMAGE_PIXELS", 40_000_000),
+                             self.settings.get("MAX_ASPECT_RATIO", 16), self.settings.get("UPLOAD_MAX_SIDE", 2048))
         return self.store.put_image(img)
 
     @staticmethod
@@ -182,30 +247,48 @@ class Service:
 
     # -- predict and explain ------------------------------------------------------------------
 
-    def run_inline(self, task: Task, key: str | None = None) -> Any:
-        """Runs the task's model work on the compute worker and waits for it (re-raising its
-        error here), then finishes the answer in this thread: the worker only does model work."""
-        job = self.jobs.submit(task, key=key, urgent=True, batch=True)
-        job.wait()
+    def run_inline(self, task: Task, client: str = LOCAL, key: str | None = None, total: int = 0,
+                   lane: str = "main") -> Any:
+        """Runs the task on the job runner ahead of queued costly work and waits for its answer
+        (re-raising its error here) for at most ``INLINE_TIMEOUT_S``; answers the
+        :class:`~insights.jobs.Ticket` instead when it is not done by then, or at once when
+        ``MAX_INLINE_WAITS`` requests are waiting already (the job goes on; the client follows it)."""
+        ticket = self.jobs.admit(task, client, key=key, total=total, urgent=True, batch=True, lane=lane)
+        job = ticket.job
+        slot = self.waits.take()
+        if slot is not None:
+            timeout = self.settings.get("INLINE_TIMEOUT_S")
+            try:
+                job.wait(None if timeout is None else float(timeout))
+            finally:
+                slot.release()
+        if not job.final:
+            return ticket
         if job.status == "failed":
-            raise job.exception
+            raise failure(job)
         if job.status == "cancelled":
             raise Conflict("the computation was cancelled")
-        answer = task.finish(job.result)
-        job.result = None  # the computed tensors; the kept job need not hold them
-        return answer
+        return job.result
 
-    def predict(self, name: Any, image_id: Any, top_k: Any = 5) -> dict:
-        """The model's ``top_k`` classes for a stored image."""
+    def predict(self, name: Any, image_id: Any, top_k: Any = 5, client: str = LOCAL) -> dict | Ticket:
+        """The model's ``top_k`` classes for a stored image (a ticket when not done in time).
+        Scores seen recently answer at once; a model in memory predicts on the light lane,
+        beside a running job."""
         name = self.model_name(name)
         record = self.image(image_id)
         spec = self.models.spec(name)
         k = as_int(top_k, "top_k", 1, min(spec.num_classes, self.settings.get("MAX_TOP_K", 100)))
-        preds = self.run_inline(PredictTask(self, name, record["id"], k))
-        return {"model": name, "image": record["id"], "predictions": preds}
+        task = PredictTask(self, name, record["id"], k)
+        known = self.logits.get((name, record["id"]))
+        if known is not None:
+            return task.finish(known)
+        lane = "light" if self.models.peek(name) is not None else "main"  # loading is main-lane work
+        return self.run_inline(task, client, lane=lane)
 
-    def explain(self, name: Any, image_id: Any, method_id: Any, params: Any, target: Any) -> Explained:
-        """A stored result, one computed now, or a queued job for a costly one."""
+    def explain(self, name: Any, image_id: Any, method_id: Any, params: Any, target: Any,
+                client: str = LOCAL) -> Explained:
+        """A stored result, one computed now, or a queued job for a costly one (or for a cheap
+        one not done within ``INLINE_TIMEOUT_S``)."""
         name = self.model_name(name)
         record = self.image(image_id)
         spec = self.models.spec(name)
@@ -236,7 +319,11 @@ class Service:
             raise ServiceError(f"these parameters need {passes} forward passes, more than the limit of "
                                f"{limit} (MAX_PASSES); use a coarser setting", "params", code="over_budget")
         if target is None:
-            target = self.run_inline(PredictTask(self, name, record["id"], 1))[0]["index"]
+            top = self.predict(name, record["id"], 1, client)
+            if isinstance(top, Ticket):
+                raise Busy("the model's top class for this image is still being computed; try again in a "
+                           "moment, or name a target", 2, status=503, reason="inline_timeout")
+            target = top["predictions"][0]["index"]
         target = as_int(target, "target", 0, spec.num_classes - 1, code="bad_target")
 
         rid = self.store.result_id(record["id"], name, method_id, p, target)
@@ -245,9 +332,23 @@ class Service:
             return Explained("done", cached=True, result=stored)
         task = ExplainTask(self, name, record, method_id, p, target, rid, info)
         if passes <= self.settings.get("INLINE_MAX_PASSES", 64):
-            self.run_inline(task, key=rid)
-            return Explained("done", result=self.store.result(rid))
-        return Explained("queued", job=self.jobs.submit(task, key=rid, total=passes))
+            answer = self.run_inline(task, client, key=rid, total=passes)
+            if not isinstance(answer, Ticket):
+                return Explained("done", result=self.store.result(rid))
+        else:
+            answer = self.jobs.admit(task, client, key=rid, total=passes)
+        return Explained("queued", job=answer.job, cancel_token=answer.cancel_token)
+
+
+def failure(job: Job) -> Exception:
+    """The error a request that waited for a failed job raises: the job's exception (taken, so
+    the kept job holds no traceback), or one made from its reported error."""
+    exc, job.exception = job.exception, None
+    if exc is not None:
+        return exc
+    error = job.error or {}
+    return ServiceError(error.get("message", "the computation failed"), error.get("field"),
+                        code=error.get("code", "internal"), status=job.error_status or 500)
 
 
 def _sample_ok(name: str) -> bool:

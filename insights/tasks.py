@@ -48,12 +48,14 @@ def load_inputs(service, spec, image_id: str) -> tuple[torch.Tensor, Image.Image
 
 
 def scores(service, name: str, model, tasks: list, x: torch.Tensor) -> list[torch.Tensor]:
-    """Each task's logits row: from the cache, or from one forward pass of the rows missing."""
+    """Each task's logits row: from the cache, or from one forward pass of the rows missing.
+    The pass shares the model with other readers, and waits while a method holds it with hooks
+    (the engine's model lock): it may run on the light lane beside a job."""
     rows = [service.logits.get((name, t.image_id)) for t in tasks]
     missing = [i for i, row in enumerate(rows) if row is None]
     if missing:
         spec = service.models.spec(name)
-        with torch.inference_mode():
+        with engine.model_lock(model, exclusive=False), torch.inference_mode():
             logits = model(x[missing])
         if logits.dim() != 2 or logits.shape[-1] != spec.num_classes:
             raise RuntimeError(f"model {name} returned shape {tuple(logits.shape)}; "
@@ -65,28 +67,32 @@ def scores(service, name: str, model, tasks: list, x: torch.Tensor) -> list[torc
 
 
 class PredictTask(Task):
-    """The top-k classes of one image; predictions for one model batch together."""
+    """The top-k classes of one image; predictions for one model batch together. Until it runs
+    the task holds the image's id only: the image is loaded and preprocessed in ``compute``."""
 
     def __init__(self, service, name: str, image_id: str, k: int):
         self.service, self.name, self.image_id, self.k = service, name, image_id, k
         self.spec = service.models.spec(name)
         self.batch_key = ("predict", name)
-        self.known = service.logits.get((name, image_id))  # kept here: the cache may drop it
-        self.x = None if self.known is not None else load_inputs(service, self.spec, image_id)[0]
 
     @classmethod
     def compute(cls, tasks: list["PredictTask"], jobs: list) -> list:
-        todo = [t for t in tasks if t.known is None]
+        first = tasks[0]
+        service = first.service
+        rows = [service.logits.get((t.name, t.image_id)) for t in tasks]
+        todo = [i for i, row in enumerate(rows) if row is None]
         if todo:
-            first = todo[0]
-            model = first.service.models.get(first.name)
-            x = torch.cat([t.x for t in todo]).to(first.service.models.device)
-            for t, row in zip(todo, scores(first.service, first.name, model, todo, x)):
-                t.known = row
-        return [t.known for t in tasks]
+            model = service.models.get(first.name)
+            x = torch.cat([load_inputs(service, tasks[i].spec, tasks[i].image_id)[0] for i in todo])
+            for i, row in zip(todo, scores(service, first.name, model, [tasks[i] for i in todo],
+                                           x.to(service.models.device))):
+                rows[i] = row
+        return rows
 
-    def finish(self, logits: torch.Tensor) -> list[dict]:
-        return top_predictions(logits, self.spec.labels, self.k)
+    def finish(self, logits: torch.Tensor) -> dict:
+        """The answer of POST /api/predict."""
+        return {"model": self.name, "image": self.image_id,
+                "predictions": top_predictions(logits, self.spec.labels, self.k)}
 
 
 def jsonable(params: dict) -> dict:
@@ -123,9 +129,9 @@ def completeness(details: dict, row: int) -> dict | None:
 
 
 class ExplainTask(Task):
-    """One explanation. The image is decoded and preprocessed when the task is made (in the
-    request thread), the model work runs on the compute worker, and encoding and storing happen
-    in ``finish``. Requests with the same model, method and parameters batch together when the
+    """One explanation. Until it runs the task holds ids only: the image is loaded and
+    preprocessed in ``compute``, on the compute worker, with the model work; encoding and storing
+    happen in ``finish``. Requests with the same model, method and parameters batch together when the
     method says its rows are independent (methods that draw noise for a whole batch do not)."""
 
     def __init__(self, service, name: str, record: dict, method_id: str, params: dict, target: int,
@@ -134,7 +140,7 @@ class ExplainTask(Task):
         self.method_id, self.params, self.target, self.rid, self.info = method_id, params, target, rid, info
         self.image_id = record["id"]
         self.spec = service.models.spec(name)
-        self.x, self.view = load_inputs(service, self.spec, self.image_id)
+        self.view: Image.Image | None = None  # the model's crop of the image, loaded in compute
         if engine.registry.get(method_id).batchable(params):
             self.batch_key = ("explain", name, method_id, canonical_json(params))
 
@@ -148,7 +154,12 @@ class ExplainTask(Task):
             return out
         run = [jobs[i] for i in todo]
         model = service.models.get(first.name)
-        x = torch.cat([tasks[i].x for i in todo]).to(service.models.device)
+        rows = []
+        for i in todo:
+            row, tasks[i].view = load_inputs(service, tasks[i].spec, tasks[i].image_id)
+            rows.append(row)
+        x = torch.cat(rows).to(service.models.device)
+        del rows
         logits = scores(service, first.name, model, [tasks[i] for i in todo], x)
         if len(run) == 1:
             progress, cancel = run[0].progress, run[0].cancel

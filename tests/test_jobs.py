@@ -190,9 +190,12 @@ def test_batchable_jobs_queued_together_run_in_one_call(runner):
     assert calls == [4]
 
 
-def test_tasks_not_submitted_for_batching_run_alone_and_finish_on_the_worker(runner):
+def test_tasks_not_submitted_for_batching_run_alone_and_are_finished_off_the_worker(runner):
+    finishers = []
+
     class Finished(Item):
         def finish(self, computed):
+            finishers.append(threading.current_thread().name)
             return f"stored {computed}"
 
     gate, busy = threading.Event(), threading.Event()
@@ -205,8 +208,29 @@ def test_tasks_not_submitted_for_batching_run_alone_and_finish_on_the_worker(run
     for j in [*queued, waiting]:
         assert j.wait(5) and j.status == "done"
     assert [j.result for j in queued] == ["stored 0", "stored 10", "stored 20"]
-    assert waiting.result == 70  # a waiting request finishes its answer itself
+    assert waiting.result == "stored 70"  # done means finished, for a waiting request too
     assert calls == [1, 1, 1, 1]
+    assert len(finishers) == 4 and all(name.startswith("insights-finish") for name in finishers)
+    assert all(j.work is None for j in [*queued, waiting])  # the tasks (and their inputs) let go
+
+
+def test_a_failing_finish_fails_its_job_only(runner):
+    class Flaky(Item):
+        def finish(self, computed):
+            if computed == 10:
+                raise ParamError("store", "is full")
+            return computed
+
+    gate, busy = threading.Event(), threading.Event()
+    runner.submit(lambda job: (busy.set(), gate.wait(5)))
+    assert busy.wait(5)
+    jobs = [runner.submit(Flaky(n, []), urgent=True, batch=True) for n in range(3)]
+    gate.set()
+    for j in jobs:
+        assert j.wait(5)
+    assert [j.status for j in jobs] == ["done", "failed", "done"]
+    assert jobs[1].error["field"] == "store" and jobs[1].error_status == 400
+    assert isinstance(jobs[1].exception, ParamError)  # a waiting request re-raises it
 
 
 def test_batch_waits_only_within_its_window_and_respects_the_cap():

@@ -1,18 +1,19 @@
 // The page's only source of truth: small wrappers over the /api endpoints (docs/api.md).
 
 export class ApiError extends Error {
-  constructor(status, body) {
+  constructor(status, body, retryAfter = null) {
     const err = (body && body.error) || {};
     super(err.message || `The server answered ${status}.`);
     this.status = status;
     this.code = err.code || (status === 0 ? "network" : "internal");
     this.field = err.field || null;
+    this.retryAfter = retryAfter; // seconds (Retry-After), when the server is busy
   }
 }
 
-async function request(method, url, body) {
+async function request(method, url, body, headers = {}) {
   // X-Requested-With: a change signed in by cookie must carry it (insights/auth.py, CSRF).
-  const init = { method, headers: { Accept: "application/json", "X-Requested-With": "insights" } };
+  const init = { method, headers: { Accept: "application/json", "X-Requested-With": "insights", ...headers } };
   if (body instanceof FormData) init.body = body;
   else if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
@@ -30,8 +31,23 @@ async function request(method, url, body) {
   } catch (e) {
     data = null;
   }
-  if (!res.ok) throw new ApiError(res.status, data);
+  if (!res.ok) throw new ApiError(res.status, data, Number(res.headers.get("Retry-After")) || null);
   return { status: res.status, data };
+}
+
+const BUSY_TRIES = 3;
+const BUSY_WAIT_MAX_S = 10;
+
+/** Runs a write, and again after the server's Retry-After while it is busy for a short while. */
+async function patiently(send) {
+  for (let tries = 1; ; tries++) {
+    try {
+      return await send();
+    } catch (e) {
+      if (e.code !== "busy" || !e.retryAfter || e.retryAfter > BUSY_WAIT_MAX_S || tries >= BUSY_TRIES) throw e;
+      await new Promise((resolve) => setTimeout(resolve, e.retryAfter * 1000));
+    }
+  }
 }
 
 export const api = {
@@ -45,33 +61,47 @@ export const api = {
   upload(file) {
     const form = new FormData();
     form.append("image", file, file.name || "pasted.png");
-    return request("POST", "/api/images", form).then((r) => r.data);
+    return patiently(() => request("POST", "/api/images", form)).then((r) => r.data);
   },
-  sample: (name) => request("POST", `/api/samples/${encodeURIComponent(name)}`).then((r) => r.data),
-  predict: (model, image, topK = 5) => request("POST", "/api/predict", { model, image, top_k: topK }).then((r) => r.data),
-  explain: (body) => request("POST", "/api/explain", body).then((r) => r.data),
+  sample: (name) => patiently(() => request("POST", `/api/samples/${encodeURIComponent(name)}`)).then((r) => r.data),
+  /** The top classes; a prediction the server queued (202) is followed to its answer. */
+  async predict(model, image, topK = 5) {
+    const r = await patiently(() => request("POST", "/api/predict", { model, image, top_k: topK }));
+    return r.status === 202 ? outcome(await followJob(r.data.job, () => {})).result : r.data;
+  },
+  explain: (body) => patiently(() => request("POST", "/api/explain", body)).then((r) => r.data),
   result: (id) => request("GET", `/api/results/${encodeURIComponent(id)}`).then((r) => r.data),
   job: (id) => request("GET", `/api/jobs/${encodeURIComponent(id)}`).then((r) => r.data),
-  cancel: (id) => request("DELETE", `/api/jobs/${encodeURIComponent(id)}`).then((r) => r.data),
+  /** Cancels a job this page submitted: `job` is the job of the 202 answer, with its cancel token. */
+  cancel: (job) => request("DELETE", `/api/jobs/${encodeURIComponent(job.id)}`, undefined,
+    { "X-Cancel-Token": job.cancel_token || "" }).then((r) => r.data),
 };
 
 const FINAL = new Set(["done", "failed", "cancelled"]);
 
 /**
- * Follows a job until it ends, calling onUpdate(job) on each change. Uses server-sent events
- * and falls back to polling when the stream breaks. Resolves with the final job.
+ * Follows a job until it ends, calling onUpdate(job) on each change. Uses server-sent events; a
+ * stream the server ends after EVENT_STREAM_MAX_S ("expired") is opened again, and a stream
+ * refused (MAX_EVENT_STREAMS) or broken falls back to polling. Resolves with the final job, or
+ * with the state given to the promise's stop(state) (this page stops following it).
  */
 export function followJob(job, onUpdate) {
-  return new Promise((resolve) => {
+  let stop = () => {};
+  const following = new Promise((resolve) => {
     let finished = false;
     let timer = null;
     let source = null;
+    let delay = 500;
     const finish = (j) => {
       if (finished) return;
       finished = true;
       if (source) source.close();
       clearTimeout(timer);
       resolve(j);
+    };
+    stop = (j) => {
+      if (!finished) onUpdate(j);
+      finish(j);
     };
     const update = (j) => {
       if (finished) return;
@@ -85,11 +115,10 @@ export function followJob(job, onUpdate) {
       } catch (e) {
         if (e.status === 404) return finish({ ...job, status: "failed", error: { message: "The job has gone." } });
       }
-      if (!finished) timer = setTimeout(poll, 400);
+      delay = Math.min(2000, delay * 1.25); // a long job is polled less often as it goes on
+      if (!finished) timer = setTimeout(poll, delay);
     };
-    onUpdate(job);
-    if (FINAL.has(job.status)) return finish(job);
-    if (typeof EventSource === "function") {
+    const listen = () => {
       source = new EventSource(`/api/jobs/${encodeURIComponent(job.id)}/events`);
       source.onmessage = (ev) => {
         try {
@@ -98,23 +127,28 @@ export function followJob(job, onUpdate) {
           /* a malformed event is ignored; the next one or the poll catches up */
         }
       };
+      source.addEventListener("expired", () => {
+        source.close();
+        if (!finished) listen();
+      });
       source.onerror = () => {
         source.close();
         source = null;
         poll();
       };
-    } else poll();
+    };
+    onUpdate(job);
+    if (FINAL.has(job.status)) return finish(job);
+    if (typeof EventSource === "function") listen();
+    else poll();
   });
+  following.stop = (j) => stop(j);
+  return following;
 }
 
-/** Explains and, for queued work, follows the job to the result. hooks: {onJob, onProgress}. */
-export async function explainToResult(body, hooks = {}) {
-  const answer = await api.explain(body);
-  if (answer.status === "done" && answer.result) return { ...answer.result, cached: !!answer.cached };
-  const job = answer.job;
-  if (hooks.onJob) hooks.onJob(job);
-  const final = await followJob(job, (j) => hooks.onProgress && hooks.onProgress(j));
-  if (final.status === "done") return api.result(final.result_id);
+/** A finished job's answer (its `result`), or the error it ended with. */
+function outcome(final) {
+  if (final.status === "done") return final;
   if (final.status === "cancelled") {
     const e = new Error("Cancelled.");
     e.cancelled = true;
@@ -122,4 +156,25 @@ export async function explainToResult(body, hooks = {}) {
   }
   const err = typeof final.error === "string" ? { message: final.error } : final.error || {};
   throw new ApiError(422, { error: { message: err.message || "The job failed.", code: err.code, field: err.field } });
+}
+
+/**
+ * Explains and, for queued work, follows the job to the result. hooks: {onJob(job, cancel),
+ * onProgress(job)}; cancel() cancels the job for this page (with its cancel token) and stops
+ * following it: a job shared with another identical request goes on for the other.
+ */
+export async function explainToResult(body, hooks = {}) {
+  const answer = await api.explain(body);
+  if (answer.status === "done" && answer.result) return { ...answer.result, cached: !!answer.cached };
+  const job = answer.job;
+  let following = null;
+  const cancel = async () => {
+    const state = await api.cancel(job);
+    if (following) following.stop({ ...state, status: "cancelled", eta_s: null });
+    return state;
+  };
+  if (hooks.onJob) hooks.onJob(job, cancel);
+  following = followJob(job, (j) => hooks.onProgress && hooks.onProgress(j));
+  const final = outcome(await following);
+  return api.result(final.result_id);
 }

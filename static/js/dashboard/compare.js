@@ -1,6 +1,6 @@
 // Compare: several methods on the current model, or the current method on several models, one
 // card each, run one at a time. The cards follow the result view's settings.
-import { api, explainToResult } from "../api.js";
+import { explainToResult } from "../api.js";
 import { $, $$, duration, h, plainError, showError } from "../ui.js";
 import { bindCanvas } from "../viewer.js";
 import { loadResult } from "../render.js";
@@ -89,12 +89,12 @@ export function comparePanel(state, { store, refresh }) {
 
   async function runOne(job, ui) {
     ui.status.textContent = "Running…";
-    let jobId = null;
-    ui.cancel.onclick = () => jobId && api.cancel(jobId).catch(() => {});
+    let cancelJob = null;
+    ui.cancel.onclick = () => cancelJob && cancelJob().catch(() => {});
     try {
       const meta = await explainToResult(job.body, {
-        onJob: (j) => {
-          jobId = j.id;
+        onJob: (j, cancel) => {
+          cancelJob = cancel;
           ui.cancel.hidden = false;
         },
         onProgress: (j) => {

@@ -1,5 +1,5 @@
 // The Explain button: runs the chosen explanation, inline or as a job with progress and cancel.
-import { api, explainToResult } from "../api.js";
+import { explainToResult } from "../api.js";
 import { $, duration, toast } from "../ui.js";
 import { clearErrors, placeError } from "./errors.js";
 
@@ -7,7 +7,7 @@ import { clearErrors, placeError } from "./errors.js";
 export function runPanel(state, { explained }) {
   const button = $("#run");
   const box = $("#job");
-  let job = null;
+  let cancelJob = null; // cancels the running job for this page (explainToResult's onJob gives it)
 
   /** Enables Explain and Compare when everything is chosen (Explain also waits for a run). */
   function refresh() {
@@ -49,18 +49,14 @@ export function runPanel(state, { explained }) {
     try {
       performance.mark("insights:explain-start");
       const meta = await explainToResult(body, {
-        onJob: (j) => {
-          job = j;
+        onJob: (j, cancel) => {
+          cancelJob = cancel;
           showJob(j);
           $("#job-cancel").focus();
         },
-        onProgress: (j) => {
-          job = j;
-          showJob(j);
-        },
+        onProgress: showJob,
       });
       performance.mark("insights:explained");
-      job = null;
       box.hidden = true;
       await explained(meta, body.image);
     } catch (e) {
@@ -75,15 +71,16 @@ export function runPanel(state, { explained }) {
         placeError(state, e);
       }
     } finally {
+      cancelJob = null;
       setBusy(false);
     }
   }
 
   async function cancel() {
-    if (!job) return;
+    if (!cancelJob) return;
     $("#job-cancel").disabled = true;
     try {
-      showJob(await api.cancel(job.id));
+      await cancelJob(); // the run ends as cancelled (above)
     } catch (e) {
       placeError(state, e);
     } finally {
