@@ -9,7 +9,7 @@ from captum.attr import Saliency as CaptumSaliency
 from torch import nn
 
 import insights
-from conftest import leaf, logits, rel_error
+from conftest import leaf, logits, rel_error, seeded
 from insights.engine.families.gradient import INTEGRATION_RULES, integration_weights
 
 TARGETS = [3, 7]
@@ -164,6 +164,73 @@ def test_noise_tunnel_tiles_per_image_baselines(small_cnn, images):
     smooth = insights.attribute(small_cnn, images, "integrated_gradients", TARGETS, n_steps=3,
                                 baselines=baseline, nt_type="smoothgrad", nt_samples=2, stdevs=0.0)
     assert torch.allclose(smooth, plain, atol=1e-6 * float(plain.abs().max()))
+
+
+def one_shot_tunnel(model, x, method, targets, nt_type, k, stdevs, seed, **params):
+    """The noise tunnel as it was before it ran in chunks: all k noisy copies drawn at once and
+    explained in one call, then aggregated."""
+    noise = torch.randn((k,) + tuple(x.shape), generator=torch.Generator().manual_seed(seed))
+    noisy = (x.unsqueeze(0) + noise * stdevs).reshape((-1,) + tuple(x.shape[1:]))
+    maps = insights.attribute(model, noisy, method, torch.tensor(targets).repeat(k), **params)
+    maps = maps.reshape((k, x.shape[0]) + tuple(maps.shape[1:]))
+    if nt_type == "smoothgrad":
+        return maps.mean(0)
+    squares = (maps * maps).mean(0)
+    return squares if nt_type == "smoothgrad_sq" else (squares - maps.mean(0) ** 2).clamp_min(0)
+
+
+@pytest.mark.parametrize("nt_type", ["smoothgrad", "smoothgrad_sq", "vargrad"])
+@pytest.mark.parametrize("method,params,size", [("saliency", {"abs": False}, 64),
+                                                ("integrated_gradients", {"n_steps": 2}, 64),
+                                                ("input_x_gradient", {}, 9)])  # 2×3×9×9: 486 numbers a copy
+def test_noise_tunnel_in_chunks_gives_the_one_shot_map(method, params, size, nt_type, monkeypatch):
+    # A smooth model: with max pooling, batches of other sizes round differently and can flip
+    # which input of a near tie gets the gradient, a change of the map that is not the tunnel's.
+    model = seeded(lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.Tanh(), nn.AvgPool2d(2), nn.Conv2d(8, 8, 3),
+                                         nn.Tanh(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 10)))
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(4))
+    args = dict(nt_type=nt_type, nt_samples=21, stdevs=0.4, seed=9, **params)
+    reference = one_shot_tunnel(model, x, method, TARGETS, nt_type, 21, 0.4, 9, **params)
+    cls = type(insights.engine.registry.get(method))
+    rows = []
+    plain = cls.compute
+    monkeypatch.setattr(cls, "compute", lambda self, ctx, x, t, p: rows.append(len(x)) or plain(self, ctx, x, t, p))
+    default = insights.attribute(model, x, method, TARGETS, **args)
+    chunks_default = list(rows)
+    rows.clear()
+    tiny = insights.attribute(model, x, method, TARGETS, memory_budget=1, **args)
+    if size == 64:  # copies of both images, as many as a CPU gradient batch (10 rows) or the budget holds
+        assert chunks_default == [10, 10, 10, 10, 2] and rows == [2] * 21
+    else:  # 8 copies a draw (16 blocks of 243 numbers), the last 5 copies on their own
+        assert chunks_default == rows == [16, 16, 10]
+    scale = float(reference.abs().max())
+    torch.testing.assert_close(tiny, default, rtol=0, atol=1e-6 * scale)
+    # The one-shot tunnel averaged in float32 (VarGrad: the difference of two close float32 means);
+    # the chunked one sums in float64.
+    torch.testing.assert_close(default, reference, rtol=1e-3, atol=1e-5 * scale)
+
+
+def test_noise_draws_hold_whole_blocks_of_16_numbers():
+    from insights.engine.families.gradient import noise_chunks, noise_draws
+
+    assert noise_draws(3, 3 * 64 * 64) == [(0, 1), (1, 2), (2, 3)]
+    assert noise_draws(21, 2 * 243) == [(0, 8), (8, 16), (16, 21)]  # 8 copies of 486 numbers: 3888 = 243 × 16
+    assert noise_draws(17, 3) == [(0, 17)]  # the one left over (3 numbers) joins the group before
+    assert noise_draws(2, 3) == [(0, 2)]
+    assert list(noise_chunks([(0, 8), (8, 16), (16, 21)], 10)) == [[(0, 8)], [(8, 16)], [(16, 21)]]
+    assert list(noise_chunks([(0, 1), (1, 2), (2, 3)], 2)) == [[(0, 1), (1, 2)], [(2, 3)]]
+
+
+def test_noise_tunnel_reports_progress_per_chunk_and_stops_when_cancelled(small_cnn, images):
+    args = dict(nt_type="smoothgrad", nt_samples=6, stdevs=0.3, memory_budget=1)
+    seen = []
+    insights.attribute(small_cnn, images, "saliency", TARGETS, progress=lambda d, t: seen.append((d, t)), **args)
+    assert seen == [(i, 12) for i in range(1, 13)]  # a row at a time under a budget of one row
+    seen.clear()
+    with pytest.raises(insights.engine.Cancelled):
+        insights.attribute(small_cnn, images, "saliency", TARGETS, progress=lambda d, t: seen.append(d),
+                           cancel=lambda: len(seen) >= 3, **args)
+    assert seen == [1, 2, 3]  # stopped in the second chunk of copies, not after all 12 rows
 
 
 # --------------------------------------------------------------------------- gradient SHAP

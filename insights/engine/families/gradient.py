@@ -9,7 +9,8 @@ repeats ``x`` with Gaussian noise and aggregates the maps. A method that is alre
 from __future__ import annotations
 
 import functools
-from typing import Any
+import math
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -118,19 +119,63 @@ def record_completeness(ctx: Context, maps: torch.Tensor, base: torch.Tensor, ki
 
 
 def noise_tunnel(method: GradientMethod, ctx: Context, p: dict) -> torch.Tensor:
-    """Runs ``method.compute`` on ``nt_samples`` noisy copies of each image and aggregates."""
+    """Runs ``method.compute`` on ``nt_samples`` noisy copies of each image and aggregates.
+
+    The copies run a chunk at a time (as many as one gradient batch holds under the memory
+    budget) and only running sums are kept, so memory does not grow with ``nt_samples``. The
+    noise is drawn in groups of copies that do not depend on the chunks: the same seed gives the
+    same map whatever the budget, and on the CPU the same noise as one draw of all the copies."""
     x, k = ctx.inputs, p["nt_samples"]
+    n, shape = x.shape[0], tuple(x.shape)
     gen = torch.Generator(device=x.device).manual_seed(p["seed"])
-    noise = torch.randn((k,) + tuple(x.shape), generator=gen, device=x.device, dtype=x.dtype)
-    noisy = (x.unsqueeze(0) + noise * p["stdevs"]).reshape((-1,) + tuple(x.shape[1:]))
-    maps = method.compute(ctx, noisy, ctx.target.repeat(k), p)
-    maps = maps.reshape((k, x.shape[0]) + tuple(maps.shape[1:]))
+    per_chunk = max(1, ctx.chunk_size(grad=True) // n)  # copies per chunk
+    total = squares = None
+    for chunk in noise_chunks(noise_draws(k, x.numel()), per_chunk):
+        start, stop = chunk[0][0], chunk[-1][1]
+        ctx.check()
+        noise = torch.cat([torch.randn((b - a,) + shape, generator=gen, device=x.device, dtype=x.dtype)
+                           for a, b in chunk])
+        noisy = (x.unsqueeze(0) + noise * p["stdevs"]).reshape((-1,) + shape[1:])
+        del noise
+        maps = method.compute(ctx, noisy, ctx.target.repeat(stop - start), p)
+        maps = maps.reshape((stop - start, n) + tuple(maps.shape[1:]))
+        dtype = maps.dtype
+        part = maps.sum(0, dtype=torch.float64)
+        total = part if total is None else total + part
+        if p["nt_type"] != "smoothgrad":
+            part = (maps * maps).sum(0, dtype=torch.float64)
+            squares = part if squares is None else squares + part
+        del noisy, maps
+    mean = total / k
     if p["nt_type"] == "smoothgrad":
-        return maps.mean(0)
-    squares = (maps * maps).mean(0)
+        return mean.to(dtype)
     if p["nt_type"] == "smoothgrad_sq":
-        return squares
-    return (squares - maps.mean(0) ** 2).clamp_min(0)  # vargrad; rounding can dip below 0
+        return (squares / k).to(dtype)
+    return (squares / k - mean ** 2).clamp_min(0).to(dtype)  # vargrad; rounding can dip below 0
+
+
+def noise_draws(k: int, numel: int) -> list[tuple[int, int]]:
+    """The noise tunnel's draws: ranges of copies ``[a, b)`` each drawn with one ``randn``.
+    Each but the last holds a multiple of 16 numbers: the CPU generator makes normal numbers
+    16 at a time, so these draws one after another give exactly the numbers of one draw of
+    all ``k`` copies (the last draw holds at least 16 numbers, or all of them)."""
+    group = 16 // math.gcd(16, numel)  # copies per draw
+    bounds = list(range(0, k, group)) + [k]
+    if len(bounds) > 2 and (bounds[-1] - bounds[-2]) * numel < 16:
+        del bounds[-2]  # a short tail is drawn with the group before it
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def noise_chunks(draws: list[tuple[int, int]], per_chunk: int) -> Iterator[list[tuple[int, int]]]:
+    """Consecutive draws grouped into chunks of at most ``per_chunk`` copies (at least one draw)."""
+    chunk: list[tuple[int, int]] = []
+    for a, b in draws:
+        if chunk and b - chunk[0][0] > per_chunk:
+            yield chunk
+            chunk = []
+        chunk.append((a, b))
+    if chunk:
+        yield chunk
 
 
 @registry.register
