@@ -309,6 +309,9 @@ class Store:
                               ("results", "bytes INTEGER NOT NULL DEFAULT 0"),
                               ("results", "accessed REAL NOT NULL DEFAULT 0")):
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+        for table in ("images", "results"):  # eviction and retention pick the oldest rows
+            db.execute(f"CREATE INDEX {table}_by_use ON {table} (accessed, created)")
+            db.execute(f"CREATE INDEX {table}_by_age ON {table} (created)")
         db.execute("CREATE TABLE keys (name TEXT PRIMARY KEY, value BLOB NOT NULL)")
         db.execute("INSERT INTO keys (name, value) VALUES ('secret', ?)", (os.urandom(32),))
         now = self.clock()
