@@ -3,9 +3,9 @@
 The job backend's interface is :class:`JobBackend` (admit, submit, get, cancel, events, shutdown);
 :class:`JobRunner` implements it in-process. Model work runs on two lanes, each one thread and a
 queue: the main lane takes jobs in order, so two computations never compete for the device (or
-the CPU's cores); the light lane serves one-pass predictions on a model already in memory, so a
-prediction never waits for a running job to end (it shares the model under the engine's model
-lock: a plain forward waits while a method has hooks on the model). Cheap requests submit and
+the CPU's cores); the light lane serves one-pass predictions, so a prediction never waits for a
+running job to end (it shares the model under the engine's model lock: a plain forward waits
+while a method has hooks on the model). Cheap requests submit and
 wait; costly ones return the job at once and the client follows it by polling or server-sent
 events.
 

@@ -272,8 +272,8 @@ class Service:
 
     def predict(self, name: Any, image_id: Any, top_k: Any = 5, client: str = LOCAL) -> dict | Ticket:
         """The model's ``top_k`` classes for a stored image (a ticket when not done in time).
-        Scores seen recently answer at once; a model in memory predicts on the light lane,
-        beside a running job."""
+        Scores seen recently answer at once; others are one pass on the light lane, beside a
+        running job (the lane loads the model if it is not in memory)."""
         name = self.model_name(name)
         record = self.image(image_id)
         spec = self.models.spec(name)
@@ -282,8 +282,7 @@ class Service:
         known = self.logits.get((name, record["id"]))
         if known is not None:
             return task.finish(known)
-        lane = "light" if self.models.peek(name) is not None else "main"  # loading is main-lane work
-        return self.run_inline(task, client, lane=lane)
+        return self.run_inline(task, client, lane="light")
 
     def explain(self, name: Any, image_id: Any, method_id: Any, params: Any, target: Any,
                 client: str = LOCAL) -> Explained:

@@ -56,10 +56,10 @@ def slow(image: str, variant: int = 0, steps: int = 100, delay: float = 0.02) ->
             "params": {"steps": steps, "delay": round(delay + variant / 10_000, 4)}}
 
 
-def hold_worker(app) -> threading.Event:
-    """Keeps the main lane busy until the returned event is set."""
+def hold_worker(app, lane: str = "main") -> threading.Event:
+    """Keeps a lane of the job runner busy until the returned event is set."""
     gate, busy = threading.Event(), threading.Event()
-    app.extensions["insights"].jobs.submit(lambda job: (busy.set(), gate.wait(30)))
+    app.extensions["insights"].jobs.submit(lambda job: (busy.set(), gate.wait(30)), lane=lane)
     assert busy.wait(5)
     return gate
 
@@ -220,7 +220,7 @@ def test_a_prediction_not_done_in_time_answers_202_and_its_job_carries_the_predi
     app = make_app(INLINE_TIMEOUT_S=0.3)
     c = app.test_client()
     image = upload(c, png()).json["id"]
-    gate = hold_worker(app)  # the model is not loaded yet: its first prediction is main-lane work
+    gate = hold_worker(app, lane="light")  # where predictions run
     r = c.post("/api/predict", json={"model": "tiny", "image": image, "top_k": 3})
     assert r.status_code == 202 and r.json["job"]["cancel_token"]
     gate.set()
@@ -338,14 +338,24 @@ def test_queued_jobs_hold_ids_not_tensors(app, client, image_id):
     assert client.get(f"/api/results/{final['result_id']}").json["size"] == [32, 32]  # loaded when it ran
 
 
-def test_a_prediction_is_answered_while_a_job_runs(client, image_id):
-    assert client.post("/api/predict", json={"model": "tiny", "image": image_id}).status_code == 200  # loads it
+@pytest.mark.parametrize("loaded", [True, False])
+def test_a_prediction_is_answered_while_a_job_runs(app, client, image_id, loaded):
+    if loaded:
+        assert client.post("/api/predict", json={"model": "tiny", "image": image_id}).status_code == 200
     other = upload(client, png(color=(20, 90, 200))).json["id"]
     job = client.post("/api/explain", json=slow(image_id, steps=150, delay=0.02)).json["job"]  # about 3 s
+    if not loaded:  # the job uses "tiny"; the prediction asks for another model, not in memory yet
+        def small():
+            return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                       torch.nn.Linear(4, 5))
+
+        models = app.extensions["insights"].models
+        models.register("tiny2", small, {"resize": 40, "crop": 32}, ["a", "b", "c", "d", "e"])
+        assert models.peek("tiny2") is None
     while client.get(f"/api/jobs/{job['id']}").json["status"] != "running":
         time.sleep(0.01)
     start = time.monotonic()
-    r = client.post("/api/predict", json={"model": "tiny", "image": other})
+    r = client.post("/api/predict", json={"model": "tiny" if loaded else "tiny2", "image": other})
     took = time.monotonic() - start
     assert r.status_code == 200 and len(r.json["predictions"]) == 5
     state = client.get(f"/api/jobs/{job['id']}").json
