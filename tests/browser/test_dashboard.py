@@ -504,3 +504,26 @@ def test_a_complete_map_shows_its_completeness_without_a_warning(page, chelsea_b
     page.wait_for_function("document.querySelector('#result-method').textContent === 'Saliency'", timeout=60_000)
     assert "Completeness" not in page.locator("#result-meta").inner_text()
     assert page.locator("#completeness-warning").count() == 0
+
+
+def test_a_result_stays_while_its_upload_does_and_goes_for_another(page, chelsea_b64):
+    """Result metadata no longer names its upload: the page remembers which one a result is of."""
+    explain(page, chelsea_b64)
+    expect(page.locator("#overlay")).to_be_visible()
+    drop = """([b64, name]) => {
+      const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+      const dt = new DataTransfer();
+      dt.items.add(new File([bytes], name, { type: 'image/png' }));
+      document.querySelector('#dropzone').dispatchEvent(new DragEvent('drop', { dataTransfer: dt, bubbles: true, cancelable: true }));
+    }"""
+    with page.expect_response(lambda r: r.url.endswith("/api/predict"), timeout=30_000):
+        page.evaluate(drop, [chelsea_b64, "again.png"])  # the same picture: the same id, the result stays
+    expect(page.locator("#overlay")).to_be_visible()
+    expect(page.locator("#preview")).to_be_hidden()
+    buf = io.BytesIO()
+    from skimage import data
+
+    Image.fromarray(data.coffee()).save(buf, "PNG")
+    page.evaluate(drop, [base64.b64encode(buf.getvalue()).decode(), "coffee.png"])
+    expect(page.locator("#preview")).to_be_visible(timeout=30_000)
+    expect(page.locator("#overlay")).to_be_hidden()
