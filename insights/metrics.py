@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import weakref
 from typing import Any
 
@@ -54,6 +55,7 @@ class Metrics:
         for status in ("2xx", "3xx", "4xx", "5xx"):
             self.responses.labels(status)
         self._seen: set[str] = set()  # finished jobs already counted
+        self._lock = threading.Lock()  # two scrapes at once count each job once
         self.registry.register(_Collector(self))
 
     def jobs(self) -> list | None:
@@ -64,18 +66,19 @@ class Metrics:
     def observe_finished(self) -> None:
         """Counts the jobs that finished since the last scrape (once each). Jobs the runner has
         forgotten before a scrape (more than ``JOBS_KEPT`` finished in between) go uncounted."""
-        jobs = self.jobs() or []
-        kept = set()
-        for job in jobs:
-            if job.status not in FINAL_STATES:
-                continue
-            kept.add(job.id)
-            if job.id in self._seen:
-                continue
-            self.jobs_finished.labels(job.status).inc()
-            if job.started is not None and job.finished is not None:
-                self.job_seconds.labels(job.status).observe(max(0.0, job.finished - job.started))
-        self._seen = kept  # forgotten jobs need not be remembered
+        with self._lock:
+            kept = set()
+            for job in self.jobs() or []:
+                status = job.status
+                if status not in FINAL_STATES:
+                    continue
+                kept.add(job.id)
+                if job.id in self._seen:
+                    continue
+                self.jobs_finished.labels(status).inc()
+                if job.started is not None and job.finished is not None:
+                    self.job_seconds.labels(status).observe(max(0.0, job.finished - job.started))
+            self._seen = kept  # forgotten jobs need not be remembered
 
     def store_bytes(self) -> int:
         """Bytes the store holds: its own count when it keeps one, else the files' sizes summed

@@ -10,7 +10,6 @@ Referrer-Policy, and a 500 page that says nothing but the request id.
 from __future__ import annotations
 
 import json
-import logging
 import re
 from urllib.parse import urlsplit
 
@@ -19,8 +18,6 @@ from werkzeug.exceptions import HTTPException, SecurityError
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .errors import describe, new_request_id
-
-log = logging.getLogger("insights.security")
 
 REQUEST_ID_HEADER = "X-Request-Id"
 # An incoming id is kept when it looks like an id (a proxy's UUID, a trace id), else a new one is
@@ -146,8 +143,7 @@ def _internal_error(err: Exception):
     if request.path == "/api" or request.path.startswith("/api/") or request.path == "/metrics":
         resp = jsonify({"error": answer.as_dict()})
     else:
-        resp = current_app.response_class(f"Internal error. If it keeps happening, give the operator this "
-                                          f"request id: {request_id()}\n", mimetype="text/plain")
+        resp = current_app.response_class(answer.message + "\n", mimetype="text/plain")
     resp.status_code = answer.status
     return resp
 

@@ -130,6 +130,19 @@ def test_a_busy_answer_of_the_api_counts_its_reason(app, client, monkeypatch):
     assert value(scrape(client), "insights_rejections_total", reason="queue_full") == 1
 
 
+def test_the_rate_limit_counts_as_a_rejection(tmp_path, extra_methods):
+    app = create_app({"INSTANCE_PATH": str(tmp_path / "i"), "BUILTIN_MODELS": False, "MODELS_CONFIG": TINY_CONFIG,
+                      "DEVICE": "cpu", "RATE_LIMIT_PER_MIN": 1})
+    try:
+        client = app.test_client()
+        assert upload(client, png()).status_code == 201
+        r = upload(client, png(color=(1, 2, 3)))
+        assert r.status_code == 429 and r.json["error"]["code"] == "busy"
+        assert value(scrape(client), "insights_rejections_total", reason="rate_limit") == 1
+    finally:
+        app.extensions["insights"].jobs.shutdown()
+
+
 def test_count_rejection_never_fails(app):
     metrics.count_rejection(None, "queue_full")  # outside any app
     metrics.count_rejection(Flask("plain"), "queue_full")  # an app without metrics

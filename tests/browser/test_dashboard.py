@@ -47,6 +47,8 @@ def server(tmp_path_factory):
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{httpd.server_port}"
+    # Link previews and copied share links take their address from PUBLIC_URL, never the Host header.
+    app.config["PUBLIC_URL"] = base
     warm = app.test_client()  # a warm model: the timing below is about the page, not loading weights
     image = warm.post("/api/samples/coffee").get_json()["id"]
     assert warm.post("/api/explain", json={"model": "efficientnet_lite0", "image": image, "method": "saliency",
@@ -158,7 +160,7 @@ def drop_image(page, b64: str) -> None:
       dt.items.add(new File([bytes], 'chelsea.png', { type: 'image/png' }));
       document.querySelector('#dropzone').dispatchEvent(new DragEvent('drop', { dataTransfer: dt, bubbles: true, cancelable: true }));
     }""", b64)
-    page.wait_for_function("document.querySelectorAll('#predictions button.pred').length >= 5", timeout=30_000)
+    page.wait_for_function("() => document.querySelectorAll('#predictions button.pred').length >= 5", timeout=30_000)
     page.locator("#predictions button.pred").nth(1).click()
 
 
@@ -226,7 +228,7 @@ def test_occlusion_runs_as_a_job_with_progress_and_can_be_cancelled(page, chelse
     page.fill("#param-occlusion-strides", "3, 4, 4")  # 2,401 windows: long enough to cancel
     page.click("#run")
     page.wait_for_selector("#job:not([hidden])")
-    page.wait_for_function("Number(document.querySelector('#job-progress').getAttribute('aria-valuenow')) > 0",
+    page.wait_for_function("() => Number(document.querySelector('#job-progress').getAttribute('aria-valuenow')) > 0",
                            timeout=60_000)
     assert page.locator("#job-status").inner_text().startswith("Running")
     assert "left" in page.locator("#job-eta").inner_text()
@@ -258,12 +260,12 @@ def test_grad_cam_and_two_methods_side_by_side(page, chelsea_b64):
     explain(page, chelsea_b64)
     page.click("label[for=method-grad_cam]")
     page.click("#run")
-    page.wait_for_function("document.querySelector('#result-method').textContent === 'Grad-CAM'", timeout=60_000)
+    page.wait_for_function("() => document.querySelector('#result-method').textContent === 'Grad-CAM'", timeout=60_000)
     assert canvas_stats(page, "#overlay")["variance"] > 100
     for box in page.locator("#compare-method-list input").all():
         box.set_checked(box.get_attribute("value") in ("saliency", "grad_cam"), force=True)
     page.click("#compare-run")
-    page.wait_for_function("document.querySelectorAll('#compare-grid .ccard.done').length === 2", timeout=60_000)
+    page.wait_for_function("() => document.querySelectorAll('#compare-grid .ccard.done').length === 2", timeout=60_000)
     titles = page.locator("#compare-grid .ccard h3").all_inner_texts()
     assert titles == ["Saliency", "Grad-CAM"]
     a = canvas_stats(page, "#compare-grid .ccard:nth-child(1) canvas")
@@ -275,7 +277,7 @@ def test_grad_cam_and_two_methods_side_by_side(page, chelsea_b64):
     page.click("#tab-models")  # one method (the selected Grad-CAM) across the available models
     assert page.locator("#compare-model-list input:disabled").count() >= 1  # unavailable ones stay off
     page.click("#compare-run")
-    page.wait_for_function("document.querySelectorAll('#compare-grid .ccard.done').length === 1", timeout=60_000)
+    page.wait_for_function("() => document.querySelectorAll('#compare-grid .ccard.done').length === 1", timeout=60_000)
     assert page.locator("#compare-grid .ccard h3").all_inner_texts() == ["efficientnet_lite0"]
     assert page.locator("#compare-grid .ccard header p").inner_text() == "Grad-CAM"
     assert canvas_stats(page, "#compare-grid .ccard canvas") == b
@@ -364,7 +366,7 @@ def test_keyboard_file_chooser_paste_and_class_search(page, chelsea, chelsea_b64
     for box in page.locator("#compare-method-list input").all():
         box.set_checked(box.get_attribute("value") in ("saliency", "grad_cam"), force=True)
     page.click("#compare-run")
-    page.wait_for_function("document.querySelectorAll('#compare-grid .ccard.done').length === 2", timeout=60_000)
+    page.wait_for_function("() => document.querySelectorAll('#compare-grid .ccard.done').length === 2", timeout=60_000)
     # Listen before pressing: file chooser interception is switched on by the first listener.
     choosers = []
     on_chooser = lambda chooser: choosers.append(chooser)  # noqa: E731
@@ -380,7 +382,7 @@ def test_keyboard_file_chooser_paste_and_class_search(page, chelsea, chelsea_b64
     page.remove_listener("filechooser", on_chooser)
     choosers[0].set_files(chelsea)
     page.wait_for_selector("#image-error", state="hidden")
-    page.wait_for_function("document.querySelectorAll('#predictions button.pred').length === 5")
+    page.wait_for_function("() => document.querySelectorAll('#predictions button.pred').length === 5")
 
     from skimage import data
 
@@ -392,7 +394,7 @@ def test_keyboard_file_chooser_paste_and_class_search(page, chelsea, chelsea_b64
       dt.items.add(new File([bytes], 'image.png', { type: 'image/png' }));
       document.dispatchEvent(new ClipboardEvent('paste', { clipboardData: dt, bubbles: true }));
     }""", base64.b64encode(buf.getvalue()).decode())
-    page.wait_for_function("document.querySelector('#predictions button.pred .pred-label')?.textContent === 'espresso'")
+    page.wait_for_function("() => document.querySelector('#predictions button.pred .pred-label')?.textContent === 'espresso'")
     assert page.locator("#overlay").is_hidden()  # a new image: the old maps are not shown with it
     assert page.locator("#compare-grid .ccard").count() == 0
 
@@ -471,7 +473,7 @@ def test_a_map_that_misses_its_score_difference_shows_the_warning_here_and_on_th
     page.click("label[for=method-integrated_gradients]")
     page.fill("#param-integrated_gradients-n_steps", "1")  # one point: far from the path integral
     page.click("#run")
-    page.wait_for_function("document.querySelector('#result-method')?.textContent === 'Integrated Gradients'",
+    page.wait_for_function("() => document.querySelector('#result-method')?.textContent === 'Integrated Gradients'",
                            timeout=60_000)
     warning = page.locator("#completeness-warning")
     expect(warning).to_be_visible()
@@ -501,7 +503,7 @@ def test_a_complete_map_shows_its_completeness_without_a_warning(page, chelsea_b
     assert page.locator("#completeness-warning").count() == 0
     page.click("label[for=method-saliency]")  # no such property: no line, no warning
     page.click("#run")
-    page.wait_for_function("document.querySelector('#result-method').textContent === 'Saliency'", timeout=60_000)
+    page.wait_for_function("() => document.querySelector('#result-method').textContent === 'Saliency'", timeout=60_000)
     assert "Completeness" not in page.locator("#result-meta").inner_text()
     assert page.locator("#completeness-warning").count() == 0
 

@@ -73,7 +73,7 @@ def test_torchscript_model_greys_out_hook_methods_and_explains_with_the_others(p
     expect(page.locator("#cmp-method-grad_cam")).not_to_be_checked()
     expect(page.locator("#cmp-method-saliency")).to_be_checked()
     page.get_by_role("button", name="Chelsea the cat").click()
-    page.wait_for_function("document.querySelectorAll('#predictions button.pred').length >= 5", timeout=30_000)
+    page.wait_for_function("() => document.querySelectorAll('#predictions button.pred').length >= 5", timeout=30_000)
     expect(page.locator("#run")).to_be_enabled()
     page.locator("#run").click()
     expect(page.locator("#result-meta")).to_contain_text("saliency", timeout=30_000)
