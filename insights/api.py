@@ -121,13 +121,24 @@ def json_depth(value, limit: int = MAX_JSON_DEPTH) -> int:
     return deepest
 
 
-def immutable(data: bytes, mimetype: str, etag: str, download: str | None = None):
+def immutable(data: bytes, mimetype: str, etag: str):
     """A content-addressed response: strong ETag, cached for a year, 304 on If-None-Match."""
+    return conditional(data, mimetype, etag, max_age=IMMUTABLE_AGE, immutable=True)
+
+
+def revalidated(data: bytes, mimetype: str, etag: str, download: str | None = None):
+    """A response of a share link: cached, but revalidated on every use (``no-cache``) so that
+    a deleted result stops being served; the strong ETag keeps those checks to a 304."""
+    return conditional(data, mimetype, etag, download, no_cache=True)
+
+
+def conditional(data: bytes, mimetype: str, etag: str, download: str | None = None, **cache):
+    """A public response with a strong ETag (304 on If-None-Match) and the ``cache`` directives."""
     resp = Response(data, mimetype=mimetype)
     resp.set_etag(etag)
     resp.cache_control.public = True
-    resp.cache_control.max_age = IMMUTABLE_AGE
-    resp.cache_control.immutable = True
+    for directive, value in cache.items():
+        setattr(resp.cache_control, directive, value)
     if download:
         resp.headers["Content-Disposition"] = f'attachment; filename="{download}"'
     return resp.make_conditional(request)
@@ -278,18 +289,6 @@ def job_events(job_id: str):
 # --------------------------------------------------------------------------- results
 
 
-def revalidated(data: bytes, mimetype: str, etag: str, download: str | None = None):
-    """A response of a share link: cached, but revalidated on every use (``no-cache``) so that
-    a deleted result stops being served; the strong ETag keeps those checks to a 304."""
-    resp = Response(data, mimetype=mimetype)
-    resp.set_etag(etag)
-    resp.cache_control.public = True
-    resp.cache_control.no_cache = True
-    if download:
-        resp.headers["Content-Disposition"] = f'attachment; filename="{download}"'
-    return resp.make_conditional(request)
-
-
 def digest(*parts: bytes) -> str:
     h = hashlib.sha256()
     for part in parts:
@@ -300,12 +299,8 @@ def digest(*parts: bytes) -> str:
 @bp.get("/results/<rid>")
 def result(rid: str):
     """A result's metadata."""
-    meta = service().result(rid)
-    resp = jsonify(meta)
-    resp.set_etag(digest(json.dumps(meta, sort_keys=True).encode()))
-    resp.cache_control.public = True
-    resp.cache_control.no_cache = True
-    return resp.make_conditional(request)
+    body = current_app.json.dumps(service().result(rid)).encode()
+    return revalidated(body, "application/json", digest(body))
 
 
 @bp.delete("/results/<rid>")
