@@ -74,7 +74,9 @@ def decode(data: bytes, filename: str | None = None, max_pixels: int = 40_000_00
     except Exception:
         raise ImageError("the file is not an image in a supported format "
                          f"({', '.join(f.lower() for f in FORMATS)})") from None
-    source_format = img.format
+    # A multi-picture JPEG (MPO: stereo and depth photos from some cameras and phones) is a
+    # JPEG whose first picture is the photo.
+    source_format = "JPEG" if img.format == "MPO" else img.format
     if ext and EXTENSIONS[ext] != source_format:
         raise ImageError(f"the file extension {ext!r} does not match its content ({source_format})")
     width, height = img.size

@@ -171,6 +171,14 @@ def test_large_images_are_reduced_to_the_longest_side(fmt, name):
         assert max(abs(a - b) for a, b in zip(got, expected)) <= tolerance, (got, expected)
 
 
+def test_a_multi_picture_jpeg_is_a_jpeg():
+    # MPO: what some cameras and phones write for stereo or depth photos, named .jpg.
+    first, second = Image.new("RGB", (300, 200), (200, 30, 30)), Image.new("RGB", (300, 200), (30, 200, 30))
+    img = imaging.decode(encode(first, "MPO", save_all=True, append_images=[second]), "photo.jpg", max_side=100)
+    assert img.size == (100, 67) and img.info == {"source_format": "JPEG"}
+    assert max(abs(a - b) for a, b in zip(img.getpixel((50, 33)), (200, 30, 30))) <= 8
+
+
 def test_a_jpeg_is_decoded_at_a_reduced_scale(monkeypatch):
     from PIL import JpegImagePlugin
 
@@ -271,7 +279,13 @@ def resized_sizes(monkeypatch) -> list[tuple[int, int]]:
 
     sizes = []
     resize = F.resize
-    monkeypatch.setattr(F, "resize", lambda img, *a, **kw: (lambda out: sizes.append(out.size) or out)(resize(img, *a, **kw)))
+
+    def recorded(img, *args, **kwargs):
+        out = resize(img, *args, **kwargs)
+        sizes.append(out.size)
+        return out
+
+    monkeypatch.setattr(F, "resize", recorded)
     return sizes
 
 
