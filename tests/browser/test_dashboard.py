@@ -38,11 +38,15 @@ def chelsea(tmp_path_factory) -> str:
     return str(path)
 
 
+SERVED: dict = {}  # "app": the app the server fixture serves (tests that change its limits)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The real app on a free loopback port, with its model loaded and warmed up."""
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log in the test output
     app = create_app({"INSTANCE_PATH": str(tmp_path_factory.mktemp("instance"))})
+    SERVED["app"] = app
     httpd = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -529,3 +533,38 @@ def test_a_result_stays_while_its_upload_does_and_goes_for_another(page, chelsea
     page.evaluate(drop, [base64.b64encode(buf.getvalue()).decode(), "coffee.png"])
     expect(page.locator("#preview")).to_be_visible(timeout=30_000)
     expect(page.locator("#overlay")).to_be_hidden()
+
+
+def test_a_busy_server_answers_202_and_the_page_follows_the_jobs_by_polling(page, chelsea):
+    """With no time to wait inline (INLINE_TIMEOUT_S 0) and every event-stream place taken, the
+    prediction and the explanation come back as jobs (202), whose streams are refused (503): the
+    page follows both by polling and shows the predictions and the map as usual."""
+    import re
+    from urllib.parse import urlparse
+
+    from insights.admission import Slots
+
+    app = SERVED["app"]
+    service = app.extensions["insights"]
+    saved = service.streams, app.config["INLINE_TIMEOUT_S"]
+    img = Image.open(chelsea)
+    out = io.BytesIO()
+    img.crop((20, 10, img.width - 10, img.height)).save(out, format="PNG")  # a picture not seen yet
+    seen: list = []
+    page.on("response", lambda r: seen.append((r.request.method, urlparse(r.url).path, r.status)))
+    service.streams = Slots(1)
+    held = service.streams.take()
+    app.config["INLINE_TIMEOUT_S"] = 0
+    try:
+        drop_image(page, base64.b64encode(out.getvalue()).decode())
+        page.click("#run")
+        page.wait_for_function("() => document.querySelector('#overlay').dataset.painted", timeout=60_000)
+    finally:
+        held.release()
+        service.streams, app.config["INLINE_TIMEOUT_S"] = saved
+    assert ("POST", "/api/predict", 202) in seen and ("POST", "/api/explain", 202) in seen, seen
+    assert any(p.endswith("/events") and s == 503 for _m, p, s in seen), seen
+    assert any(m == "GET" and re.fullmatch(r"/api/jobs/[0-9a-f]+", p) and s == 200 for m, p, s in seen), seen
+    assert page.locator("#predictions .pred-label").count() == 5
+    assert page.locator("#result-method").inner_text() == "Saliency"
+    assert canvas_stats(page, "#overlay")["variance"] > 100
