@@ -253,6 +253,17 @@ def test_npy_download_is_float32_and_equals_the_computed_map_within_the_stated_t
     assert not np.array_equal(npy, np.zeros_like(npy))
 
 
+def test_a_jpeg_upload_stays_a_small_jpeg_and_still_explains(client, app):
+    photo = Image.fromarray(skimage.data.chelsea())
+    sent = io.BytesIO()
+    photo.resize((150, 100)).save(sent, "JPEG", quality=90)
+    r = upload(client, sent.getvalue(), "cat.jpg")
+    assert r.status_code == 201, r.json
+    got = client.get(r.json["url"])
+    assert got.status_code == 200 and got.mimetype == "image/jpeg" and got.data[:2] == b"\xff\xd8"
+    assert len(got.data) < 2 * len(sent.getvalue())
+    meta = explain(client, r.json["id"])
+    assert client.get(meta["links"]["input"]).status_code == 200 and meta["image"] == {"width": 150, "height": 100}
 
 
 def test_result_metadata_never_links_the_upload(client, image_id):
