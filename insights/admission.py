@@ -57,6 +57,7 @@ class RateLimiter:
         self.per_min = limit(per_min)
         self.clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  # client → (tokens, when counted)
+        self._swept = float("-inf")
         self._lock = threading.Lock()
 
     def take(self, client: str) -> float:
@@ -73,12 +74,14 @@ class RateLimiter:
                 self._buckets[client] = (tokens, now)
                 return (1.0 - tokens) / rate
             self._buckets[client] = (tokens - 1.0, now)
-            if len(self._buckets) > TRACKED_CLIENTS:
+            if len(self._buckets) > TRACKED_CLIENTS and now - self._swept > 1.0:
                 self._sweep(now, rate)
             return 0.0
 
     def _sweep(self, now: float, rate: float) -> None:
-        """Forgets the buckets that have filled up again: they are the same as new ones."""
+        """Forgets the buckets that have filled up again: they are the same as new ones (at most
+        once a second, so that many busy clients do not make every write walk them all)."""
+        self._swept = now
         full = [c for c, (tokens, then) in self._buckets.items() if tokens + (now - then) * rate >= self.per_min]
         for c in full:
             del self._buckets[c]
@@ -139,11 +142,13 @@ class Admission:
                        "(MAX_JOBS_PER_CLIENT); wait for one to finish or cancel it", wait(mine),
                        reason="client_jobs")
 
-    def hold(self, job_id: str, client: str) -> str:
-        """Records ``client``'s hold on the job (making it active) and returns its cancel token."""
+    def hold(self, job_id: str, client: str, new: bool = True) -> str:
+        """Records ``client``'s hold on the job and returns its cancel token; a ``new`` job
+        becomes active (one joined may have ended meanwhile: it does not count again)."""
         token = secrets.token_urlsafe(18)
         with self._lock:
-            self._active.add(job_id)
+            if new:
+                self._active.add(job_id)
             self._holds.setdefault(job_id, {})[token] = client
         return token
 

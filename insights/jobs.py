@@ -208,7 +208,7 @@ class JobRunner:
             joined = self._active_with(key)
             self.admission.check(client, joined.id if joined else None, self._seconds_to_end)
             job = joined or self._new(work, key, total, urgent, batch, lane)
-            token = self.admission.hold(job.id, client)
+            token = self.admission.hold(job.id, client, new=joined is None)
         if joined is None:
             self._enqueue(job)
         return Ticket(job, token)

@@ -108,13 +108,15 @@ def test_admission_counts_distinct_jobs_per_client_and_holds_per_submitter():
         adm.check("C")
     assert full.value.status == 503 and full.value.retry_after == 5
     adm.check("C", joining="j3")  # joining adds no work to a full server
-    b = adm.hold("j1", "B")
+    b = adm.hold("j1", "B", new=False)
     with pytest.raises(Forbidden):
         adm.release("j1", "not-a-token")
     with pytest.raises(Forbidden):
         adm.release("j2", b)  # B's token holds j1, not j2
     assert adm.release("j1", a1) == 1 and adm.release("j1", b) == 0
     adm.ended("j2")
+    assert adm.counts()["active"] == 2
+    adm.hold("j2", "C", new=False)  # joined just as it ended: it does not count again
     assert adm.counts()["active"] == 2
     adm.check("A")  # j1 still active but A no longer holds it; j2 ended
     with pytest.raises(Forbidden):
@@ -160,13 +162,14 @@ def test_a_full_server_answers_503_and_still_lets_a_client_join_an_active_job(ma
     app = make_app(MAX_QUEUED_JOBS=3)
     c = app.test_client()
     image = upload(c, png()).json["id"]
+    fresh = upload(c, png(color=(9, 99, 199))).json["id"]  # no scores known: predicting it is work
     held = [c.post("/api/explain", json=slow(image, n, steps=500), **as_client(n)) for n in range(3)]
     assert [r.status_code for r in held] == [202] * 3
     before = snapshot(app.instance_path)
     refused = c.post("/api/explain", json=slow(image, 7), **as_client(7))
     error_of(refused, 503, "MAX_QUEUED_JOBS")
     assert int(refused.headers["Retry-After"]) >= 1
-    refused_predict = c.post("/api/predict", json={"model": "tiny", "image": image}, **as_client(7))
+    refused_predict = c.post("/api/predict", json={"model": "tiny", "image": fresh}, **as_client(7))
     error_of(refused_predict, 503)
     assert snapshot(app.instance_path) == before  # refused requests write nothing
     joined = c.post("/api/explain", json=slow(image, 0, steps=500), **as_client(7))
