@@ -10,6 +10,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import __version__, imaging, metrics, overlay, security
 from .admission import client_id
+from .engine.errors import shown
 from .errors import NotFound, ServiceError, as_int, describe
 from .jobs import Ticket
 
@@ -359,5 +360,5 @@ def colormap_table(name: str):
     try:
         png = overlay.lut_png(name)
     except KeyError:
-        raise NotFound(f"no matplotlib colormap named {name!r}", "cmap") from None
+        raise NotFound(f"no matplotlib colormap named {shown(name)}", "cmap") from None
     return immutable(png, "image/png", hashlib.sha256(png).hexdigest())

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 
 from .engine import InsightsError, UnknownMethod, UnsupportedModel
-from .engine.params import shown
+from .engine.errors import shown
 
 log = logging.getLogger("insights.errors")
 

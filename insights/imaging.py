@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .engine.errors import shown
+
 # Image formats we accept, and the file extensions that may carry each.
 FORMATS = {
     "PNG": (".png",),
@@ -62,7 +64,7 @@ def decode(data: bytes, filename: str | None = None, max_pixels: int = 40_000_00
         raise ImageError("the file is empty")
     ext = os.path.splitext(filename or "")[1].lower()
     if ext and ext not in EXTENSIONS:
-        raise ImageError(f"unsupported file extension {ext!r}; accepted: {', '.join(sorted(EXTENSIONS))}")
+        raise ImageError(f"unsupported file extension {shown(ext)}; accepted: {', '.join(sorted(EXTENSIONS))}")
     try:
         with warnings.catch_warnings():
             # We enforce our own pixel limit below; Pillow's own bomb check stays active for
@@ -78,7 +80,7 @@ def decode(data: bytes, filename: str | None = None, max_pixels: int = 40_000_00
     # JPEG whose first picture is the photo.
     source_format = "JPEG" if img.format == "MPO" else img.format
     if ext and EXTENSIONS[ext] != source_format:
-        raise ImageError(f"the file extension {ext!r} does not match its content ({source_format})")
+        raise ImageError(f"the file extension {shown(ext)} does not match its content ({source_format})")
     width, height = img.size
     if width < 1 or height < 1:
         raise ImageError("the image has no pixels")

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .loaders import exported_loader, state_dict_loader, torchscript_loader
+from .engine.errors import shown
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,7 +34,7 @@ class UnknownModel(LookupError):
     status, code = 400, "unknown_model"
 
     def __init__(self, name: str, known: Sequence[str]):
-        super().__init__(f"unknown model {name!r}; known models: {', '.join(known)}")
+        super().__init__(f"unknown model {shown(name)}; known models: {', '.join(known)}")
         self.name = name
         self.field = "model"
 

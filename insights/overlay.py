@@ -29,6 +29,8 @@ from typing import Mapping
 import numpy as np
 from PIL import Image
 
+from .engine.errors import shown
+
 # The page's controls in order: (value, label, title) for modes, (value, label) for signs.
 MODES = (
     ("original_image", "Image", "Original image"),
@@ -90,9 +92,9 @@ def _number(value, field: str) -> float:
     try:
         x = float(value)
     except (TypeError, ValueError):
-        raise OptionError(field, f"must be a number, got {value!r}") from None
+        raise OptionError(field, f"must be a number, got {shown(value)}") from None
     if not lo <= x <= hi:  # also refuses NaN
-        raise OptionError(field, f"must be between {lo} and {hi}, got {value!r}")
+        raise OptionError(field, f"must be between {lo} and {hi}, got {shown(value)}")
     return x
 
 
@@ -101,17 +103,17 @@ def options(args: Mapping, signed: bool) -> Options:
     defaults the page uses. Raises :class:`OptionError`."""
     mode = args.get("mode") or DEFAULTS["mode"]
     if mode not in MODE_NAMES:
-        raise OptionError("mode", f"must be one of {', '.join(MODE_NAMES)}; got {mode!r}")
+        raise OptionError("mode", f"must be one of {', '.join(MODE_NAMES)}; got {shown(mode)}")
     sign = args.get("sign") or "auto"
     sign = auto_sign(signed) if sign == "auto" else sign
     if sign not in SIGN_NAMES:
-        raise OptionError("sign", f"must be one of {', '.join(SIGN_NAMES)}; got {sign!r}")
+        raise OptionError("sign", f"must be one of {', '.join(SIGN_NAMES)}; got {shown(sign)}")
     cmap = args.get("cmap") or "auto"
     cmap = AUTO_COLORMAP[sign] if cmap == "auto" else cmap
     try:
         colormap(cmap)
     except KeyError:
-        raise OptionError("cmap", f"unknown matplotlib colormap {cmap!r}") from None
+        raise OptionError("cmap", f"unknown matplotlib colormap {shown(cmap)}") from None
     alpha = _number(args.get("alpha", DEFAULTS["alpha"]), "alpha")
     outlier = _number(args.get("outlier", DEFAULTS["outlier"]), "outlier")
     return Options(mode, sign, cmap, alpha, outlier)
@@ -223,7 +225,7 @@ def normalize(m: np.ndarray, sign: str, outlier: float = 2.0) -> np.ndarray:
     """The map kept to ``sign`` and scaled to [-1, 1] (all) or [0, 1] by Captum's outlier
     threshold (negative values count as magnitudes: the most negative is 1)."""
     if sign not in SIGN_NAMES:
-        raise OptionError("sign", f"must be one of {', '.join(SIGN_NAMES)}; got {sign!r}")
+        raise OptionError("sign", f"must be one of {', '.join(SIGN_NAMES)}; got {shown(sign)}")
     k = kept(np.asarray(m, dtype=np.float64), sign)
     threshold = cumulative_threshold(np.abs(k), 100.0 - outlier)
     if threshold == 0:

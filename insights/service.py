@@ -18,6 +18,7 @@ from PIL import Image
 
 from . import engine, imaging
 from .admission import Slot, Slots
+from .engine.errors import shown
 from .errors import BadParam, Busy, Conflict, Forbidden, NotFound, ServiceError, as_int
 from .jobs import Job, JobBackend, JobRunner, Ticket
 from .models import LogitsCache, ModelRegistry, ModelUnavailable
@@ -132,7 +133,7 @@ class Service:
         """A registered, available model's name (the default one for None)."""
         name = name or self.models.default
         if not isinstance(name, str):
-            raise ServiceError(f"model must be a model name, got {name!r}", "model", code="unknown_model")
+            raise ServiceError(f"model must be a model name, got {shown(name)}", "model", code="unknown_model")
         reason = self.models.spec(name).unavailable_reason()
         if reason:
             raise ModelUnavailable(name, reason)
@@ -144,26 +145,26 @@ class Service:
             raise ServiceError("image must be the id of an uploaded image", "image")
         record = self.store.image(image_id)
         if record is None:
-            raise NotFound(f"no image with id {image_id!r}; upload it first (POST /api/images)", "image")
+            raise NotFound(f"no image with id {shown(image_id)}; upload it first (POST /api/images)", "image")
         return record
 
     def result(self, rid: str) -> dict:
         """A stored result's metadata."""
         meta = self.store.result(rid)
         if meta is None:
-            raise NotFound(f"no result with id {rid!r}", "result")
+            raise NotFound(f"no result with id {shown(rid)}", "result")
         return meta
 
     def delete_result(self, rid: str) -> str:
         """Deletes a stored result (files and index row); its links answer 404 from then on."""
         if not self.store.delete_result(rid):
-            raise NotFound(f"no result with id {rid!r}", "result")
+            raise NotFound(f"no result with id {shown(rid)}", "result")
         return rid
 
     def job(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
-            raise NotFound(f"no job with id {job_id!r} (jobs are kept in memory until restart)", "job")
+            raise NotFound(f"no job with id {shown(job_id)} (jobs are kept in memory until restart)", "job")
         return job
 
     def allow_write(self, client: str) -> None:
@@ -239,7 +240,7 @@ class Service:
     def put_sample(self, name: str) -> dict:
         """Stores a sample photo as an image; answers its record."""
         if name not in SAMPLES or not _sample_ok(name):
-            raise NotFound(f"no sample named {name!r}; known: {', '.join(SAMPLES)}", "name")
+            raise NotFound(f"no sample named {shown(name)}; known: {', '.join(SAMPLES)}", "name")
         import skimage.data
 
         img = imaging.to_rgb(Image.fromarray(np.asarray(getattr(skimage.data, name)())))

@@ -47,6 +47,7 @@ import numpy as np
 from PIL import Image
 
 from . import imaging
+from .engine.errors import shown
 
 # The first schema, kept as it was: a fresh index is made with it and then upgraded, so new and
 # old index files go through the same steps.
@@ -512,7 +513,7 @@ class Store:
             with open(self.image_path(image_id, row["format"]), "rb") as f:
                 return f.read(), IMAGE_FORMATS[row["format"]][1]
         except FileNotFoundError:
-            raise Missing(f"the image {image_id!r} is no longer stored; upload it again", "image") from None
+            raise Missing(f"the image {shown(image_id)} is no longer stored; upload it again", "image") from None
 
     def load_image(self, image_id: str) -> Image.Image:
         data, _mimetype = self.image_file(image_id)
@@ -596,7 +597,7 @@ class Store:
             with open(os.path.join(self.result_dir(rid), name), "rb") as f:
                 return f.read()
         except FileNotFoundError:
-            raise Missing(f"no result with id {rid!r}", "result") from None
+            raise Missing(f"no result with id {shown(rid)}", "result") from None
 
     def attribution_file(self, rid: str) -> bytes:
         """The stored full map (compact .npz, or the .npy of a result stored before it)."""

@@ -1,7 +1,13 @@
 """The errors of the engine: those a caller can fix, and cancellation."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so that an error never echoes a huge input."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 1]}… ({len(text)} characters)"
 
 
 class InsightsError(ValueError):
@@ -12,7 +18,7 @@ class InsightsError(ValueError):
 
 class UnknownMethod(InsightsError):
     def __init__(self, name: str, known: Sequence[str]):
-        super().__init__(f"unknown method {name!r}; known methods: {', '.join(known)}")
+        super().__init__(f"unknown method {shown(name)}; known methods: {', '.join(known)}")
         self.name = name
         self.field = "method"
 

@@ -7,9 +7,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .errors import ParamError
+from .errors import ParamError, shown
 
 PARAM_TYPES = ("int", "float", "bool", "choice", "int_list", "string", "tensor")
+
+
+MAX_STRING = 200  # longest string parameter (a layer's dotted name)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class Param:
         if self.type == "string":
             if not isinstance(value, str):
                 raise ParamError(self.name, f"must be a string, got {shown(value)}")
+            if len(value) > MAX_STRING:
+                raise ParamError(self.name, f"must be at most {MAX_STRING} characters, got {len(value)}")
             value = value.strip()
             if not value and self.default is None:
                 return None  # an empty form field means "choose automatically"
@@ -113,12 +118,6 @@ class Param:
         if self.max is not None and number > self.max:
             raise ParamError(self.name, f"must be at most {self.max}, got {number}")
         return number
-
-
-def shown(value: Any, limit: int = 40) -> str:
-    """``repr(value)`` cut to ``limit`` characters, so that an error never echoes a huge input."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit - 1]}… ({len(text)} characters)"
 
 
 @dataclass(frozen=True)

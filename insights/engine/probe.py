@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .errors import ParamError
+from .errors import shown
 from .scope import HookScope, model_lock
 
 _probe_cache: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -74,7 +75,7 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
     except (AttributeError, TypeError):
         names = [n for n, _ in model.named_modules() if n]
         close = [n for n in names if name and (name in n or n in name)][:8] or names[-8:]
-        raise ParamError("layer", f"no module named {name!r} in the model; e.g. {', '.join(close)}") from None
+        raise ParamError("layer", f"no module named {shown(name)} in the model; e.g. {', '.join(close)}") from None
 
 
 def default_layer(model: nn.Module, inputs: torch.Tensor) -> str:

@@ -22,6 +22,7 @@ from ..errors import ParamError
 from ..passes import add_rows, expand_baseline, gradient
 from ..precision import PRECISION_PARAM
 from ..method import Facts, Method
+from ..errors import shown
 
 NT_TYPES = ("none", "smoothgrad", "smoothgrad_sq", "vargrad")
 
@@ -248,7 +249,7 @@ def _quadrature(rule: str, n: int) -> tuple[tuple[float, ...], tuple[float, ...]
         points, weights = np.polynomial.legendre.leggauss(n)  # on [-1, 1], weights sum to 2
         return tuple((0.5 * weights).tolist()), tuple((0.5 * (points + 1.0)).tolist())
     if rule not in INTEGRATION_RULES:
-        raise ParamError("integration", f"must be one of {', '.join(INTEGRATION_RULES)}; got {rule!r}")
+        raise ParamError("integration", f"must be one of {', '.join(INTEGRATION_RULES)}; got {shown(rule)}")
     if n < 2:
         raise ParamError("n_steps", f"must be at least 2 with {rule}, got {n}")
     sizes = [1.0 / n] * n

@@ -30,6 +30,7 @@ from ..errors import ParamError
 from ..passes import gradient
 from ..scope import HookScope
 from .gradient import BASELINES, GradientMethod, baseline_rows
+from ..errors import shown
 
 EPS = 1e-10  # below this input difference, a module keeps its own gradient (as in Captum)
 
@@ -221,7 +222,7 @@ def guided_gradient(ctx: Context, x: torch.Tensor, target: torch.Tensor,
     removes its own hooks; the caller's method must be ``exclusive``. Counts one progress unit
     per row of ``x`` (via :meth:`Context.gradient`)."""
     if rule not in GATE_RULES:
-        raise ParamError("rule", f"must be one of {', '.join(GATE_RULES)}; got {rule!r}")
+        raise ParamError("rule", f"must be one of {', '.join(GATE_RULES)}; got {shown(rule)}")
     with HookScope(ctx.model) as scope:
         scope.disable_inplace()
         hook = _gate_hook(rule == "guided")
