@@ -319,7 +319,9 @@ def flood(server: ServerProcess, tokens: list[str], count: int, model: str, num_
     statuses = Counter()
     for (_k, s), n in flood_tally.status.items():
         statuses[str(s)] += n
-    return {"submitted": count, "accepted": len(jobs), "statuses": dict(statuses), "flood_failures": f["failures"],
+    # Identical requests join the active job (202, the same id): "jobs" counts the distinct ones.
+    return {"submitted": count, "accepted": len(jobs), "jobs": len({j["id"] for j in jobs}),
+            "statuses": dict(statuses), "flood_failures": f["failures"],
             "other_requests": o["requests"], "other_failures": o["failures"], "other_shed": o["shed_429"] + o["shed_503"],
             "other": o["by_kind"]}
 
