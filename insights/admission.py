@@ -78,6 +78,17 @@ class RateLimiter:
                 self._sweep(now, rate)
             return 0.0
 
+    def wait(self, client: str) -> float:
+        """Seconds until ``client`` may :meth:`take` one (0.0: now), taking nothing."""
+        if self.per_min is None:
+            return 0.0
+        rate = self.per_min / 60.0
+        now = self.clock()
+        with self._lock:
+            tokens, then = self._buckets.get(client, (float(self.per_min), now))
+        tokens = min(float(self.per_min), tokens + (now - then) * rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / rate
+
     def _sweep(self, now: float, rate: float) -> None:
         """Forgets the buckets that have filled up again: they are the same as new ones (at most
         once a second, so that many busy clients do not make every write walk them all)."""

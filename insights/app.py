@@ -45,6 +45,7 @@ DEFAULTS = {
     "TOKENS": None,  # access tokens (a list, or a comma-separated string); None: no sign-in
     "TOKENS_FILE": None,  # a file of access tokens, one per line
     "READ_ONLY": False,  # serve only share pages and result files; every write answers 403
+    "SIGNIN_ATTEMPTS_PER_MIN": 10,  # wrong access tokens one address may send a minute; beyond this 429
     "MAX_QUEUED_JOBS": 32,  # jobs waiting or running at once; beyond this new work gets 503
     "MAX_JOBS_PER_CLIENT": 4,  # jobs one client may have waiting or running; beyond this 429
     "RATE_LIMIT_PER_MIN": 120,  # writes one client may make per minute; beyond this 429

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
+import threading
+from collections import OrderedDict
 from urllib.parse import urlsplit
 
 from flask import (Blueprint, Flask, current_app, g, jsonify, redirect, render_template, request,
                    url_for)
+
+from . import metrics
+from .admission import RateLimiter, limit
 
 bp = Blueprint("auth", __name__)
 
@@ -39,6 +45,10 @@ PUBLIC_READS = [re.compile(p) for p in (
     r"/healthz",
 )]
 SIGN_IN_PATHS = frozenset({"/signin", "/signout"})  # any method: signing in must not need a token
+# Credentials one address may have refused a minute (SIGNIN_ATTEMPTS_PER_MIN): a wrong token in the
+# form, a Bearer header or a cookie (a cookie is derived from a token, so it can test guesses too).
+DEFAULT_ATTEMPTS_PER_MIN = 10
+REFUSED_KEPT = 4096  # refused credentials remembered, so that repeating one costs no attempt
 
 
 class AccessConfigError(ValueError):
@@ -94,10 +104,14 @@ def derive(token: str) -> str:
 class Access:
     """The configured tokens (kept with their derived values) and the read-only switch."""
 
-    def __init__(self, tokens: list[str], read_only: bool):
+    def __init__(self, tokens: list[str], read_only: bool, attempts_per_min: int | None = DEFAULT_ATTEMPTS_PER_MIN):
         self.tokens = list(tokens)
         self._derived = [(derive(t), t) for t in self.tokens]
         self.read_only = bool(read_only)
+        # Per address: a token bucket of wrong credentials.
+        self.attempts = RateLimiter(attempts_per_min)
+        self._refused: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
 
     @property
     def required(self) -> bool:
@@ -115,6 +129,36 @@ class Access:
     def check(self, token: str) -> str | None:
         """The configured token equal to ``token``, else None."""
         return self.match(derive(token)) if token else None
+
+    def verify(self, kind: str, value: str, address: str) -> tuple[str | None, float]:
+        """Checks a credential (``kind`` "token": a token as given; "cookie": a derived value)
+        offered from ``address``: (the token, 0) when right; (None, 0) when wrong, counted
+        against the address's attempts unless this very value was refused before (a stale cookie
+        or a misconfigured script repeating itself learns nothing new); (None, seconds) when the
+        address has no attempt left, without checking it: guesses past the limit are not tried,
+        right or wrong, or the answer would tell them apart."""
+        if not value:
+            return None, 0.0
+        key = hashlib.sha256(f"{kind}\0{value}".encode("utf-8", "surrogatepass")).digest()
+        with self._lock:
+            if key in self._refused:
+                self._refused.move_to_end(key)
+                return None, 0.0
+        # Looked at, not taken: a right token costing an attempt would lock out busy clients
+        # behind one address. Wrong guesses checked at once may pass the limit by the number of
+        # server threads, no more.
+        wait = self.attempts.wait(address)
+        if wait > 0:
+            return None, wait
+        token = self.match(value) if kind == "cookie" else self.check(value)
+        if token is not None:
+            return token, 0.0
+        self.attempts.take(address)
+        with self._lock:
+            self._refused[key] = None
+            while len(self._refused) > REFUSED_KEPT:
+                self._refused.popitem(last=False)
+        return None, 0.0
 
 
 def _access() -> Access:
@@ -154,18 +198,41 @@ def _unauthorized(message: str, invalid: bool):
     return resp
 
 
-def _identify(access: Access) -> tuple[str | None, str | None, bool]:
-    """(token, how it came: "bearer" or "cookie", whether a credential was offered and refused)."""
+def address() -> str:
+    """The client's address, as admission control names it (after ProxyFix, for PROXY_HOPS)."""
+    return "addr:" + (request.remote_addr or "unknown")
+
+
+def _busy(message: str, wait: float):
+    """429 ``busy`` with ``Retry-After`` (a whole number of seconds, at least 1), counted in metrics."""
+    metrics.count_rejection(current_app, "signin")
+    resp = _error(429, "busy", message)
+    resp.headers["Retry-After"] = str(retry_after(wait))
+    return resp
+
+
+def retry_after(wait: float) -> int:
+    return max(1, math.ceil(wait))
+
+
+def _too_many(wait: float) -> str:
+    return (f"too many wrong access tokens from your address: try again in {retry_after(wait)} s "
+            f"(at most {_access().attempts.per_min} a minute, SIGNIN_ATTEMPTS_PER_MIN)")
+
+
+def _identify(access: Access) -> tuple[str | None, str | None, bool, float]:
+    """(token, how it came: "bearer" or "cookie", whether a credential was offered and refused,
+    seconds until this address may have a credential checked again: > 0 when it was not checked)."""
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer":  # another scheme (a proxy's Basic auth) is not ours to judge
-        token = access.check(value.strip())
-        return (token, "bearer", False) if token else (None, None, True)
-    cookie = request.cookies.get(COOKIE)
-    if cookie:
-        token = access.match(cookie)
-        return (token, "cookie", False) if token else (None, None, True)
-    return None, None, False
+        kind, via, value = "token", "bearer", value.strip()
+    else:
+        kind, via, value = "cookie", "cookie", request.cookies.get(COOKIE)
+        if not value:
+            return None, None, False, 0.0
+    token, wait = access.verify(kind, value, address())
+    return (token, via, False, 0.0) if token else (None, None, True, wait)
 
 
 def _gate():
@@ -175,9 +242,9 @@ def _gate():
     g.token, g.access_via = None, None
     path, method = request.path, request.method
     if access.required:
-        g.token, g.access_via, refused = _identify(access)
+        g.token, g.access_via, refused, locked = _identify(access)
     else:
-        refused = False
+        refused, locked = False, 0.0
     public = is_public(path, method)
     if access.read_only and not public:
         if method not in SAFE_METHODS:
@@ -192,7 +259,9 @@ def _gate():
     if not access.required or public or path in SIGN_IN_PATHS:
         return None
     if g.token is None:
-        if method in ("GET", "HEAD") and not _is_api(path):
+        if locked and (method not in ("GET", "HEAD") or _is_api(path)):
+            return _busy(_too_many(locked), locked)
+        if method in ("GET", "HEAD") and not _is_api(path):  # the sign-in form says when it is locked
             target = request.full_path if request.query_string else request.path
             return redirect(url_for("auth.signin", next=target), 303)
         if refused:
@@ -221,6 +290,50 @@ def safe_next(target: str | None) -> str:
     return target
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin_of(url: str | None) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an http(s) address, the default port filled in; None for anything
+    else (``null``, a relative or malformed address)."""
+    try:
+        parts = urlsplit((url or "").strip())
+        scheme, host, port = parts.scheme.lower(), parts.hostname, parts.port
+    except ValueError:  # a port that is not a number
+        return None
+    if scheme not in DEFAULT_PORTS or not host:
+        return None
+    return scheme, host.lower(), port or DEFAULT_PORTS[scheme]
+
+
+def own_origins() -> set:
+    """The origins this server is reached at: the request's own (its Host, and what ProxyFix
+    took from the trusted proxies' X-Forwarded-Proto and -Host) and ``PUBLIC_URL``'s."""
+    found = {origin_of(request.host_url)}
+    public = current_app.config.get("PUBLIC_URL")
+    if public:
+        found.add(origin_of(public))
+    found.discard(None)
+    return found
+
+
+def cross_site() -> bool:
+    """Whether a form was posted from another site: its ``Origin`` (or, when a browser sent none,
+    its ``Referer``) names an origin other than this server's. A request with neither (a script,
+    an old browser) is not refused: the token it carries is its own."""
+    sent = request.headers.get("Origin")
+    if sent is None:
+        sent = request.headers.get("Referer")
+        if not sent:
+            return False
+    origin = origin_of(sent)
+    return origin is None or origin not in own_origins()
+
+
+CROSS_SITE = ("This sign-in was sent from another site, so it was refused: sign in from this server's own "
+              "page. (Operators: behind a proxy, set PUBLIC_URL to the address people use, or PROXY_HOPS.)")
+
+
 def _set_cookie(resp, token: str) -> None:
     resp.set_cookie(COOKIE, derive(token), max_age=COOKIE_MAX_AGE, path="/", httponly=True,
                     samesite="Lax", secure=request.is_secure)
@@ -237,10 +350,21 @@ def signin():
         if g.token is not None:
             return redirect(target, 303)
         return render_template("signin.html", next=target, error=None)
-    token = access.check(request.form.get("token", "").strip())
+    if cross_site():  # login CSRF: another site signing this browser in with a token of its choosing
+        return render_template("signin.html", next=target, error=CROSS_SITE), 403
+    given = request.form.get("token", "").strip()
+    if not given:
+        return render_template("signin.html", next=target, error="Enter the access token you were given."), 401
+    token, wait = access.verify("token", given, address())
+    if wait:
+        metrics.count_rejection(current_app, "signin")
+        resp = current_app.make_response((render_template(
+            "signin.html", next=target, error=f"Too many wrong tokens from your address. Try again in "
+                                              f"{retry_after(wait)} s."), 429))
+        resp.headers["Retry-After"] = str(retry_after(wait))
+        return resp
     if token is None:
-        error = "Enter the access token you were given." if not request.form.get("token", "").strip() \
-            else "That token is not valid on this server. Check it and try again."
+        error = "That token is not valid on this server. Check it and try again."
         return render_template("signin.html", next=target, error=error), 401
     resp = redirect(target, 303)
     _set_cookie(resp, token)
@@ -249,7 +373,10 @@ def signin():
 
 @bp.post("/signout")
 def signout():
-    """Clears the access cookie and goes back to the sign-in page (or the dashboard when open)."""
+    """Clears the access cookie and goes back to the sign-in page (or the dashboard when open);
+    another site cannot sign a visitor out."""
+    if cross_site():
+        return _error(403, "csrf", "a sign-out must come from this server's own page")
     resp = redirect(url_for("auth.signin") if _access().required else "/", 303)
     resp.delete_cookie(COOKIE, path="/", httponly=True, samesite="Lax", secure=request.is_secure)
     return resp
@@ -259,7 +386,8 @@ def init_app(app: Flask) -> None:
     """Reads the access settings (refusing a short token at start-up), registers the sign-in
     views and the gate. Call it before the other blueprints so that the gate runs first and
     ``g.token`` is set for every later ``before_request``."""
-    access = Access(load_tokens(app.config), flag(app.config.get("READ_ONLY")))
+    access = Access(load_tokens(app.config), flag(app.config.get("READ_ONLY")),
+                    limit(app.config.get("SIGNIN_ATTEMPTS_PER_MIN", DEFAULT_ATTEMPTS_PER_MIN)))
     app.extensions["insights.access"] = access
     app.register_blueprint(bp)
     app.before_request(_gate)

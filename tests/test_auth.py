@@ -402,6 +402,7 @@ def test_read_only_serves_share_pages_and_refuses_every_write(stored, tokens):
         for path in (f"/r/{rid}", f"/api/results/{rid}", f"/api/results/{rid}/overlay.png",
                      f"/api/results/{rid}/attribution.npy", "/static/css/app.css", "/api/colormaps/viridis.png"):
             assert client.get(path).status_code == 200, path  # no token needed, even when tokens are set
+        assert b"Open the dashboard" not in client.get(f"/r/{rid}").data  # the mirror has none to open
         page = client.get("/", headers=headers)
         assert page.status_code == 403 and page.mimetype == "text/html"
         assert b"A read-only mirror" in page.data and b'class="topbar"' in page.data
@@ -421,3 +422,128 @@ def test_read_only_from_the_environment(stored, monkeypatch):
     app = build(INSTANCE_PATH=stored["instance"])
     assert app.test_client().post("/api/predict", json={}).json["error"]["code"] == "bad_request"
     app.extensions["insights"].jobs.shutdown()
+
+
+# --------------------------------------------------------------------------- guessing tokens
+
+
+def wrong(n: int) -> str:
+    return f"wrong-guess-{n:08d}-xxxx"
+
+
+def test_wrong_tokens_from_one_address_are_limited_then_refused_unchecked(stored):
+    """Found in review: the form (and the Bearer header) took any number of guesses. Now each
+    address may have SIGNIN_ATTEMPTS_PER_MIN wrong tokens checked a minute; past that nothing it
+    sends is checked, right or wrong (else the answer would tell them apart), and it gets 429."""
+    app = build(INSTANCE_PATH=stored["instance"], TOKENS=[TOKEN], SIGNIN_ATTEMPTS_PER_MIN=3)
+    now = [1000.0]
+    app.extensions["insights.access"].attempts.clock = lambda: now[0]
+    client = app.test_client()
+    there = {"REMOTE_ADDR": "203.0.113.7"}
+    try:
+        for _ in range(5):  # right tokens cost nothing
+            assert client.get("/api/models", headers=BEARER).status_code == 200
+        assert client.post("/signin", data={"token": wrong(1)}).status_code == 401
+        assert client.get("/api/models", headers={"Authorization": f"Bearer {wrong(2)}"}).status_code == 401
+        client.set_cookie(COOKIE, hmac.new(wrong(3).encode(), b"insights access cookie v1", hashlib.sha256).hexdigest())
+        assert client.get("/api/models").status_code == 401  # a derived cookie tries a guess too
+        client.delete_cookie(COOKIE)
+        for _ in range(3):  # a refused value again (a stale cookie, a script retrying) is no new guess
+            assert client.post("/signin", data={"token": wrong(1)}).status_code == 401
+
+        form = client.post("/signin", data={"token": TOKEN, "next": "/"})  # even the right one now
+        assert form.status_code == 429 and "Set-Cookie" not in form.headers
+        assert form.mimetype == "text/html" and b"Too many wrong tokens" in form.data
+        wait = form.headers["Retry-After"]
+        assert wait.isdigit() and 1 <= int(wait) <= 20  # one attempt comes back every 60/3 s
+        api = client.get("/api/models", headers=BEARER)
+        assert api.status_code == 429 and api.json["error"]["code"] == "busy"
+        assert api.headers["Retry-After"].isdigit() and int(api.headers["Retry-After"]) >= 1
+        assert "SIGNIN_ATTEMPTS_PER_MIN" in api.json["error"]["message"]
+        write = client.post("/api/predict", headers={"Authorization": f"Bearer {wrong(4)}"}, json={})
+        assert write.status_code == 429 and write.json["error"]["code"] == "busy"
+        page = client.get("/", headers=BEARER)  # a page goes to the form, which says it is locked
+        assert page.status_code == 303 and sign_in_next(page) == "/"
+        assert client.get(f"/r/{stored['result']}", headers=BEARER).status_code == 200  # public stays public
+
+        # Another address is not held back by this one.
+        assert client.get("/api/models", headers=BEARER, environ_base=there).status_code == 200
+        assert client.post("/signin", data={"token": wrong(5)}, environ_base=there).status_code == 401
+
+        now[0] += 20.0  # one attempt back
+        assert client.post("/signin", data={"token": TOKEN, "next": "/"}).status_code == 303
+        assert client.get("/api/models", headers=BEARER).status_code == 200
+        scraped = client.get("/metrics", headers=BEARER).get_data(as_text=True)
+        assert 'insights_rejections_total{reason="signin"} 3.0' in scraped
+    finally:
+        app.extensions["insights"].jobs.shutdown()
+
+
+def test_guesses_behind_a_trusted_proxy_count_per_forwarded_address(stored):
+    app = build(INSTANCE_PATH=stored["instance"], TOKENS=[TOKEN], SIGNIN_ATTEMPTS_PER_MIN=2, PROXY_HOPS=1)
+    client = app.test_client()
+    try:
+        for n in range(2):
+            headers = {"X-Forwarded-For": "198.51.100.1", "Authorization": f"Bearer {wrong(n)}"}
+            assert client.get("/api/models", headers=headers).status_code == 401
+        assert client.get("/api/models", headers={"X-Forwarded-For": "198.51.100.1", **BEARER}).status_code == 429
+        assert client.get("/api/models", headers={"X-Forwarded-For": "198.51.100.2", **BEARER}).status_code == 200
+    finally:
+        app.extensions["insights"].jobs.shutdown()
+
+
+# --------------------------------------------------------------------------- login CSRF
+
+
+@pytest.mark.parametrize("headers, ok", [
+    ({}, True),  # a script or an old browser: nothing to judge by
+    ({"Origin": "http://localhost"}, True),
+    ({"Origin": "http://localhost:80"}, True),
+    ({"Origin": "HTTP://LocalHost"}, True),
+    ({"Referer": "http://localhost/signin?next=/"}, True),
+    ({"Origin": "https://evil.example"}, False),
+    ({"Origin": "http://localhost:8001"}, False),
+    ({"Origin": "https://localhost"}, False),
+    ({"Origin": "null"}, False),  # a sandboxed frame or a data: page
+    ({"Origin": "http://localhost.evil.example"}, False),
+    ({"Origin": "http://localhost:x"}, False),
+    ({"Referer": "https://evil.example/login.html"}, False),
+    ({"Origin": "https://evil.example", "Referer": "http://localhost/signin"}, False),
+])
+def test_a_sign_in_posted_from_another_site_is_refused(client, headers, ok):
+    """Found in review: any page could post the form with the attacker's token and sign the
+    visitor in as the attacker (login CSRF; SameSite does not stop a top-level POST)."""
+    r = client.post("/signin", data={"token": TOKEN, "next": "/"}, headers=headers)
+    if ok:
+        assert r.status_code == 303 and COOKIE in r.headers.get("Set-Cookie", "")
+    else:
+        assert r.status_code == 403 and "Set-Cookie" not in r.headers
+        assert b"sent from another site" in r.data and b'type="password"' in r.data
+
+
+def test_sign_in_origin_follows_public_url_and_trusted_proxies(stored):
+    team = {"Origin": "https://insights.example.com"}
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "insights.example.com",
+                 "X-Forwarded-For": "198.51.100.9"}
+    cases = [({"PUBLIC_URL": "https://insights.example.com/"}, {}, True),
+             ({"PUBLIC_URL": "https://insights.example.com:443"}, {}, True),
+             ({"PROXY_HOPS": 1}, forwarded, True),
+             ({}, forwarded, False)]  # X-Forwarded-* from no trusted proxy names no origin
+    for settings, extra, ok in cases:
+        app = build(INSTANCE_PATH=stored["instance"], TOKENS=[TOKEN], **settings)
+        try:
+            r = app.test_client().post("/signin", data={"token": TOKEN}, headers={**team, **extra})
+            assert r.status_code == (303 if ok else 403), settings
+            if settings.get("PROXY_HOPS"):
+                assert "secure" in set_cookie_header(r).lower()
+        finally:
+            app.extensions["insights"].jobs.shutdown()
+
+
+def test_sign_out_from_another_site_is_refused(client):
+    assert client.post("/signin", data={"token": TOKEN}).status_code == 303
+    r = client.post("/signout", headers={"Origin": "https://evil.example"})
+    assert r.status_code == 403 and r.json["error"]["code"] == "csrf" and "Set-Cookie" not in r.headers
+    assert client.get("/").status_code == 200  # still signed in
+    assert client.post("/signout", headers={"Origin": "http://localhost"}).status_code == 303
+    assert client.get("/").status_code == 303
