@@ -119,6 +119,7 @@ def test_share_page_renders_result_with_opengraph_tags(app, client):
     assert "<code>abs</code>" in html and "<code>seed</code>" in html
     assert f'data-result="{meta["id"]}"' in html
     assert f'href="/api/results/{meta["id"]}/attribution.npy"' in html
+    assert ">Open the dashboard</a>" in html  # a read-only mirror leaves it out (tests/test_auth.py)
 
 
 def test_share_page_shows_list_params_and_escapes_labels(app, client):
