@@ -9,17 +9,14 @@ import os
 import threading
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 from werkzeug.serving import make_server
 
 from insights.app import create_app
+from test_dashboard import SHOTS, browser  # noqa: F401  (the shared chromium)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SHOTS = os.path.join(ROOT, "artifacts", "screenshots")
 TINY_CONFIG = os.path.join(ROOT, "tests", "tiny_models.py")
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update"]
 TOKEN = "team-token-5f2c9a0e7b1d4c38"
 
 
@@ -34,14 +31,6 @@ def server(tmp_path_factory):
     yield f"http://127.0.0.1:{httpd.server_port}"
     httpd.shutdown()
     app.extensions["insights"].jobs.shutdown()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 def shot(page, name: str) -> None:
