@@ -61,6 +61,36 @@ def exposure_refusal(host: str, *, tokens: int, read_only: bool, public_without_
             "if an open instance is what you mean (a public demo; the admission limits still hold).")
 
 
+def threads_refusal(threads: int, settings: dict) -> str | None:
+    """Why ``threads`` waitress threads cannot serve these settings (None when they can): inline
+    waits (``MAX_INLINE_WAITS``) and event streams (``MAX_EVENT_STREAMS``) may each hold a thread
+    for seconds to a minute, so at least one must be left over for the cheap requests (the page,
+    models, share pages, job states); a limit of 0 or null is no limit, which nothing leaves over."""
+    from insights.admission import limit
+
+    held = {}
+    for name in ("MAX_INLINE_WAITS", "MAX_EVENT_STREAMS"):
+        try:
+            held[name] = limit(settings.get(name))
+        except (TypeError, ValueError):
+            return f"setting {name} must be a whole number, got {settings.get(name)!r}"
+    if threads < 1:
+        return f"--threads must be 1 or more, got {threads}"
+    unlimited = [name for name, n in held.items() if n is None]
+    if unlimited:
+        return (f"{' and '.join(unlimited)} {'is' if len(unlimited) == 1 else 'are'} off (0 or null), so "
+                f"waiting requests and event streams could hold all {threads} server threads and the page, "
+                "the share pages and job states would stop answering; give each a number whose sum is "
+                "below --threads")
+    total = sum(held.values())
+    if threads <= total:
+        return (f"--threads {threads} is not more than MAX_INLINE_WAITS ({held['MAX_INLINE_WAITS']}) + "
+                f"MAX_EVENT_STREAMS ({held['MAX_EVENT_STREAMS']}) = {total}: waiting requests and event streams "
+                "could hold every server thread and cheap requests (the page, share pages, job states) would "
+                f"stop answering. Use --threads {total + 2} or more, or lower those settings.")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int | None:
     args = parse_args(argv)
     from waitress import create_server
@@ -92,6 +122,10 @@ def main(argv: list[str] | None = None) -> int | None:
         tokens = load_tokens(settings)
     except AccessConfigError as e:
         print(f"insights: {e}", file=sys.stderr)
+        return 2
+    why = threads_refusal(args.threads, settings)
+    if why:
+        print(f"insights: {why}", file=sys.stderr)
         return 2
     read_only = flag(settings.get("READ_ONLY"))
     refusal = exposure_refusal(args.host, tokens=len(tokens), read_only=read_only,

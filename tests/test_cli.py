@@ -128,6 +128,43 @@ def test_a_short_token_stops_the_command_with_a_message(started, capsys):
     assert "tooshort" not in err and started == []
 
 
+@pytest.mark.parametrize("argv, env, words", [
+    (["--threads", "6"], {}, "--threads 6 is not more than MAX_INLINE_WAITS (4) + MAX_EVENT_STREAMS (2) = 6"),
+    (["--threads", "2"], {}, "Use --threads 8 or more, or lower those settings"),
+    (["--threads", "8"], {"INSIGHTS_MAX_INLINE_WAITS": "6"}, "MAX_INLINE_WAITS (6) + MAX_EVENT_STREAMS (2) = 8"),
+    ([], {"INSIGHTS_MAX_EVENT_STREAMS": "null"}, "MAX_EVENT_STREAMS is off (0 or null)"),
+    ([], {"INSIGHTS_MAX_INLINE_WAITS": "0", "INSIGHTS_MAX_EVENT_STREAMS": "0"}, "MAX_INLINE_WAITS and MAX_EVENT_STREAMS are off"),
+    ([], {"INSIGHTS_MAX_INLINE_WAITS": "many"}, "setting MAX_INLINE_WAITS must be a whole number, got 'many'"),
+    (["--threads", "0"], {"INSIGHTS_MAX_INLINE_WAITS": "1"}, "--threads must be 1 or more, got 0"),
+])
+def test_too_few_threads_for_the_waits_and_streams_stop_the_command(started, monkeypatch, capsys, argv, env, words):
+    """Found in review: with --threads at or below MAX_INLINE_WAITS + MAX_EVENT_STREAMS, waiting
+    requests and event streams can hold every waitress thread and the page stops answering; the
+    command started anyway. Now it stops first, saying why, with status 2."""
+    for name in ("INSIGHTS_MAX_INLINE_WAITS", "INSIGHTS_MAX_EVENT_STREAMS"):
+        monkeypatch.delenv(name, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert cli.main(["--port", "0", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("insights: ") and words in err, err
+    assert started == []  # nothing was built
+
+
+@pytest.mark.parametrize("argv, env", [
+    ([], {}),  # the defaults: 8 > 4 + 2
+    (["--threads", "7"], {}),
+    (["--threads", "4"], {"INSIGHTS_MAX_INLINE_WAITS": "2", "INSIGHTS_MAX_EVENT_STREAMS": "1"}),
+])
+def test_enough_threads_go_on(started, monkeypatch, argv, env):
+    for name in ("INSIGHTS_MAX_INLINE_WAITS", "INSIGHTS_MAX_EVENT_STREAMS"):
+        monkeypatch.delenv(name, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(Started):
+        cli.main(["--port", "0", *argv])
+
+
 def test_real_command_refuses_a_public_address_without_token(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ACCESS_ENV}
     proc = subprocess.run([sys.executable, "app.py", "--host", "0.0.0.0", "--port", "0",
