@@ -6,7 +6,7 @@ import os
 
 from flask import Flask
 
-from . import metrics, security
+from . import imaging, metrics, security
 from .service import Service
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,6 +100,8 @@ def create_app(config: dict | None = None) -> Flask:
 
     service = Service()
     service.init_app(app)
+    # torchvision (for preprocessing) now, not in the first prediction: see imaging.warm.
+    imaging.warm()
     app.extensions["insights"] = service
     app.extensions["insights.store"] = service.store
     metrics.init_app(app)  # /healthz and /metrics

@@ -218,6 +218,13 @@ def centre_span(img: Image.Image, span: int) -> Image.Image:
     return img
 
 
+def warm() -> None:
+    """Imports torchvision's transforms, which :func:`preprocess` needs: importing torchvision
+    takes 1.2–2.5 s, which ``import insights`` does not pay (it would nearly double), so the
+    app pays it at start-up (``create_app``) instead of its first prediction."""
+    import torchvision.transforms.functional  # noqa: F401
+
+
 def preprocess(img: Image.Image, prep) -> tuple[torch.Tensor, Image.Image]:
     """Resize the shorter side, centre-crop and normalise (``prep`` is a models.Preprocessing).
     Returns the 1×C×H×W tensor and the cropped RGB view the model sees."""
