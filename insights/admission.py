@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import math
 import secrets
 import threading
@@ -39,7 +40,26 @@ def client_id() -> str:
     token = getattr(g, "token", None)
     if token:
         return "token:" + hashlib.sha256(str(token).encode()).hexdigest()[:16]
-    return "addr:" + (request.remote_addr or "unknown")
+    return address_id(request.remote_addr)
+
+
+IPV6_PREFIX = 64  # one site's network: every IPv6 host is given a /64 of addresses to pick from
+
+
+def address_id(addr: str | None) -> str:
+    """``addr:`` and a client's address as limits count it: an IPv4 address (or one mapped into
+    IPv6) as it is, an IPv6 address by its /64 network, since any host on one can use as many of
+    its 2^64 addresses as it likes, one per request, and would count as that many clients."""
+    text = (addr or "unknown").strip()
+    try:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return "addr:" + text[:100]
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return "addr:" + str(ip.ipv4_mapped)
+        return "addr:" + str(ipaddress.ip_network(f"{ip}/{IPV6_PREFIX}", strict=False))
+    return "addr:" + str(ip)
 
 
 def limit(value) -> int | None:

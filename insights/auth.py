@@ -20,7 +20,7 @@ from flask import (Blueprint, Flask, current_app, g, jsonify, redirect, render_t
                    url_for)
 
 from . import metrics
-from .admission import RateLimiter, limit
+from .admission import RateLimiter, address_id, limit
 
 bp = Blueprint("auth", __name__)
 
@@ -199,8 +199,9 @@ def _unauthorized(message: str, invalid: bool):
 
 
 def address() -> str:
-    """The client's address, as admission control names it (after ProxyFix, for PROXY_HOPS)."""
-    return "addr:" + (request.remote_addr or "unknown")
+    """The client's address, as admission control names it (after ProxyFix, for PROXY_HOPS; an
+    IPv6 address by its /64)."""
+    return address_id(request.remote_addr)
 
 
 def _busy(message: str, wait: float):

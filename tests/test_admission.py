@@ -83,6 +83,38 @@ def test_client_is_its_token_else_its_address(app):
         assert client_id() == expected and "secret" not in client_id()
 
 
+@pytest.mark.parametrize("addr, expected", [
+    ("192.0.2.7", "addr:192.0.2.7"),
+    ("::ffff:192.0.2.7", "addr:192.0.2.7"),
+    ("2001:db8:1:2::1", "addr:2001:db8:1:2::/64"),
+    ("2001:db8:1:2:ffff:ffff:ffff:fffe", "addr:2001:db8:1:2::/64"),
+    ("fe80::1%eth0", "addr:fe80::/64"),
+    ("::1", "addr:::/64"),
+    (None, "addr:unknown"),
+    ("not an address", "addr:not an address"),
+])
+def test_an_ipv6_client_is_its_64_network(app, addr, expected):
+    """Found in review: clients were counted by their whole address, and an IPv6 host picks its
+    address from a /64 of them (2^64), one per request if it likes, so each request was a new client
+    for MAX_JOBS_PER_CLIENT, RATE_LIMIT_PER_MIN and the sign-in attempts."""
+    environ = {"REMOTE_ADDR": addr} if addr is not None else {}
+    with app.test_request_context("/api/predict", environ_base=environ):
+        if addr is None:
+            from flask import request
+            request.environ.pop("REMOTE_ADDR", None)
+        assert client_id() == expected
+
+
+def test_a_client_rotating_ipv6_addresses_is_one_client(app):
+    client = app.test_client()
+    app.extensions["insights"].jobs.admission.rate = RateLimiter(3)
+    answers = [client.post("/api/predict", json={}, environ_base={"REMOTE_ADDR": f"2001:db8::{n:x}"}).status_code
+               for n in range(5)]
+    assert answers == [400, 400, 400, 429, 429]  # the body is refused; the fourth is not counted at all
+    other = client.post("/api/predict", json={}, environ_base={"REMOTE_ADDR": "2001:db8:0:1::1"})
+    assert other.status_code == 400  # the next /64 is another client
+
+
 def test_token_bucket_allows_bursts_then_one_per_interval():
     now = [100.0]
     bucket = RateLimiter(6, clock=lambda: now[0])  # one every 10 s, bursts of 6
