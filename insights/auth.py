@@ -318,6 +318,19 @@ def own_origins() -> set:
     return found
 
 
+def _sent_origin() -> str | None:
+    """The origin a browser says a form was posted from: ``Origin``, else ``Referer``."""
+    return request.headers.get("Origin") or request.headers.get("Referer")
+
+
+def over_https() -> bool:
+    """Whether the browser is on https: the request came over it (ProxyFix applied), or the page
+    that posted it says so (a TLS proxy whose X-Forwarded-Proto is not trusted, PROXY_HOPS 0, hides
+    it from the request; the origin was checked to be this server's by :func:`cross_site`)."""
+    origin = origin_of(_sent_origin())
+    return request.is_secure or (origin is not None and origin[0] == "https")
+
+
 def cross_site() -> bool:
     """Whether a form was posted from another site: its ``Origin`` (or, when a browser sent none,
     its ``Referer``) names an origin other than this server's. A request with neither (a script,
@@ -337,7 +350,7 @@ CROSS_SITE = ("This sign-in was sent from another site, so it was refused: sign 
 
 def _set_cookie(resp, token: str) -> None:
     resp.set_cookie(COOKIE, derive(token), max_age=COOKIE_MAX_AGE, path="/", httponly=True,
-                    samesite="Lax", secure=request.is_secure)
+                    samesite="Lax", secure=over_https())
 
 
 @bp.route("/signin", methods=["GET", "POST"])
@@ -379,7 +392,7 @@ def signout():
     if cross_site():
         return _error(403, "csrf", "a sign-out must come from this server's own page")
     resp = redirect(url_for("auth.signin") if _access().required else "/", 303)
-    resp.delete_cookie(COOKIE, path="/", httponly=True, samesite="Lax", secure=request.is_secure)
+    resp.delete_cookie(COOKIE, path="/", httponly=True, samesite="Lax", secure=over_https())
     return resp
 
 

@@ -287,6 +287,25 @@ def test_cookie_is_secure_over_https(client):
     assert ok.status_code == 303 and "secure" in attrs and "httponly" in attrs and "samesite=lax" in attrs
 
 
+def test_cookie_is_secure_when_the_browser_is_on_https_behind_an_untrusted_proxy(stored):
+    """Found in review: behind a TLS proxy with PROXY_HOPS 0 (its X-Forwarded-Proto not trusted) the
+    cookie went without Secure, so a later plain-http request (an http:// link, the proxy's own
+    redirect to https) would carry it in clear. The browser's Origin says it is on https."""
+    app = build(INSTANCE_PATH=stored["instance"], TOKENS=[TOKEN], PUBLIC_URL="https://insights.example.com")
+    client = app.test_client()
+    try:
+        ok = client.post("/signin", data={"token": TOKEN}, headers={"Origin": "https://insights.example.com"})
+        assert ok.status_code == 303 and "secure" in [a.strip().lower() for a in set_cookie_header(ok).split(";")]
+        out = client.post("/signout", headers={"Referer": "https://insights.example.com/"})
+        assert "secure" in [a.strip().lower() for a in set_cookie_header(out).split(";")]
+        plain = client.post("/signin", data={"token": TOKEN})  # no header: the request's own scheme
+        assert "secure" not in [a.strip().lower() for a in set_cookie_header(plain).split(";")]
+        local = client.post("/signin", data={"token": TOKEN}, headers={"Origin": "http://localhost"})
+        assert "secure" not in [a.strip().lower() for a in set_cookie_header(local).split(";")]
+    finally:
+        app.extensions["insights"].jobs.shutdown()
+
+
 def test_a_forged_or_raw_token_cookie_is_refused(client):
     for value in (TOKEN, "0" * 64, hashlib.sha256(TOKEN.encode()).hexdigest(), "é" * 10):
         client.set_cookie(COOKIE, value)
