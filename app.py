@@ -49,12 +49,41 @@ def is_loopback(host: str) -> bool:
     return (mapped or address).is_loopback
 
 
-def exposure_refusal(host: str, *, tokens: int, read_only: bool, public_without_token: bool) -> str | None:
-    """Why serving ``host`` this way is refused (None when it is not): a non-loopback address with
-    no token lets anyone who reaches it upload images and run the models, unless the mirror is
-    read-only or the operator said so with --public-without-token."""
-    if tokens or read_only or public_without_token or is_loopback(host):
+def exposed_through(settings: dict) -> str | None:
+    """What says a loopback server is reached from elsewhere anyway: proxies in front
+    (``PROXY_HOPS``), or a ``PUBLIC_URL`` whose host is not loopback; None when nothing does."""
+    from urllib.parse import urlsplit
+
+    try:
+        hops = int(settings.get("PROXY_HOPS") or 0)
+    except (TypeError, ValueError):
+        hops = 0  # create_app refuses it with its own message
+    if hops > 0:
+        return f"PROXY_HOPS is {hops}: proxies in front pass other machines' requests to it"
+    public = settings.get("PUBLIC_URL")
+    if public:
+        try:
+            host = urlsplit(str(public).strip()).hostname
+        except ValueError:
+            host = None
+        if host and not is_loopback(host):
+            return f"PUBLIC_URL is {str(public).strip()}: people reach it there"
+    return None
+
+
+def exposure_refusal(host: str, *, tokens: int, read_only: bool, public_without_token: bool,
+                     exposed: str | None = None) -> str | None:
+    """Why serving ``host`` this way is refused (None when it is not): a non-loopback address, or a
+    loopback one behind a proxy (``exposed`` says why), with no token lets anyone who reaches it
+    upload images and run the models, unless the mirror is read-only or the operator said so with
+    --public-without-token."""
+    if tokens or read_only or public_without_token or (is_loopback(host) and not exposed):
         return None
+    if is_loopback(host):
+        return (f"refusing to serve {host} without an access token behind a proxy ({exposed}): anyone who "
+                "reaches the proxy could upload images and run the models. Give a token (--token, --tokens-file "
+                "or INSIGHTS_TOKENS), serve a read-only mirror (--read-only), or pass --public-without-token if an "
+                "open instance is what you mean (a public demo; the admission limits still hold).")
     return (f"refusing to serve {host} without an access token: anyone who can reach this address could "
             "upload images and run the models. Give a token (--token, --tokens-file or INSIGHTS_TOKENS), "
             "serve a read-only mirror (--read-only), listen on 127.0.0.1, or pass --public-without-token "
@@ -128,12 +157,13 @@ def main(argv: list[str] | None = None) -> int | None:
         print(f"insights: {why}", file=sys.stderr)
         return 2
     read_only = flag(settings.get("READ_ONLY"))
+    exposed = exposed_through(settings)
     refusal = exposure_refusal(args.host, tokens=len(tokens), read_only=read_only,
-                               public_without_token=args.public_without_token)
+                               public_without_token=args.public_without_token, exposed=exposed)
     if refusal:
         print(f"insights: {refusal}", file=sys.stderr)
         return 2
-    if not tokens and not read_only and not is_loopback(args.host):
+    if not tokens and not read_only and (exposed or not is_loopback(args.host)):
         print(f"insights: warning: serving {args.host} with no access token (--public-without-token): "
               "anyone who reaches this address can use it.", file=sys.stderr, flush=True)
     app = create_app(config)

@@ -16,7 +16,8 @@ import insights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "cli-token-0123456789abcdef"
-ACCESS_ENV = ("INSIGHTS_TOKENS", "INSIGHTS_TOKENS_FILE", "INSIGHTS_READ_ONLY")
+ACCESS_ENV = ("INSIGHTS_TOKENS", "INSIGHTS_TOKENS_FILE", "INSIGHTS_READ_ONLY", "INSIGHTS_PROXY_HOPS",
+              "INSIGHTS_PUBLIC_URL")
 
 
 def load_cli():
@@ -109,6 +110,32 @@ def test_public_address_with_a_token_read_only_or_the_flag_goes_on(started, monk
     assert expect.items() <= started[0].items()
     err = capsys.readouterr().err
     assert ("anyone who reaches this address can use it" in err) == ("--public-without-token" in argv)
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"INSIGHTS_PROXY_HOPS": "1"}, "PROXY_HOPS is 1"),
+    ({"INSIGHTS_PUBLIC_URL": "https://insights.example.com"}, "PUBLIC_URL is https://insights.example.com"),
+])
+def test_loopback_behind_a_proxy_without_token_is_refused(started, monkeypatch, capsys, env, words):
+    """Found in review: the refusal looked at --host only, and the usual deployment listens on
+    127.0.0.1 behind a TLS proxy: with PROXY_HOPS or a public PUBLIC_URL and no token, anyone who
+    reached the proxy could use it, and the command started without a word."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert cli.main(["--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to serve 127.0.0.1 without an access token behind a proxy" in err and words in err
+    assert started == []
+    for argv in (["--token", TOKEN], ["--read-only"], ["--public-without-token"]):
+        with pytest.raises(Started):
+            cli.main(["--port", "0", *argv])
+    assert ("anyone who reaches this address can use it" in capsys.readouterr().err)  # the flag's warning
+
+
+@pytest.mark.parametrize("settings", [{}, {"PROXY_HOPS": 0}, {"PUBLIC_URL": "http://127.0.0.1:8000"},
+                                      {"PUBLIC_URL": "http://localhost:8000/insights"}, {"PROXY_HOPS": "x"}])
+def test_nothing_exposes_a_plain_loopback_server(settings):
+    assert cli.exposed_through(settings) is None
 
 
 def test_tokens_file_is_read_before_the_decision(started, tmp_path, capsys):
