@@ -285,8 +285,9 @@ def load(server: ServerProcess, tokens: list[str], seconds: float, model: str, n
 
 def flood(server: ServerProcess, tokens: list[str], count: int, model: str, num_classes: int,
           costly: dict) -> dict:
-    """One client (tokens[0]) submits ``count`` costly jobs; another (tokens[1]) keeps reading and
-    predicting meanwhile. Counts accepted and shed submissions and the other client's answers."""
+    """One client (tokens[0]) submits ``count`` costly jobs as fast as it can; another (tokens[1])
+    keeps reading and predicting meanwhile at a person's pace (well inside its own rate limit).
+    Counts accepted and shed submissions and the other client's answers."""
     attacker, other = Client(server.port, tokens[0]), Client(server.port, tokens[1])
     _s, answer = timed(Tally(), "upload", lambda: attacker.upload(noise_png(7)))
     image_a = answer["id"]
@@ -299,6 +300,7 @@ def flood(server: ServerProcess, tokens: list[str], count: int, model: str, num_
         while not done.is_set():
             timed(other_tally, "read", lambda: other.call("GET", "/api/models"))
             timed(other_tally, "predict", lambda: other.json("POST", "/api/predict", {"model": model, "image": image_b}))
+            done.wait(0.6)  # about 100 predictions a minute
 
     t = threading.Thread(target=bystander, daemon=True)
     t.start()
@@ -344,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.no_builtin:
         env["INSIGHTS_BUILTIN_MODELS"] = "false"
     costly = json.loads(args.costly)
-    tokens = tokens_for(max(args.clients, 2))
+    tokens = tokens_for(args.clients + 2)  # the flood's two clients start with no jobs of their own
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="insights-load-") as tmp:
         server = ServerProcess(os.path.join(tmp, "instance"), tokens=tokens, env=env)
@@ -352,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
             out["load"] = load(server, tokens[: args.clients], args.seconds, args.model, args.classes, costly,
                                args.warmup if args.warmup is not None else args.seconds / 4)
             if args.flood:
-                out["flood"] = flood(server, tokens, args.flood, args.model, args.classes, costly)
+                out["flood"] = flood(server, tokens[args.clients:], args.flood, args.model, args.classes, costly)
         finally:
             server.stop()
     print(json.dumps(out, indent=1))
