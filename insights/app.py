@@ -59,6 +59,10 @@ DEFAULTS = {
     "TRUSTED_HOSTS": None,  # Host header values the server answers (Flask's own setting)
     "PROXY_HOPS": 0,  # proxies in front whose X-Forwarded-* headers are trusted (werkzeug ProxyFix)
     "FRAME_ANCESTORS": "'self'",  # who may embed the pages in a frame (CSP frame-ancestors)
+    # -- scale-out (docs/api.md, "Scale-out settings"; README, "Scale out") --
+    "BROKER_URL": None,  # redis://host:port/db: jobs run on Celery workers (None: the in-process worker)
+    "DATABASE_URL": None,  # postgresql://...: the index of images, results and jobs (None: SQLite in the store)
+    "BLOB_DIR": None,  # with DATABASE_URL: the folder every node mounts for files (replaces STORE_PATH)
 }
 
 
