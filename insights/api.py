@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 from functools import wraps
 
@@ -11,7 +12,7 @@ from werkzeug.exceptions import HTTPException
 from . import __version__, imaging, metrics, overlay, security
 from .admission import client_id
 from .engine.errors import shown
-from .errors import NotFound, ServiceError, as_int, describe
+from .errors import Forbidden, NotFound, ServiceError, as_int, describe
 from .jobs import Ticket
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -305,9 +306,24 @@ def result(rid: str):
 
 
 @bp.delete("/results/<rid>")
+@write
 def delete_result(rid: str):
-    """Deletes a result: its files and index row; its links answer 404 from then on."""
+    """Deletes a result: its files and index row; its links answer 404 from then on. It needs a
+    token; a server with none (a laptop, a public demo) takes it from this machine only: a share
+    link is permission to look, and on an open demo everyone who saw one could delete it."""
+    if not current_app.extensions["insights.access"].required and not loopback(request.remote_addr):
+        raise Forbidden("deleting a result needs an access token, and this server has none: only a request "
+                        "from the server's own machine may delete one here", "result")
     return jsonify({"deleted": service().delete_result(rid)})
+
+
+def loopback(addr: str | None) -> bool:
+    """Whether the request came from this machine (127.0.0.0/8, ::1, or IPv4 mapped into IPv6)."""
+    try:
+        ip = ipaddress.ip_address((addr or "").split("%", 1)[0])
+    except ValueError:
+        return False
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
 
 
 @bp.get("/results/<rid>/input.png")

@@ -214,6 +214,24 @@ def test_delete_result_then_its_metadata_files_and_share_page_answer_404(client,
     assert explain(client, image_id)["id"] == rid  # asked again, made again under its id
 
 
+def test_without_tokens_only_this_machine_deletes_results(app, client, image_id):
+    """Found in review: with no token (a public demo, --public-without-token) anyone holding a share
+    link could delete the result for everyone else: the link is permission to look. Deletion also
+    counts as a write against the rate limit now."""
+    rid = explain(client, image_id)["id"]
+    for addr in ("203.0.113.5", "2001:db8::5", "10.0.0.2"):
+        r = client.delete(f"/api/results/{rid}", environ_base={"REMOTE_ADDR": addr})
+        assert r.status_code == 403 and r.json["error"]["code"] == "forbidden", addr
+        assert "access token" in r.json["error"]["message"]
+    assert client.get(f"/r/{rid}").status_code == 200
+    assert client.delete(f"/api/results/{rid}", environ_base={"REMOTE_ADDR": "::1"}).status_code == 200
+    from insights.admission import RateLimiter
+
+    app.extensions["insights"].jobs.admission.rate = RateLimiter(1)
+    assert client.delete(f"/api/results/{rid}").status_code == 404  # gone already; the one write a minute
+    assert client.delete(f"/api/results/{rid}").status_code == 429
+
+
 @pytest.mark.parametrize("link", ["meta", "input", "map", "overlay", "npy"])
 def test_share_files_are_revalidated_with_a_strong_etag(client, image_id, link):
     meta = explain(client, image_id)
