@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int | None:
               "anyone who reaches this address can use it.", file=sys.stderr, flush=True)
     app = create_app(config)
     # waitress would otherwise buffer bodies up to its own 1 GiB default before Flask's limit applies.
+    # It answers a longer body with its own 413 in plain text, before reading it (docs/api.md).
     server = create_server(app, host=args.host, port=args.port, threads=args.threads,
                            max_request_body_size=int(app.config["MAX_CONTENT_LENGTH"]))
     host = server.effective_host

@@ -242,6 +242,45 @@ def test_real_server_with_a_token(tmp_path):
         proc.wait(timeout=30)
 
 
+def test_real_server_refuses_a_body_over_the_limit_before_reading_it(tmp_path):
+    """python app.py gives waitress MAX_CONTENT_LENGTH as its max_request_body_size, so a longer
+    body is refused by waitress from its Content-Length, in plain text, before it is read (the
+    page checks a file's size first: tests/browser); one under the limit reaches the app."""
+    import http.client
+
+    env = {**{k: v for k, v in os.environ.items() if k not in ACCESS_ENV}, "PYTHONUNBUFFERED": "1",
+           "INSIGHTS_MAX_CONTENT_LENGTH": "3000", "INSIGHTS_BUILTIN_MODELS": "false",
+           "INSIGHTS_MODELS_CONFIG": json.dumps([os.path.join(ROOT, "tests", "tiny_models.py")])}
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", "0", "--device", "cpu",
+                             "--instance", str(tmp_path / "instance")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        banner = ""
+        for _ in range(50):
+            line = proc.stdout.readline()
+            if not line or line.startswith("Insights is serving"):
+                banner = line
+                break
+        port = int(banner.split()[4].rstrip("/").rsplit(":", 1)[1])
+        answers = {}
+        for size in (2900, 3001):
+            head = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+            tail = b"\r\n--b--\r\n"
+            body = head + b"x" * (size - len(head) - len(tail)) + tail
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("POST", "/api/images", body=body, headers={"Content-Type": "multipart/form-data; boundary=b"})
+            r = conn.getresponse()
+            answers[size] = (r.status, r.getheader("Content-Type"), r.read())
+            conn.close()
+        status, kind, data = answers[2900]  # read by the app: not an image
+        assert status == 400 and kind == "application/json" and json.loads(data)["error"]["code"] == "bad_image"
+        status, kind, data = answers[3001]
+        assert status == 413 and kind.startswith("text/plain") and b"waitress" in data
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 class NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args, **kwargs):
         return None

@@ -35,6 +35,7 @@ async function request(method, url, body, headers = {}) {
   return { status: res.status, data };
 }
 
+const UPLOAD_OVERHEAD = 1024; // bytes of a multipart body besides the file (boundaries, headers, name)
 const BUSY_TRIES = 3;
 const BUSY_WAIT_MAX_S = 10;
 
@@ -59,6 +60,14 @@ export const api = {
     request("GET", `/api/models/${encodeURIComponent(model)}/labels?q=${encodeURIComponent(q)}&limit=${limit}`)
       .then((r) => r.data.results),
   upload(file) {
+    // A body over the limit is refused by the server before it is read (waitress answers 413 in
+    // plain text, often while the browser still sends, which it reports as a lost connection):
+    // a file that cannot fit is refused here, with the server's words.
+    const limit = Number(document.querySelector('meta[name="insights-max-upload"]')?.content) || 0;
+    if (limit && file.size + UPLOAD_OVERHEAD > limit) {
+      return Promise.reject(new ApiError(413, { error: { code: "too_large", field: "image", message:
+        `the picture is ${file.size} bytes, larger than the limit of ${limit} bytes (MAX_CONTENT_LENGTH)` } }));
+    }
     const form = new FormData();
     form.append("image", file, file.name || "pasted.png");
     return patiently(() => request("POST", "/api/images", form)).then((r) => r.data);

@@ -335,6 +335,29 @@ def test_text_file_named_png_shows_error_next_to_upload(page, chelsea_b64):
     shot(page, "08-bad-upload", clip={"x": 0, "y": 0, "width": 460, "height": 520})
 
 
+def test_a_picture_over_the_upload_limit_is_refused_by_the_page_with_the_servers_words(page, chelsea_b64):
+    """Found in review: through python app.py, waitress refuses a body over MAX_CONTENT_LENGTH
+    before reading it (413 in plain text, often a reset connection while the browser still sends),
+    so the page said "Could not reach the server. Is it still running?". The page knows the limit
+    (a meta tag) and refuses the file itself, sending nothing."""
+    app = SERVED["app"]
+    saved = app.config["MAX_CONTENT_LENGTH"]
+    posts: list = []
+    app.config["MAX_CONTENT_LENGTH"] = 50_000  # the cat's PNG is several times that
+    try:
+        page.reload()
+        page.wait_for_selector("body[data-ready=true]")
+        page.on("request", lambda r: r.method == "POST" and "/api/images" in r.url and posts.append(r.url))
+        page.set_input_files("#file-input", files=[{"name": "cat.png", "mimeType": "image/png",
+                                                     "buffer": base64.b64decode(chelsea_b64)}])
+        error = page.locator("#step-image #image-error")
+        error.wait_for(state="visible")
+        assert "larger than the limit of 50000 bytes (MAX_CONTENT_LENGTH)" in error.inner_text()
+        assert posts == []
+    finally:
+        app.config["MAX_CONTENT_LENGTH"] = saved
+
+
 def test_phone_width_stacks_the_layout(page, chelsea_b64):
     explain(page, chelsea_b64)
     page.set_viewport_size({"width": 390, "height": 844})
