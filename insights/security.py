@@ -32,6 +32,10 @@ CSP_BASE = ("default-src 'self'", "script-src 'self'", "style-src 'self'", "img-
 # frame-ancestors values that X-Frame-Options can say too (for browsers that ignore the CSP's).
 FRAME_OPTIONS = {"'none'": "DENY", "'self'": "SAMEORIGIN"}
 SHARE_PREFIXES = ("/r/", "/api/results/")  # capability URLs: the referrer never carries them
+# The path the app is served under (X-Forwarded-Prefix through ProxyFix): segments of plain URL
+# path characters, each starting with "/", none empty. Anything else ("//evil.example", a URL, a
+# port out of range) would go into every link the app makes, and some break making the answer.
+SANE_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)*")
 
 
 # --------------------------------------------------------------------------- settings
@@ -148,6 +152,18 @@ def _internal_error(err: Exception):
     return resp
 
 
+def checked_prefix(wsgi_app):
+    """The app behind ProxyFix, refusing a forwarded prefix that is not a plain path: the
+    request keeps the prefix it had without one. (A proxy that does not set X-Forwarded-Prefix
+    passes the client's own on, and ProxyFix takes it for the proxy's.)"""
+    def app(environ, start_response):
+        prefix = environ.get("SCRIPT_NAME", "")
+        if prefix and not SANE_PREFIX.fullmatch(prefix):
+            environ["SCRIPT_NAME"] = environ.get("werkzeug.proxy_fix.orig", {}).get("SCRIPT_NAME", "")
+        return wsgi_app(environ, start_response)
+    return app
+
+
 # --------------------------------------------------------------------------- wiring
 
 
@@ -162,7 +178,8 @@ def init_app(app: Flask) -> None:
     app.extensions["insights.security"] = {"csp": content_security_policy(ancestors),
                                           "frame_options": FRAME_OPTIONS.get(ancestors)}
     if hops:
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_prefix=hops)
+        app.wsgi_app = ProxyFix(checked_prefix(app.wsgi_app), x_for=hops, x_proto=hops, x_host=hops,
+                                x_prefix=hops)
     app.before_request(_check_host)
     app.after_request(_headers)
     app.register_error_handler(Exception, _internal_error)

@@ -193,6 +193,25 @@ def test_trusted_hosts_judge_the_host_the_proxy_forwarded(make):
     assert client.get("/_whoami", headers={**FORWARDED, "X-Forwarded-Host": FORGED}).status_code == 400
 
 
+@pytest.mark.parametrize("prefix", ["http://localhost:99999", "//evil.example", "/a//b", "/tools\\x", "tools",
+                                    "/a b", '/"><script>'])
+def test_a_forwarded_prefix_that_is_not_a_path_is_ignored(make, prefix):
+    """Found in review (header fuzz through waitress, PROXY_HOPS 1): a proxy that does not set
+    X-Forwarded-Prefix passes the client's on, and ProxyFix takes it: "http://localhost:99999"
+    made the sign-in redirect's Location unbuildable (a 500 from waitress, outside the app's error
+    handling) and "//evil.example" went into every link the app made. Such a prefix is ignored now."""
+    app = make(PROXY_HOPS=1, TOKENS=["alpha-a1b2c3d4e5f6a7b8"])
+    client = whoami(app)
+    r = client.get("/_whoami", headers={**FORWARDED, "X-Forwarded-Prefix": prefix,
+                                        "Authorization": "Bearer alpha-a1b2c3d4e5f6a7b8"})
+    assert r.json["url"] == "https://insights.example.com/r/x"
+    page = client.get("/", headers={**FORWARDED, "X-Forwarded-Prefix": prefix})
+    assert page.status_code == 303 and page.headers["Location"].startswith("/signin?next=")
+    good = client.get("/_whoami", headers={**FORWARDED, "X-Forwarded-Prefix": "/team/insights-2",
+                                           "Authorization": "Bearer alpha-a1b2c3d4e5f6a7b8"})
+    assert good.json["url"] == "https://insights.example.com/team/insights-2/r/x"
+
+
 @pytest.mark.parametrize("bad", [-1, "two", True])
 def test_proxy_hops_must_be_a_count(tmp_path, bad):
     with pytest.raises(ValueError, match="PROXY_HOPS"):
