@@ -284,9 +284,10 @@ def load(server: ServerProcess, tokens: list[str], seconds: float, model: str, n
 
 
 def flood(server: ServerProcess, tokens: list[str], count: int, model: str, num_classes: int,
-          costly: dict) -> dict:
+          costly: dict, hold: float = 10.0) -> dict:
     """One client (tokens[0]) submits ``count`` costly jobs as fast as it can; another (tokens[1])
     keeps reading and predicting meanwhile at a person's pace (well inside its own rate limit).
+    The bystander goes on for ``hold`` seconds after the flood, while the jobs it got in run.
     Counts accepted and shed submissions and the other client's answers."""
     attacker, other = Client(server.port, tokens[0]), Client(server.port, tokens[1])
     _s, answer = timed(Tally(), "upload", lambda: attacker.upload(noise_png(7)))
@@ -311,6 +312,11 @@ def flood(server: ServerProcess, tokens: list[str], count: int, model: str, num_
         status, answer = timed(flood_tally, "flood", lambda: attacker.json("POST", "/api/explain", payload))
         if status == 202 and isinstance(answer, dict):
             jobs.append(answer["job"])
+    ended = 0  # jobs that ended during the flood: each let one more of the client's jobs in
+    for job_id in {j["id"] for j in jobs}:
+        _s, _h, state = attacker.json("GET", f"/api/jobs/{job_id}")
+        ended += isinstance(state, dict) and state.get("status") in ("done", "failed", "cancelled")
+    done.wait(hold)  # the accepted jobs run meanwhile
     done.set()
     t.join()
     for job in jobs:  # leave the server idle again
@@ -322,7 +328,7 @@ def flood(server: ServerProcess, tokens: list[str], count: int, model: str, num_
     for (_k, s), n in flood_tally.status.items():
         statuses[str(s)] += n
     # Identical requests join the active job (202, the same id): "jobs" counts the distinct ones.
-    return {"submitted": count, "accepted": len(jobs), "jobs": len({j["id"] for j in jobs}),
+    return {"submitted": count, "accepted": len(jobs), "jobs": len({j["id"] for j in jobs}), "ended": ended,
             "statuses": dict(statuses), "flood_failures": f["failures"],
             "other_requests": o["requests"], "other_failures": o["failures"], "other_shed": o["shed_429"] + o["shed_503"],
             "other": o["by_kind"]}
