@@ -85,11 +85,9 @@ class RateLimiter:
         (nothing is taken then)."""
         if self.per_min is None:
             return 0.0
-        rate = self.per_min / 60.0
-        now = self.clock()
+        rate, now = self.per_min / 60.0, self.clock()
         with self._lock:
-            tokens, then = self._buckets.get(client, (float(self.per_min), now))
-            tokens = min(float(self.per_min), tokens + (now - then) * rate)
+            tokens = self._level(client, now, rate)
             if tokens < 1.0:
                 self._buckets[client] = (tokens, now)
                 return (1.0 - tokens) / rate
@@ -102,12 +100,16 @@ class RateLimiter:
         """Seconds until ``client`` may :meth:`take` one (0.0: now), taking nothing."""
         if self.per_min is None:
             return 0.0
-        rate = self.per_min / 60.0
-        now = self.clock()
+        rate, now = self.per_min / 60.0, self.clock()
         with self._lock:
-            tokens, then = self._buckets.get(client, (float(self.per_min), now))
-        tokens = min(float(self.per_min), tokens + (now - then) * rate)
+            tokens = self._level(client, now, rate)
         return 0.0 if tokens >= 1.0 else (1.0 - tokens) / rate
+
+    def _level(self, client: str, now: float, rate: float) -> float:
+        """The writes ``client`` has in hand now: its bucket refilled since it was last counted
+        (a client not seen yet has a full one)."""
+        tokens, then = self._buckets.get(client, (float(self.per_min), now))
+        return min(float(self.per_min), tokens + (now - then) * rate)
 
     def _sweep(self, now: float, rate: float) -> None:
         """Forgets the buckets that have filled up again: they are the same as new ones (at most
