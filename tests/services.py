@@ -207,33 +207,28 @@ def port_open(port: int, host: str = LOOPBACK, timeout: float = 0.2) -> bool:
         return False
 
 
-def _group_members(pgid: int) -> list[int]:
-    """PIDs of live (not zombie) processes in process group ``pgid``, from /proc."""
-    members = []
+def _processes() -> list[tuple[int, str, int, int]]:
+    """(pid, state, ppid, pgrp) of every process, from /proc."""
+    out = []
     for stat in glob.glob("/proc/[0-9]*/stat"):
         try:
             text = Path(stat).read_text()
         except OSError:
             continue
-        fields = text[text.rfind(")") + 2:].split()
-        # fields[0] = state, [1] = ppid, [2] = pgrp
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            members.append(int(stat.split("/")[2]))
-    return members
+        fields = text[text.rfind(")") + 2:].split()  # [0] state, [1] ppid, [2] pgrp
+        if len(fields) > 2:
+            out.append((int(stat.split("/")[2]), fields[0], int(fields[1]), int(fields[2])))
+    return out
+
+
+def _group_members(pgid: int) -> list[int]:
+    """PIDs of live (not zombie) processes in process group ``pgid``."""
+    return [pid for pid, state, _ppid, pgrp in _processes() if pgrp == pgid and state not in ("Z", "X")]
 
 
 def _children(pid: int) -> list[int]:
-    """PIDs whose parent is ``pid`` (not zombies), from /proc."""
-    kids = []
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            text = Path(stat).read_text()
-        except OSError:
-            continue
-        fields = text[text.rfind(")") + 2:].split()
-        if len(fields) > 1 and int(fields[1]) == pid and fields[0] not in ("Z", "X"):
-            kids.append(int(stat.split("/")[2]))
-    return sorted(kids)
+    """PIDs whose parent is ``pid`` (not zombies)."""
+    return sorted(p for p, state, ppid, _pgrp in _processes() if ppid == pid and state not in ("Z", "X"))
 
 
 def _signal_group(pgid: int, sig: int):

@@ -202,20 +202,25 @@ def test_real_command_refuses_a_public_address_without_token(tmp_path):
     assert "Insights is serving" not in proc.stdout
 
 
+def serve(tmp_path, args: list[str], env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """``python app.py --port 0 ARGS`` with no access settings from this environment (plus ``env``);
+    the process and its "Insights is serving on ..." banner ("" when it printed none)."""
+    environ = {**{k: v for k, v in os.environ.items() if k not in ACCESS_ENV}, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", "0", "--device", "cpu",
+                             "--instance", str(tmp_path / "instance"), *args],
+                            cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for _ in range(50):
+        line = proc.stdout.readline()
+        if not line or line.startswith("Insights is serving"):
+            return proc, line
+    return proc, ""
+
+
 def test_real_server_with_a_token(tmp_path):
     """``python app.py --token T``: the API wants the token, the dashboard sends browsers to sign in,
     and a bearer gets through."""
-    env = {**{k: v for k, v in os.environ.items() if k not in ACCESS_ENV}, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", "0", "--token", TOKEN, "--device", "cpu",
-                             "--instance", str(tmp_path / "instance")],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, banner = serve(tmp_path, ["--token", TOKEN])
     try:
-        banner = ""
-        for _ in range(50):
-            line = proc.stdout.readline()
-            if not line or line.startswith("Insights is serving"):
-                banner = line
-                break
         assert banner.startswith("Insights is serving on http://127.0.0.1:"), banner
         assert "access: 1 token)" in banner
         base = banner.split()[4].rstrip("/")
@@ -248,19 +253,10 @@ def test_real_server_refuses_a_body_over_the_limit_before_reading_it(tmp_path):
     page checks a file's size first: tests/browser); one under the limit reaches the app."""
     import http.client
 
-    env = {**{k: v for k, v in os.environ.items() if k not in ACCESS_ENV}, "PYTHONUNBUFFERED": "1",
-           "INSIGHTS_MAX_CONTENT_LENGTH": "3000", "INSIGHTS_BUILTIN_MODELS": "false",
-           "INSIGHTS_MODELS_CONFIG": json.dumps([os.path.join(ROOT, "tests", "tiny_models.py")])}
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", "0", "--device", "cpu",
-                             "--instance", str(tmp_path / "instance")],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, banner = serve(tmp_path, [], {"INSIGHTS_MAX_CONTENT_LENGTH": "3000", "INSIGHTS_BUILTIN_MODELS": "false",
+                                        "INSIGHTS_MODELS_CONFIG": json.dumps([os.path.join(ROOT, "tests",
+                                                                                           "tiny_models.py")])})
     try:
-        banner = ""
-        for _ in range(50):
-            line = proc.stdout.readline()
-            if not line or line.startswith("Insights is serving"):
-                banner = line
-                break
         port = int(banner.split()[4].rstrip("/").rsplit(":", 1)[1])
         answers = {}
         for size in (2900, 3001):
