@@ -62,6 +62,17 @@ class Forbidden(ServiceError):
     status, code = 403, "forbidden"
 
 
+class StoreUnavailable(ServiceError):
+    """The store's index (its database) does not answer: 503 with ``Retry-After``; the request
+    wrote nothing, and the same request may succeed once the database is back."""
+
+    status, code = 503, "store_unavailable"
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = max(1, math.ceil(retry_after))
+
+
 @dataclass(frozen=True)
 class Described:
     """What a client is told about an exception."""

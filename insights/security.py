@@ -149,6 +149,8 @@ def _internal_error(err: Exception):
     else:
         resp = current_app.response_class(answer.message + "\n", mimetype="text/plain")
     resp.status_code = answer.status
+    if getattr(err, "retry_after", None):  # a page's 503 store_unavailable (the share page, say)
+        resp.headers["Retry-After"] = str(err.retry_after)
     return resp
 
 

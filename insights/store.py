@@ -1,9 +1,11 @@
-"""Uploaded images and computed results on disk, indexed in SQLite, within a quota.
+"""Uploaded images and computed results on disk, indexed in a database, within a quota.
 
-Layout under the instance folder::
+Layout under the store's folder (the instance folder or ``STORE_PATH``; with ``DATABASE_URL``,
+``BLOB_DIR``, the folder every node mounts)::
 
-    index.sqlite3                    one row per image and per result (its bytes on disk, when it
-                                     was made and last used), and the store's secret key
+    index.sqlite3                    the embedded index (without DATABASE_URL): one row per image
+                                     and per result (its bytes on disk, when it was made and last
+                                     used), and the store's secret key (tables: insights/db.py)
     images/<id[:2]>/<id>.jpg|.png    the normalised RGB upload, without metadata: JPEG (quality 92,
                                      no chroma subsampling) when it came as a JPEG, else PNG
     results/<id>/                    input.png, map.png, attribution.npz (the full map, compact:
@@ -14,18 +16,30 @@ in it, of the content (an image's pixels, a result's image, model, method, param
 target). The same picture therefore keeps one id within a store, and nobody without the secret
 can compute an id from a photo or try targets.
 
-Every file is written to a temporary name in the same folder, flushed to disk and renamed into
-place; a result folder is renamed into place whole, and its index row is written last. Deleting
-renames the files away to a ``.tmp-del-`` name first, then deletes the row, then the files; a
-crash between two steps leaves a ``.tmp-`` name that :meth:`Store.open` clears (with the row it
-names). So no row ever points to half-written files, and a reader finds whole files or a 404.
+Writes: every file is written under a temporary ``.tmp-`` name in its folder and flushed to disk;
+then, under the store's write lock (one lock for every node and process: :func:`db.lock_for_writing`),
+in one transaction, the files are renamed into place (a result's folder whole) and the index row is
+written last. When that transaction fails (the database went away), the files it renamed into place
+are removed again. Deleting renames the files away to a ``.tmp-del-`` name, deletes the row, and
+deletes the files once that has committed; an eviction whose transaction fails renames them back.
+So no row ever points to half-written files, no file outlives a row that was never written, and a
+reader on any node finds whole files or a 404. A crash between two steps leaves a ``.tmp-`` name or
+a file no row indexes: :meth:`Store.open` finishes the deletions and removes such files under the
+write lock (no writer is between two steps then), and removes temporary files older than
+:attr:`Store.LEFTOVER_AGE` (younger ones may be another node's write in progress; the hourly sweep
+removes them later).
 
 Quota: every row records the bytes of its files, and before a write the sum of them plus the new
 files must fit ``max_bytes``: uploads that no result uses go first, least recently used first,
 then the least recently used results (an upload a removed result left unused goes before the next
-result). A write that cannot fit however much is removed raises :class:`StoreFull` (507) before
-anything is written. Retention: rows older than ``retention_days`` are removed when the store
-opens and by writes at most once an hour.
+result). The sum and the evictions happen in the write's own transaction, so nodes sharing the
+store neither evict an item twice nor pass the quota together. A write that cannot fit however
+much is removed raises :class:`StoreFull` (507) before anything is written. Retention: rows older
+than ``retention_days`` are removed when the store opens and by writes at most once an hour.
+
+A database that does not answer makes a call that needs the index raise
+:class:`~insights.errors.StoreUnavailable` (503, ``Retry-After``) having written nothing; the
+next call after the database is back succeeds (connections are checked before use).
 """
 from __future__ import annotations
 
@@ -35,30 +49,25 @@ import hmac
 import io
 import json
 import os
+import logging
 import shutil
-import sqlite3
 import tempfile
 import threading
 import time
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import sqlalchemy as sa
 from PIL import Image
 
-from . import imaging
+from . import db, imaging
+from .db import SCHEMA_VERSION, images, results  # noqa: F401 - SCHEMA_VERSION: the store's, for callers
 from .engine.errors import shown
+from .errors import StoreUnavailable
 
-# The first schema, kept as it was: a fresh index is made with it and then upgraded, so new and
-# old index files go through the same steps.
-BASE_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS images (id TEXT PRIMARY KEY, width INTEGER NOT NULL, "
-    "height INTEGER NOT NULL, created TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS results (id TEXT PRIMARY KEY, image_id TEXT NOT NULL, model TEXT NOT NULL, "
-    "method TEXT NOT NULL, target INTEGER NOT NULL, params TEXT NOT NULL, created TEXT NOT NULL, meta TEXT NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS results_by_image ON results (image_id)",
-)
-SCHEMA_VERSION = 1  # PRAGMA user_version; 0 is the first schema
+log = logging.getLogger("insights.store")
+
 IMAGE_FORMATS = {"png": (".png", "image/png"), "jpeg": (".jpg", "image/jpeg")}
 JPEG_OPTIONS = {"quality": 92, "subsampling": 0, "optimize": True}  # 4:4:4; no EXIF, ICC or comments
 HALF_TOP = 32768.0  # the map's largest magnitude is stored as this float16 value (65504 is float16's largest)
@@ -133,21 +142,37 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Writes ``data`` to ``path`` so that readers see the old file or the whole new one."""
-    folder = os.path.dirname(path)
+def write_temp(folder: str, data: bytes) -> str:
+    """Writes ``data`` to a new ``.tmp-`` file in ``folder``, flushed to disk; returns its path."""
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        _unlink(tmp)
+        raise
+    return tmp
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Writes ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    folder = os.path.dirname(path)
+    tmp = write_temp(folder, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _unlink(tmp)
         raise
     _fsync_dir(folder)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def encode_image(img: Image.Image, fmt: str) -> bytes:
@@ -224,22 +249,81 @@ def _setting(value: Any, name: str, cast: Callable) -> Any:
     return number
 
 
+class _Write:
+    """One write transaction: its connection, what to undo on disk if it fails (files renamed
+    into place or away), and what to delete once it has committed (files renamed away)."""
+
+    def __init__(self, conn: sa.Connection):
+        self.conn = conn
+        self._undo: list[Callable[[], None]] = []
+        self._after: list[Callable[[], None]] = []
+
+    def on_failure(self, step: Callable[[], None]) -> None:
+        self._undo.append(step)
+
+    def after_commit(self, step: Callable[[], None]) -> None:
+        self._after.append(step)
+
+    def undo(self) -> None:
+        while self._undo:  # newest first; each once, however often called
+            try:
+                self._undo.pop()()
+            except OSError:
+                log.warning("could not undo a step of a failed write", exc_info=True)
+
+    def committed(self) -> None:
+        for step in self._after:
+            step()
+
+
+def _rename_back(gone: str, path: str) -> Callable[[], None]:
+    def step() -> None:
+        if os.path.exists(gone) and not os.path.exists(path):
+            os.replace(gone, path)
+    return step
+
+
+def _remove(path: str) -> Callable[[], None]:
+    def step() -> None:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            _unlink(path)
+    return step
+
+
+_RESULT = sa.select(results.c.meta, results.c.accessed).where(results.c.id == sa.bindparam("key"))
+_IMAGE = sa.select(images.c.id, images.c.width, images.c.height, images.c.format,
+                   images.c.accessed).where(images.c.id == sa.bindparam("key"))
+_TOTAL = sa.select(sa.func.coalesce(sa.select(sa.func.sum(images.c.bytes)).scalar_subquery(), 0)
+                   + sa.func.coalesce(sa.select(sa.func.sum(results.c.bytes)).scalar_subquery(), 0))
+
+
 class Store:
-    """Images and results of one app. ``init_app`` points it at the app's instance folder and
-    reads the quota (``STORE_MAX_BYTES``) and retention (``RETENTION_DAYS``) settings."""
+    """Images and results of one app. ``init_app`` points it at the app's instance folder (or
+    ``STORE_PATH``; with ``DATABASE_URL``, at ``BLOB_DIR`` and that database) and reads the quota
+    (``STORE_MAX_BYTES``) and retention (``RETENTION_DAYS``) settings."""
 
     TOUCH_EVERY = 60.0  # a read records an item's last use at most this often (seconds)
     SWEEP_EVERY = 3600.0  # writes run the retention sweep at most this often (seconds)
+    LEFTOVER_AGE = 3600.0  # a temporary file younger than this may be a write in progress (seconds)
+    SWEEP_BATCH = 200  # rows the sweep deletes per transaction (other writers wait at most one)
+    RETRY_AFTER_S = 5  # what a 503 store_unavailable suggests
     npy_bytes = staticmethod(npy_bytes)  # for the views, which reach the store only
 
     def __init__(self, root: str | None = None, *, max_bytes: int | None = None,
-                 retention_days: float | None = None, clock: Callable[[], float] = time.time):
+                 retention_days: float | None = None, clock: Callable[[], float] = time.time,
+                 database_url: str | None = None):
         self.root = root
         self.max_bytes = _setting(max_bytes, "STORE_MAX_BYTES", int)
         self.retention_days = _setting(retention_days, "RETENTION_DAYS", float)
         self.clock = clock
+        self.database_url = database_url or None  # None: index.sqlite3 in the store's folder
         self.read_only = False  # a read-only mirror: serves, and leaves cleaning to the instance that writes
-        self._lock = threading.RLock()  # serialises writers; SQLite readers run freely
+        self.engine: sa.Engine | None = None
+        self._reader: sa.Engine | None = None  # the engine for reads (autocommit)
+        self._lock = threading.RLock()  # this process's writers in turn (the database's lock is for all)
+        self._local = threading.local()  # .write: the write transaction this thread is in
         self._secret = b""
         self._last_sweep = float("-inf")
         if root:
@@ -250,57 +334,96 @@ class Store:
         self.retention_days = _setting(app.config.get("RETENTION_DAYS"), "RETENTION_DAYS", float)
         flag = app.config.get("READ_ONLY")
         self.read_only = flag is True or str(flag).strip().lower() in ("1", "true", "yes", "on")
-        self.open(app.config["STORE_PATH"] or app.instance_path)
+        url, blobs = app.config.get("DATABASE_URL") or None, app.config.get("BLOB_DIR") or None
+        if url and not blobs:
+            raise ValueError("setting BLOB_DIR must name the folder every node mounts for the files of "
+                             "images and results when DATABASE_URL is set")
+        if blobs and not url:
+            raise ValueError("setting BLOB_DIR is used with DATABASE_URL only; without it the store is "
+                             "STORE_PATH (or the instance folder)")
+        if url:
+            db.parse_url(url)  # a malformed URL is refused with the setting's name
+        self.database_url = url
+        self.open(blobs if url else (app.config["STORE_PATH"] or app.instance_path))
 
     def open(self, root: str) -> None:
         self.root = os.path.abspath(root)
         for sub in ("", "images", "results"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
-        self._migrate()
+        self.close()
+        self.engine = db.make_engine(self.database_url, self.root)
+        self._reader = db.reader(self.engine)
+        with self._unavailable_as_503():
+            self._secret = db.prepare(self.engine, self._upgrade_to_1)
         if self.read_only:  # another process may be writing here: its temporary files are its own
             return
         with self._lock:
-            self._finish_deletions()
-            self._remove_leftovers()
-            self._remove_orphans()
+            self._clean_up()
             self.sweep()
+
+    def close(self) -> None:
+        """Closes the index's connections (a later call opens new ones)."""
+        if self.engine is not None:
+            self.engine.dispose()
 
     # -- the index ------------------------------------------------------------------------
 
     def _index_path(self) -> str:
-        return os.path.join(self.root, "index.sqlite3")
+        return os.path.join(self.root, db.INDEX_FILE)
 
     @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        with closing(sqlite3.connect(self._index_path(), timeout=30)) as db:
-            db.row_factory = sqlite3.Row
-            with db:  # one transaction, committed on success
-                yield db
-
-    def _migrate(self) -> None:
-        """Makes the index, or brings an older one up to :data:`SCHEMA_VERSION`, in one
-        transaction (a second process opening the store at once waits, then finds it done)."""
-        with closing(sqlite3.connect(self._index_path(), timeout=30, isolation_level=None)) as db:
-            db.row_factory = sqlite3.Row
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in BASE_SCHEMA:
-                    db.execute(statement)
-                version = db.execute("PRAGMA user_version").fetchone()[0]
-                if version > SCHEMA_VERSION:
-                    raise RuntimeError(f"{self._index_path()} has schema {version}, newer than this "
-                                       f"version of Insights reads ({SCHEMA_VERSION})")
-                if version < 1:
-                    self._upgrade_to_1(db)
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                secret = db.execute("SELECT value FROM keys WHERE name = 'secret'").fetchone()["value"]
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
+    def _unavailable_as_503(self) -> Iterator[None]:
+        try:
+            yield
+        except sa.exc.SQLAlchemyError as exc:
+            if not db.is_unavailable(exc):
                 raise
-        self._secret = bytes(secret)
+            cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+            log.warning("the store's index does not answer: %s", cause[0] if cause else type(exc).__name__)
+            raise StoreUnavailable("the index of images and results (the database) does not answer; "
+                                   f"try again in {self.RETRY_AFTER_S} s", self.RETRY_AFTER_S) from exc
 
-    def _upgrade_to_1(self, db: sqlite3.Connection) -> None:
+    @contextmanager
+    def _reading(self) -> Iterator[sa.Connection]:
+        """A connection for reads; inside this thread's write, that write's own (a second
+        connection to SQLite would wait for the lock this thread holds)."""
+        write = getattr(self._local, "write", None)
+        if write is not None:
+            yield write.conn
+            return
+        with self._unavailable_as_503(), self._reader.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def _writing(self) -> Iterator[_Write]:
+        """One write transaction under the store's write lock (this process's threads in turn,
+        then the database's lock for every node); a write already open on this thread is joined.
+        When it fails, the files it moved are moved back before the lock goes; once it has
+        committed, the files it renamed away are deleted."""
+        outer = getattr(self._local, "write", None)
+        if outer is not None:
+            yield outer
+            return
+        with self._lock:
+            with self._unavailable_as_503(), self.engine.connect() as conn:
+                conn.execution_options(**{db.WRITE: True})
+                write = self._local.write = _Write(conn)
+                try:
+                    with conn.begin():
+                        db.lock_for_writing(conn)
+                        try:
+                            yield write
+                        except BaseException:
+                            write.undo()  # still under the lock: no other node sees the moves
+                            raise
+                except BaseException:
+                    write.undo()  # the commit failed
+                    raise
+                finally:
+                    self._local.write = None
+            write.committed()
+
+    def _upgrade_to_1(self, conn: sa.Connection) -> None:
         """Schema 1: bytes and last use per row, the image's file format, the secret key; rows of
         an older index get their bytes from the disk and their last use from their creation,
         and stored metadata loses its link to the upload (:func:`public_meta`)."""
@@ -309,72 +432,85 @@ class Store:
                               ("images", "format TEXT NOT NULL DEFAULT 'png'"),
                               ("results", "bytes INTEGER NOT NULL DEFAULT 0"),
                               ("results", "accessed REAL NOT NULL DEFAULT 0")):
-            db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column}")
         for table in ("images", "results"):  # eviction and retention pick the oldest rows
-            db.execute(f"CREATE INDEX {table}_by_use ON {table} (accessed, created)")
-            db.execute(f"CREATE INDEX {table}_by_age ON {table} (created)")
-        db.execute("CREATE TABLE keys (name TEXT PRIMARY KEY, value BLOB NOT NULL)")
-        db.execute("INSERT INTO keys (name, value) VALUES ('secret', ?)", (os.urandom(32),))
+            conn.exec_driver_sql(f"CREATE INDEX {table}_by_use ON {table} (accessed, created)")
+            conn.exec_driver_sql(f"CREATE INDEX {table}_by_age ON {table} (created)")
+        conn.exec_driver_sql("CREATE TABLE keys (name TEXT PRIMARY KEY, value BLOB NOT NULL)")
+        conn.execute(sa.text("INSERT INTO keys (name, value) VALUES ('secret', :value)"), {"value": os.urandom(32)})
         now = self.clock()
-        for row in db.execute("SELECT id, created FROM images").fetchall():
-            db.execute("UPDATE images SET bytes = ?, accessed = ? WHERE id = ?",
-                       (_file_bytes(self.image_path(row["id"])), _epoch(row["created"], now), row["id"]))
-        for row in db.execute("SELECT id, created, meta FROM results").fetchall():
-            meta = json.dumps(public_meta(json.loads(row["meta"])))
-            db.execute("UPDATE results SET bytes = ?, accessed = ?, meta = ? WHERE id = ?",
-                       (_folder_bytes(self.result_dir(row["id"])), _epoch(row["created"], now), meta, row["id"]))
-        try:
-            os.chmod(self._index_path(), 0o600)  # it holds the secret now
-        except OSError:
-            pass
+        for row in conn.execute(sa.select(images.c.id, images.c.created)).all():
+            conn.execute(images.update().where(images.c.id == row.id).values(
+                bytes=_file_bytes(self.image_path(row.id)), accessed=_epoch(row.created, now)))
+        for row in conn.execute(sa.select(results.c.id, results.c.created, results.c.meta)).all():
+            conn.execute(results.update().where(results.c.id == row.id).values(
+                bytes=_folder_bytes(self.result_dir(row.id)), accessed=_epoch(row.created, now),
+                meta=json.dumps(public_meta(json.loads(row.meta)))))
 
-    def _finish_deletions(self) -> None:
-        """Removes the rows of deletions a crash interrupted (files renamed, row not yet gone)."""
-        gone = [("results", name[len(".tmp-del-"):]) for name in os.listdir(os.path.join(self.root, "results"))
-                if name.startswith(".tmp-del-")]
+    def _clean_up(self) -> None:
+        """Clears what crashes left (at open, and hourly by writes): deletions a crash cut short
+        (files renamed away, the row maybe still there) are finished, files no row indexes (a
+        crash after the rename, before the row: never served, not counted by the quota) are
+        removed, then temporary files old enough to be nobody's write. Both lists are made
+        without the lock and each item checked again under it, where no writer is between two
+        steps of a write, so the lock is held for the few items found, not for the listing."""
+        deleting, orphans = self._renamed_away(), self._unindexed()
+        if deleting or orphans:
+            with self._writing() as write:
+                for table, key, path in deleting:
+                    if os.path.exists(path):  # else its writer has finished, or undone, it since
+                        write.conn.execute(table.delete().where(table.c.id == key))
+                        write.after_commit(_remove(path))
+                for table, key, path in orphans:
+                    if write.conn.execute(sa.select(table.c.id).where(table.c.id == key)).first() is None:
+                        _remove(path)()
+        self._remove_leftovers()
+
+    def _renamed_away(self) -> list[tuple[sa.Table, str, str]]:
+        found = [(results, name[len(".tmp-del-"):], os.path.join(self.root, "results", name))
+                 for name in os.listdir(os.path.join(self.root, "results")) if name.startswith(".tmp-del-")]
         for folder, _dirs, names in os.walk(os.path.join(self.root, "images")):
-            gone += [("images", os.path.splitext(n[len(".tmp-del-"):])[0]) for n in names if n.startswith(".tmp-del-")]
-        if gone:
-            with self._db() as db:
-                for table, key in gone:
-                    db.execute(f"DELETE FROM {table} WHERE id = ?", (key,))
+            found += [(images, os.path.splitext(n[len(".tmp-del-"):])[0], os.path.join(folder, n))
+                      for n in names if n.startswith(".tmp-del-")]
+        return found
+
+    def _unindexed(self) -> list[tuple[sa.Table, str, str]]:
+        with self._reading() as conn:  # the rows first: a file renamed into place after is checked again
+            kept_images = set(conn.execute(sa.select(images.c.id)).scalars())
+            kept_results = set(conn.execute(sa.select(results.c.id)).scalars())
+        found = [(results, name, os.path.join(self.root, "results", name))
+                 for name in os.listdir(os.path.join(self.root, "results")) if is_id(name) and name not in kept_results]
+        for folder, _dirs, names in os.walk(os.path.join(self.root, "images")):
+            found += [(images, os.path.splitext(n)[0], os.path.join(folder, n)) for n in names
+                      if is_id(os.path.splitext(n)[0]) and os.path.splitext(n)[0] not in kept_images]
+        return found
 
     def _remove_leftovers(self) -> None:
-        """Deletes temporary files and folders a crashed writer left (nothing indexes them)."""
+        """Deletes temporary files and folders older than :attr:`LEFTOVER_AGE`: a crashed
+        writer's (younger ones may be another node's write in progress)."""
+        now = time.time()  # files' ages are the disk's, not the store's clock
         for folder, dirs, names in os.walk(self.root):
             for name in dirs + names:
-                if name.startswith(".tmp-"):
-                    path = os.path.join(folder, name)
-                    if os.path.isdir(path):
-                        shutil.rmtree(path, ignore_errors=True)
-                    else:
-                        os.unlink(path)
+                if not name.startswith(".tmp-") or name.startswith(".tmp-del-"):  # those: _clean_up
+                    continue
+                path = os.path.join(folder, name)
+                try:
+                    if now - os.lstat(path).st_mtime < self.LEFTOVER_AGE:
+                        continue
+                except FileNotFoundError:
+                    continue
+                _remove(path)()
             dirs[:] = [d for d in dirs if not d.startswith(".tmp-")]
 
-    def _remove_orphans(self) -> None:
-        """Deletes stored files no row indexes (a crash after the rename, before the row): they
-        could never be served, and the quota does not count them."""
-        with self._db() as db:
-            images = {r["id"] for r in db.execute("SELECT id FROM images")}
-            results = {r["id"] for r in db.execute("SELECT id FROM results")}
-        for name in os.listdir(os.path.join(self.root, "results")):
-            if is_id(name) and name not in results:
-                shutil.rmtree(os.path.join(self.root, "results", name), ignore_errors=True)
-        for folder, _dirs, names in os.walk(os.path.join(self.root, "images")):
-            for name in names:
-                stem = os.path.splitext(name)[0]
-                if is_id(stem) and stem not in images:
-                    os.unlink(os.path.join(folder, name))
-
-    def _touch(self, table: str, key: str, accessed: float) -> None:
+    def _touch(self, table: sa.Table, key: str, accessed: float) -> None:
         """Records a use of a row, at most once per :attr:`TOUCH_EVERY` seconds."""
         now = self.clock()
-        if now - accessed < self.TOUCH_EVERY:
+        if now - accessed < self.TOUCH_EVERY or getattr(self._local, "write", None) is not None:
             return
         try:
-            with self._db() as db:
-                db.execute(f"UPDATE {table} SET accessed = ? WHERE id = ?", (now, key))
-        except sqlite3.OperationalError:  # a read-only or busy index still serves
+            with self._reader.connect() as conn:  # one statement, committed by itself
+                conn.execute(table.update().where(table.c.id == key).values(accessed=now))
+        except sa.exc.SQLAlchemyError:  # a read-only, busy or unreachable index still serves what it found
             pass
 
     # -- ids --------------------------------------------------------------------------------
@@ -396,77 +532,86 @@ class Store:
 
     def total_bytes(self) -> int:
         """Bytes of every stored image and result, as the index counts them."""
-        with self._db() as db:
-            row = db.execute("SELECT (SELECT COALESCE(SUM(bytes), 0) FROM images) + "
-                             "(SELECT COALESCE(SUM(bytes), 0) FROM results) AS total").fetchone()
-        return int(row["total"])
+        with self._reading() as conn:
+            return int(conn.execute(_TOTAL).scalar_one())
 
-    def _next_victim(self, db: sqlite3.Connection, protect: str | None) -> tuple[str, str, int] | None:
-        row = db.execute("SELECT id, bytes FROM images WHERE id IS NOT ? AND NOT EXISTS "
-                         "(SELECT 1 FROM results WHERE results.image_id = images.id) "
-                         "ORDER BY accessed, created LIMIT 1", (protect,)).fetchone()
+    def _image_bytes(self, image_id: str | None) -> int:
+        if image_id is None:
+            return 0
+        with self._reading() as conn:
+            return int(conn.execute(sa.select(images.c.bytes).where(images.c.id == image_id)).scalar() or 0)
+
+    def _check_fits(self, needed: int, protect: str | None = None) -> None:
+        """Raises :class:`StoreFull` when ``needed`` bytes cannot fit the quota even with every
+        other item removed (checked before anything is written)."""
+        if self.max_bytes is not None and needed + self._image_bytes(protect) > self.max_bytes:
+            raise StoreFull(f"{needed} bytes cannot be stored within the quota of {self.max_bytes} bytes "
+                            "(STORE_MAX_BYTES), even with every other image and result removed")
+
+    def _next_victim(self, conn: sa.Connection, protect: str | None) -> tuple[str, str, int] | None:
+        unused = ~sa.exists().where(results.c.image_id == images.c.id)
+        row = conn.execute(sa.select(images.c.id, images.c.bytes)
+                           .where(images.c.id.is_distinct_from(protect), unused)
+                           .order_by(images.c.accessed, images.c.created).limit(1)).first()
         if row is not None:
-            return "image", row["id"], int(row["bytes"])
-        row = db.execute("SELECT id, bytes FROM results ORDER BY accessed, created LIMIT 1").fetchone()
-        return ("result", row["id"], int(row["bytes"])) if row is not None else None
+            return "image", row.id, int(row.bytes)
+        row = conn.execute(sa.select(results.c.id, results.c.bytes)
+                           .order_by(results.c.accessed, results.c.created).limit(1)).first()
+        return ("result", row.id, int(row.bytes)) if row is not None else None
 
     def _make_room(self, needed: int, protect: str | None = None) -> None:
         """Evicts until ``needed`` more bytes fit the quota, or raises :class:`StoreFull` having
-        evicted nothing. ``protect``: an image that stays (the one a new result is made from)."""
+        evicted nothing. ``protect``: an image that stays (the one a new result is made from).
+        Runs in the caller's write transaction: the bytes it counts are every node's."""
         if self.max_bytes is None:
             return
-        total = self.total_bytes()
-        if total + needed <= self.max_bytes:
-            return
-        with self._db() as db:
-            row = db.execute("SELECT bytes FROM images WHERE id = ?", (protect,)).fetchone()
-        kept = int(row["bytes"]) if row is not None else 0
-        if needed + kept > self.max_bytes:
-            raise StoreFull(f"{needed} bytes cannot be stored within the quota of {self.max_bytes} bytes "
-                            "(STORE_MAX_BYTES), even with every other image and result removed")
-        while total + needed > self.max_bytes:
-            with self._db() as db:
-                victim = self._next_victim(db, protect)
-            if victim is None:  # cannot happen after the check above; never write past the quota
-                raise StoreFull(f"the store cannot make room for {needed} bytes (STORE_MAX_BYTES)")
-            kind, key, size = victim
-            (self._delete_image if kind == "image" else self._delete_result)(key)
-            total -= size
+        with self._writing() as write:
+            total = int(write.conn.execute(_TOTAL).scalar_one())
+            if total + needed <= self.max_bytes:
+                return
+            self._check_fits(needed, protect)
+            while total + needed > self.max_bytes:
+                victim = self._next_victim(write.conn, protect)
+                if victim is None:  # cannot happen after the check above; never write past the quota
+                    raise StoreFull(f"the store cannot make room for {needed} bytes (STORE_MAX_BYTES)")
+                kind, key, size = victim
+                (self._delete_image if kind == "image" else self._delete_result)(key)
+                total -= size
 
     def sweep(self) -> int:
         """Deletes results, and uploads no result uses, made more than ``retention_days`` ago;
-        returns how many rows went."""
+        returns how many rows went. At most :attr:`SWEEP_BATCH` rows per transaction."""
         self._last_sweep = self.clock()
         if not self.retention_days:
             return 0
         cutoff = _iso(self.clock() - self.retention_days * 86400)
+        unused = ~sa.exists().where(results.c.image_id == images.c.id)
         gone = 0
-        with self._lock:
-            with self._db() as db:
-                old = [r["id"] for r in db.execute("SELECT id FROM results WHERE created < ?", (cutoff,))]
-            gone += sum(self._delete_result(rid) for rid in old)
-            with self._db() as db:
-                old = [r["id"] for r in db.execute(
-                    "SELECT id FROM images WHERE created < ? AND NOT EXISTS "
-                    "(SELECT 1 FROM results WHERE results.image_id = images.id)", (cutoff,))]
-            gone += sum(self._delete_image(iid) for iid in old)
+        for table, delete, old in ((results, self._delete_result, results.c.created < cutoff),
+                                   (images, self._delete_image, sa.and_(images.c.created < cutoff, unused))):
+            while True:
+                with self._writing() as write:
+                    keys = list(write.conn.execute(sa.select(table.c.id).where(old).limit(self.SWEEP_BATCH)).scalars())
+                    gone += sum(delete(key) for key in keys)
+                if len(keys) < self.SWEEP_BATCH:
+                    break
         return gone
 
     def _before_write(self) -> None:
-        if self.retention_days and self.clock() - self._last_sweep >= self.SWEEP_EVERY:
+        if self.clock() - self._last_sweep >= self.SWEEP_EVERY:
             self.sweep()
+            self._clean_up()
 
     # -- images ---------------------------------------------------------------------------
 
     def image_path(self, image_id: str, fmt: str = "png") -> str:
         return os.path.join(self.root, "images", image_id[:2], image_id + IMAGE_FORMATS[fmt][0])
 
-    def _image_row(self, image_id: str) -> sqlite3.Row | None:
+    def _image_row(self, image_id: str) -> sa.Row | None:
         if not is_id(image_id):
             return None
-        with self._db() as db:
-            return db.execute("SELECT id, width, height, format, accessed FROM images WHERE id = ?",
-                              (image_id,)).fetchone()
+        with self._reading() as conn:
+            return conn.execute(_IMAGE, {"key": image_id}).first()
 
     def put_image(self, img: Image.Image) -> dict:
         """Stores an RGB image (once per content) and returns its record. An image decoded from a
@@ -477,23 +622,35 @@ class Store:
         iid = self.image_id(img)
         record = {"id": iid, "width": img.width, "height": img.height}
         row = self._image_row(iid)
-        if row is not None and os.path.isfile(self.image_path(iid, row["format"])):
-            self._touch("images", iid, row["accessed"])
+        if row is not None and os.path.isfile(self.image_path(iid, row.format)):
+            self._touch(images, iid, row.accessed)
             return record
         fmt = "jpeg" if source == "JPEG" else "png"
         data = encode_image(img, fmt)
-        with self._lock:
+        self._check_fits(len(data))
+        folder = os.path.dirname(self.image_path(iid))
+        os.makedirs(folder, exist_ok=True)
+        tmp = write_temp(folder, data)
+        try:
             self._before_write()
-            row = self._image_row(iid)
-            if row is not None and os.path.isfile(self.image_path(iid, row["format"])):
-                return record
-            self._make_room(len(data))
-            os.makedirs(os.path.dirname(self.image_path(iid)), exist_ok=True)
-            write_atomic(self.image_path(iid, fmt), data)
-            now = self.clock()
-            with self._db() as db:
-                db.execute("INSERT OR REPLACE INTO images (id, width, height, created, bytes, accessed, format) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?)", (iid, img.width, img.height, _iso(now), len(data), now, fmt))
+            with self._writing() as write:
+                row = write.conn.execute(_IMAGE, {"key": iid}).first()
+                if row is not None and os.path.isfile(self.image_path(iid, row.format)):
+                    return record  # stored meanwhile, by another thread or node
+                self._make_room(len(data))
+                path = self.image_path(iid, fmt)
+                os.replace(tmp, path)
+                _fsync_dir(folder)
+                write.on_failure(_remove(path))
+                now = self.clock()
+                values = {"width": img.width, "height": img.height, "created": _iso(now), "bytes": len(data),
+                          "accessed": now, "format": fmt}
+                if row is not None:  # its file was gone: the row is renewed
+                    write.conn.execute(images.update().where(images.c.id == iid).values(**values))
+                else:
+                    db.insert_once(write.conn, images, {"id": iid, **values})
+        finally:
+            _unlink(tmp)
         return record
 
     def image(self, image_id: str) -> dict | None:
@@ -501,8 +658,8 @@ class Store:
         row = self._image_row(image_id)
         if row is None:
             return None
-        self._touch("images", image_id, row["accessed"])
-        return {"id": row["id"], "width": row["width"], "height": row["height"]}
+        self._touch(images, image_id, row.accessed)
+        return {"id": row.id, "width": row.width, "height": row.height}
 
     def image_file(self, image_id: str) -> tuple[bytes, str]:
         """The stored file of an image and its mimetype; :class:`Missing` when gone."""
@@ -510,8 +667,8 @@ class Store:
         try:
             if row is None:
                 raise FileNotFoundError(image_id)
-            with open(self.image_path(image_id, row["format"]), "rb") as f:
-                return f.read(), IMAGE_FORMATS[row["format"]][1]
+            with open(self.image_path(image_id, row.format), "rb") as f:
+                return f.read(), IMAGE_FORMATS[row.format][1]
         except FileNotFoundError:
             raise Missing(f"the image {shown(image_id)} is no longer stored; upload it again", "image") from None
 
@@ -521,19 +678,20 @@ class Store:
             return img.convert("RGB")
 
     def _delete_image(self, image_id: str) -> bool:
-        """Deletes an image's file and row (under the write lock): rename, row, file."""
-        row = self._image_row(image_id)
-        if row is None:
-            return False
-        path = self.image_path(image_id, row["format"])
-        gone = os.path.join(os.path.dirname(path), ".tmp-del-" + os.path.basename(path))
-        if os.path.exists(path):
-            os.replace(path, gone)
-            _fsync_dir(os.path.dirname(path))
-        with self._db() as db:
-            db.execute("DELETE FROM images WHERE id = ?", (image_id,))
-        if os.path.exists(gone):
-            os.unlink(gone)
+        """Deletes an image's file and row, in a write (the caller's, or its own): rename, row,
+        and the file once the write has committed."""
+        with self._writing() as write:
+            row = write.conn.execute(_IMAGE, {"key": image_id}).first()
+            if row is None:
+                return False
+            path = self.image_path(image_id, row.format)
+            gone = os.path.join(os.path.dirname(path), ".tmp-del-" + os.path.basename(path))
+            if os.path.exists(path):
+                os.replace(path, gone)
+                _fsync_dir(os.path.dirname(path))
+                write.on_failure(_rename_back(gone, path))
+            write.conn.execute(images.delete().where(images.c.id == image_id))
+            write.after_commit(_remove(gone))
         return True
 
     # -- results --------------------------------------------------------------------------
@@ -545,18 +703,20 @@ class Store:
         """The metadata of a stored result, or None (also for malformed ids)."""
         if not is_id(rid):
             return None
-        with self._db() as db:
-            row = db.execute("SELECT meta, accessed FROM results WHERE id = ?", (rid,)).fetchone()
+        with self._reading() as conn:
+            row = conn.execute(_RESULT, {"key": rid}).first()
         if row is None:
             return None
-        self._touch("results", rid, row["accessed"])
-        return json.loads(row["meta"])
+        self._touch(results, rid, row.accessed)
+        return json.loads(row.meta)
 
     def put_result(self, meta: dict, view: Image.Image, attribution: np.ndarray, map_png: bytes,
                    image_id: str | None = None) -> dict:
         """Stores a result whose ``meta["id"]`` is its id, made from the image ``image_id``
         (default ``meta["image"]["id"]``); returns the stored metadata (:func:`public_meta`).
-        Raises :class:`StoreFull`, having written nothing, when it cannot fit the quota."""
+        Raises :class:`StoreFull`, having written nothing, when it cannot fit the quota, and
+        :class:`~insights.errors.StoreUnavailable`, having left nothing, when the index does
+        not answer."""
         rid = meta["id"]
         if not is_id(rid):
             raise ValueError(f"result id {rid!r} is not 64 hex digits")
@@ -565,30 +725,35 @@ class Store:
         files = {"input.png": encode_image(view, "png"), "map.png": map_png,
                  "attribution.npz": pack_map(attribution), "meta.json": json.dumps(meta, indent=1).encode()}
         size = sum(len(data) for data in files.values())
-        with self._lock:
+        existing = self.result(rid)
+        if existing is not None:
+            return existing
+        self._check_fits(size, protect=image_id)
+        folder = os.path.join(self.root, "results")
+        tmp = tempfile.mkdtemp(dir=folder, prefix=".tmp-")
+        try:
+            for name, data in files.items():
+                write_atomic(os.path.join(tmp, name), data)
             self._before_write()
-            existing = self.result(rid)
-            if existing is not None:
-                return existing
-            self._make_room(size, protect=image_id)
-            final = self.result_dir(rid)
-            tmp = tempfile.mkdtemp(dir=os.path.join(self.root, "results"), prefix=".tmp-")
-            try:
-                for name, data in files.items():
-                    write_atomic(os.path.join(tmp, name), data)
+            with self._writing() as write:
+                row = write.conn.execute(_RESULT, {"key": rid}).first()
+                if row is not None:  # stored meanwhile, by another thread or node
+                    return json.loads(row.meta)
+                self._make_room(size, protect=image_id)
+                final = self.result_dir(rid)
                 if os.path.exists(final):  # left by a crash before its index row: not trusted
                     shutil.rmtree(final)
                 os.replace(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            _fsync_dir(os.path.join(self.root, "results"))
-            now = self.clock()
-            with self._db() as db:
-                db.execute("INSERT INTO results (id, image_id, model, method, target, params, created, meta, bytes, "
-                           "accessed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           (rid, image_id, meta["model"], meta["method"], int(meta["target"]),
-                            canonical_json(meta["params"]), _iso(now), json.dumps(meta), size, now))
+                _fsync_dir(folder)
+                write.on_failure(_remove(final))
+                now = self.clock()
+                if not db.insert_once(write.conn, results, {
+                        "id": rid, "image_id": image_id, "model": meta["model"], "method": meta["method"],
+                        "target": int(meta["target"]), "params": canonical_json(meta["params"]),
+                        "created": _iso(now), "meta": json.dumps(meta), "bytes": size, "accessed": now}):
+                    return json.loads(write.conn.execute(_RESULT, {"key": rid}).first().meta)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return meta
 
     def result_file(self, rid: str, name: str) -> bytes:
@@ -614,30 +779,30 @@ class Store:
         """Deletes a result's files and row; False when there was none."""
         if not is_id(rid):
             return False
-        with self._lock:
-            return self._delete_result(rid)
+        return self._delete_result(rid)
 
     def _delete_result(self, rid: str) -> bool:
-        with self._db() as db:
-            if db.execute("SELECT 1 FROM results WHERE id = ?", (rid,)).fetchone() is None:
+        """Deletes a result's folder and row, in a write (the caller's, or its own)."""
+        with self._writing() as write:
+            if write.conn.execute(sa.select(results.c.id).where(results.c.id == rid)).first() is None:
                 return False
-        folder = os.path.join(self.root, "results")
-        gone = os.path.join(folder, ".tmp-del-" + rid)
-        if os.path.exists(gone):  # an earlier deletion's leftover
-            shutil.rmtree(gone, ignore_errors=True)
-        if os.path.isdir(self.result_dir(rid)):
-            os.replace(self.result_dir(rid), gone)
-            _fsync_dir(folder)
-        with self._db() as db:
-            db.execute("DELETE FROM results WHERE id = ?", (rid,))
-        shutil.rmtree(gone, ignore_errors=True)
+            folder = os.path.join(self.root, "results")
+            gone = os.path.join(folder, ".tmp-del-" + rid)
+            if os.path.exists(gone):  # an earlier deletion's leftover
+                shutil.rmtree(gone, ignore_errors=True)
+            if os.path.isdir(self.result_dir(rid)):
+                os.replace(self.result_dir(rid), gone)
+                _fsync_dir(folder)
+                write.on_failure(_rename_back(gone, self.result_dir(rid)))
+            write.conn.execute(results.delete().where(results.c.id == rid))
+            write.after_commit(_remove(gone))
         return True
 
     def results_for_image(self, image_id: str) -> list[dict]:
-        with self._db() as db:
-            rows = db.execute("SELECT meta FROM results WHERE image_id = ? ORDER BY created DESC",
-                              (image_id,)).fetchall()
-        return [json.loads(r["meta"]) for r in rows]
+        with self._reading() as conn:
+            rows = conn.execute(sa.select(results.c.meta).where(results.c.image_id == image_id)
+                                .order_by(results.c.created.desc())).scalars().all()
+        return [json.loads(m) for m in rows]
 
     def files(self) -> list[str]:
         """Every file under the store (relative paths), for tests and diagnostics."""

@@ -53,7 +53,8 @@ def store(tmp_path, clock) -> Store:
 
 
 def on_disk(store: Store) -> int:
-    return sum(os.path.getsize(os.path.join(store.root, f)) for f in store.files() if f != "index.sqlite3")
+    """Bytes of the stored files (not the index: index.sqlite3 and its -wal and -shm files)."""
+    return sum(os.path.getsize(os.path.join(store.root, f)) for f in store.files() if not f.startswith("index.sqlite3"))
 
 
 # --------------------------------------------------------------------------- quota

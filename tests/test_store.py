@@ -8,6 +8,7 @@ import io
 import json
 import os
 import sqlite3
+import time
 from contextlib import closing
 
 import numpy as np
@@ -101,14 +102,36 @@ def test_crash_while_writing_leaves_no_result(store, image, monkeypatch):
     assert save(store, image) == rid and store.result(rid) is not None
 
 
+def age(path: str, seconds: float) -> None:
+    """Makes a file look ``seconds`` old."""
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
 def test_leftovers_of_a_crash_are_removed_on_open(store, image):
     rid = save(store, image)
     os.makedirs(os.path.join(store.root, "results", ".tmp-abc"))
     open(os.path.join(store.root, "results", ".tmp-abc", "map.png"), "wb").close()
     open(os.path.join(store.root, "images", ".tmp-def"), "wb").close()
+    for path in ("results/.tmp-abc", "results/.tmp-abc/map.png", "images/.tmp-def"):
+        age(os.path.join(store.root, path), store.LEFTOVER_AGE + 60)
     Store(store.root)
     assert not [f for f in store.files() if ".tmp-" in f]
     assert store.result_file(rid, "map.png") == b"PNGDATA"
+
+
+def test_a_young_temporary_file_may_be_another_writers_and_stays_until_it_is_old(store, image):
+    """A store folder shared by nodes (BLOB_DIR) or processes: a .tmp- file younger than
+    LEFTOVER_AGE may be a write in progress elsewhere; the hourly clean-up takes it once old."""
+    in_flight = os.path.join(store.root, "results", ".tmp-writing")
+    os.makedirs(in_flight)
+    open(os.path.join(in_flight, "map.png"), "wb").close()
+    again = Store(store.root)
+    assert os.path.isfile(os.path.join(in_flight, "map.png"))
+    age(in_flight, again.LEFTOVER_AGE + 60)
+    again.SWEEP_EVERY = 0  # the next write runs the hourly clean-up
+    save(again, image)
+    assert not os.path.exists(in_flight) and not [f for f in again.files() if ".tmp-" in f]
 
 
 def test_folder_without_index_row_is_replaced(store, image):
@@ -162,7 +185,7 @@ def test_the_secret_is_32_random_bytes_in_an_index_only_its_owner_reads(store):
 
 def secret_of(store: Store) -> bytes:
     with closing(sqlite3.connect(os.path.join(store.root, "index.sqlite3"))) as db:
-        return db.execute("SELECT value FROM keys WHERE name = 'secret'").fetchone()[0]
+        return bytes.fromhex(db.execute("SELECT value FROM meta WHERE name = 'secret'").fetchone()[0])
 
 
 # --------------------------------------------------------------------------- compact files
@@ -329,7 +352,7 @@ def test_an_index_of_the_first_schema_is_upgraded_and_keeps_serving(tmp_path, im
                   if n != "index.sqlite3")
     store = Store(root)
     with closing(sqlite3.connect(os.path.join(root, "index.sqlite3"))) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION == 2
     assert store.total_bytes() == on_disk  # bytes counted from the files once, at the upgrade
     meta = store.result(rid)
     assert meta["image"] == {"width": 6, "height": 4} and meta["target"] == 3  # the link is gone
@@ -344,6 +367,89 @@ def test_an_index_of_the_first_schema_is_upgraded_and_keeps_serving(tmp_path, im
     assert new != iid and Store(root).image_id(image) == new
     assert Store(root).result(rid)["image"] == {"width": 6, "height": 4}
     assert store.delete_result(rid) and store.result(rid) is None
+
+
+# The index as schema 1 made it (the store before it moved to SQLAlchemy): sqlite_master's
+# statements, as dumped from an index.sqlite3 that the schema-1 store wrote.
+V1_SCHEMA = """
+CREATE TABLE images (id TEXT PRIMARY KEY, width INTEGER NOT NULL, height INTEGER NOT NULL, created TEXT NOT NULL, bytes INTEGER NOT NULL DEFAULT 0, accessed REAL NOT NULL DEFAULT 0, format TEXT NOT NULL DEFAULT 'png');
+CREATE TABLE results (id TEXT PRIMARY KEY, image_id TEXT NOT NULL, model TEXT NOT NULL, method TEXT NOT NULL, target INTEGER NOT NULL, params TEXT NOT NULL, created TEXT NOT NULL, meta TEXT NOT NULL, bytes INTEGER NOT NULL DEFAULT 0, accessed REAL NOT NULL DEFAULT 0);
+CREATE INDEX results_by_image ON results (image_id);
+CREATE INDEX images_by_use ON images (accessed, created);
+CREATE INDEX images_by_age ON images (created);
+CREATE INDEX results_by_use ON results (accessed, created);
+CREATE INDEX results_by_age ON results (created);
+CREATE TABLE keys (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+PRAGMA user_version = 1;
+"""
+
+
+def v1_instance(root: str, image: Image.Image) -> tuple[bytes, str, str, np.ndarray]:
+    """An instance folder as the schema-1 store wrote it (keyed ids, compact results, the secret
+    in the table keys, journal mode delete). Returns (secret, image id, result id, map)."""
+    secret = os.urandom(32)
+
+    def key(kind: str, content: str) -> str:
+        return hmac.new(secret, f"{kind}:{content}".encode(), hashlib.sha256).hexdigest()
+
+    iid = key("image", imaging.image_id(image))
+    os.makedirs(os.path.join(root, "images", iid[:2]))
+    png = store_module.encode_image(image, "png")
+    with open(os.path.join(root, "images", iid[:2], iid + ".png"), "wb") as f:
+        f.write(png)
+    rid = key("result", canonical_json({"image": iid, "model": "m", "method": "saliency",
+                                        "params": {"abs": True}, "target": 3}))
+    folder = os.path.join(root, "results", rid)
+    os.makedirs(folder)
+    attr = np.random.default_rng(2).standard_normal((1, 3, 4, 6)).astype(np.float32)
+    meta = store_module.public_meta(meta_for(rid, {"id": iid, "width": 6, "height": 4}))
+    files = {"input.png": png, "map.png": b"V1MAP", "attribution.npz": store_module.pack_map(attr),
+             "meta.json": json.dumps(meta, indent=1).encode()}
+    for name, data in files.items():
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(data)
+    with closing(sqlite3.connect(os.path.join(root, "index.sqlite3"))) as db:
+        db.executescript(V1_SCHEMA)
+        db.execute("INSERT INTO keys VALUES ('secret', ?)", (secret,))
+        db.execute("INSERT INTO images VALUES (?, 6, 4, '2026-11-30T12:46:19Z', ?, 1796042779.95, 'png')",
+                   (iid, len(png)))
+        db.execute("INSERT INTO results VALUES (?, ?, 'm', 'saliency', 3, ?, '2026-11-30T12:46:19Z', ?, ?, "
+                   "1796042779.96)", (rid, iid, canonical_json({"abs": True}), json.dumps(meta),
+                                      sum(len(d) for d in files.values())))
+        db.commit()
+    os.chmod(os.path.join(root, "index.sqlite3"), 0o600)
+    return secret, iid, rid, attr
+
+
+def test_an_index_of_schema_1_is_upgraded_keeping_its_secret_ids_and_bytes(tmp_path, image):
+    root = str(tmp_path / "v1")
+    secret, iid, rid, attr = v1_instance(root, image)
+    on_disk = sum(os.path.getsize(os.path.join(d, n)) for d, _s, names in os.walk(root) for n in names
+                  if n != "index.sqlite3")
+    store = Store(root)
+    with closing(sqlite3.connect(os.path.join(root, "index.sqlite3"))) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2  # an older Insights refuses it
+        assert dict(db.execute("SELECT name, value FROM meta")) == {"schema_version": "2", "secret": secret.hex()}
+        assert not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'keys'").fetchall()
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert secret_of(store) == secret
+    # The same secret: share links keep working and the same picture finds its stored upload.
+    assert store.image_id(image) == iid and store.put_image(image)["id"] == iid
+    assert store.result_id(iid, "m", "saliency", {"abs": True}, 3) == rid
+    assert store.result(rid)["id"] == rid and store.result_file(rid, "map.png") == b"V1MAP"
+    np.testing.assert_allclose(store.attribution(rid), attr, rtol=1e-3)
+    assert store.total_bytes() == on_disk and len(store.files()) == len(Store(root).files())
+    rid2 = save(store, image, target=4)
+    assert Store(root).result(rid2) is not None and Store(root).delete_result(rid)
+    assert store.result(rid) is None
+
+
+def test_an_index_newer_than_this_version_is_refused(store):
+    with closing(sqlite3.connect(os.path.join(store.root, "index.sqlite3"))) as db:
+        db.execute("UPDATE meta SET value = '3' WHERE name = 'schema_version'")
+        db.commit()
+    with pytest.raises(RuntimeError, match="schema 3, newer than this version of Insights reads"):
+        Store(store.root)
 
 
 def test_a_read_only_mirror_leaves_the_writers_files_alone(store, image):
