@@ -22,6 +22,8 @@ from flask import Blueprint, Flask, Response, current_app, has_app_context, json
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from .errors import StoreUnavailable
+
 log = logging.getLogger("insights.metrics")
 
 bp = Blueprint("metrics", __name__)
@@ -121,9 +123,17 @@ class _Collector:
             for state, count in by_state.items():
                 states.add_metric([state], count)
             yield states
-        stored = GaugeMetricFamily("insights_store_bytes", "Bytes of images and results in the store")
-        stored.add_metric([], self.metrics.store_bytes())
-        yield stored
+        try:
+            held = self.metrics.store_bytes()
+        except StoreUnavailable:  # its database is down: say so, and the scrape still answers
+            held = None
+        up = GaugeMetricFamily("insights_store_up", "1 when the store's index answers, 0 when it does not")
+        up.add_metric([], 0 if held is None else 1)
+        yield up
+        if held is not None:
+            stored = GaugeMetricFamily("insights_store_bytes", "Bytes of images and results in the store")
+            stored.add_metric([], held)
+            yield stored
 
 
 # --------------------------------------------------------------------------- the hook for others

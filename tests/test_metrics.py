@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from appkit import TINY_CONFIG, app, client, extra_methods, image_id, png, upload, wait_job  # noqa: F401
 from insights import create_app, metrics
-from insights.errors import ServiceError
+from insights.errors import ServiceError, StoreUnavailable
 
 TOKEN = "metrics-test-token-0123456789"
 
@@ -163,6 +163,20 @@ def test_store_bytes_follow_the_files(app, client):
     assert upload(client, png(size=(120, 90))).status_code == 201
     after = value(scrape(client), "insights_store_bytes")
     assert after > before and after == on_disk()
+
+
+def test_a_store_whose_database_is_down_is_reported_and_the_scrape_still_answers(app, client, monkeypatch):
+    assert value(scrape(client), "insights_store_up") == 1
+    store = app.extensions["insights"].store
+
+    def down():
+        raise StoreUnavailable("the store's database does not answer", 5)
+
+    monkeypatch.setattr(store, "total_bytes", down)
+    samples = scrape(client)  # 200, not the 503 the store raised
+    assert value(samples, "insights_store_up") == 0
+    assert ("insights_store_bytes", ()) not in samples
+    assert ("insights_queue_depth", ()) in samples  # the rest of the scrape is there
 
 
 def test_responses_are_counted_by_status_class(client):
