@@ -63,6 +63,7 @@ DEFAULTS = {
     "BROKER_URL": None,  # redis://host:port/db: jobs run on Celery workers (None: the in-process worker)
     "DATABASE_URL": None,  # postgresql://...: the index of images, results and jobs (None: SQLite in the store)
     "BLOB_DIR": None,  # with DATABASE_URL: the folder every node mounts for files (replaces STORE_PATH)
+    "BROKER_VISIBILITY_S": 60,  # with BROKER_URL: a message a lost worker held is given back after this
 }
 
 

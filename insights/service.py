@@ -104,6 +104,7 @@ class Service:
         self.models = models or ModelRegistry()
         self.store = store or Store()
         self.jobs = jobs or JobRunner()
+        self._own_jobs = jobs is None  # init_app picks the backend the settings ask for
         self.logits = LogitsCache()  # recent scores per (model, image)
         self.settings: dict = dict(settings or {})
         # What this process lets requests hold of its threads (MAX_INLINE_WAITS, MAX_EVENT_STREAMS).
@@ -117,6 +118,10 @@ class Service:
         if app.config.get("MAX_PASSES") is None:  # sane for the device: ~30 s of CPU work
             app.config["MAX_PASSES"] = 4_000 if self.models.device.type == "cpu" else 20_000
         self.store.init_app(app)
+        if self._own_jobs and app.config.get("BROKER_URL"):  # jobs on Celery workers (insights/worker.py)
+            from .distributed import CeleryBackend
+
+            self.jobs = CeleryBackend()
         self.jobs.init_app(app)
         self.waits = Slots(app.config.get("MAX_INLINE_WAITS"))
         self.streams = Slots(app.config.get("MAX_EVENT_STREAMS"))

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from . import engine, imaging
+from .engine.errors import shown
 from .store import canonical_json, utc_now
 
 
@@ -24,6 +25,7 @@ class Task:
     """Model work that may be batched with other tasks of the same ``batch_key`` (None: alone)."""
 
     batch_key: tuple | None = None
+    kind = ""  # what a payload calls the task's class ("predict", "explain")
 
     @classmethod
     def compute(cls, tasks: list["Task"], jobs: list) -> list:
@@ -32,6 +34,21 @@ class Task:
 
     def finish(self, computed: Any) -> Any:
         return computed
+
+    def to_payload(self) -> dict:
+        """The task as JSON values, for a backend whose workers run elsewhere: ids and
+        parameters, never tensors or pickles."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_payload(cls, service, payload: dict) -> "Task":
+        """The task a :meth:`to_payload` described, made again for ``service`` (a worker's own);
+        on ``Task`` itself, by the payload's ``kind``."""
+        kinds = {c.kind: c for c in (PredictTask, ExplainTask)}
+        kind = kinds.get(payload.get("kind")) if isinstance(payload, dict) else None
+        if kind is None or kind is cls:
+            raise ValueError(f"not a task payload: {shown(payload)}")
+        return kind.from_payload(service, payload)
 
 
 def top_predictions(logits: torch.Tensor, labels: list[str], k: int) -> list[dict]:
@@ -70,10 +87,19 @@ class PredictTask(Task):
     """The top-k classes of one image; predictions for one model batch together. Until it runs
     the task holds the image's id only: the image is loaded and preprocessed in ``compute``."""
 
+    kind = "predict"
+
     def __init__(self, service, name: str, image_id: str, k: int):
         self.service, self.name, self.image_id, self.k = service, name, image_id, k
         self.spec = service.models.spec(name)
         self.batch_key = ("predict", name)
+
+    def to_payload(self) -> dict:
+        return {"kind": self.kind, "model": self.name, "image": self.image_id, "top_k": self.k}
+
+    @classmethod
+    def from_payload(cls, service, payload: dict) -> "PredictTask":
+        return cls(service, payload["model"], payload["image"], int(payload["top_k"]))
 
     @classmethod
     def compute(cls, tasks: list["PredictTask"], jobs: list) -> list:
@@ -134,6 +160,8 @@ class ExplainTask(Task):
     happen in ``finish``. Requests with the same model, method and parameters batch together when the
     method says its rows are independent (methods that draw noise for a whole batch do not)."""
 
+    kind = "explain"
+
     def __init__(self, service, name: str, record: dict, method_id: str, params: dict, target: int,
                  rid: str, info: dict):
         self.service, self.name, self.record = service, name, record
@@ -143,6 +171,20 @@ class ExplainTask(Task):
         self.view: Image.Image | None = None  # the model's crop of the image, loaded in compute
         if engine.registry.get(method_id).batchable(params):
             self.batch_key = ("explain", name, method_id, canonical_json(params))
+
+    def to_payload(self) -> dict:
+        return {"kind": self.kind, "model": self.name, "image": self.image_id, "method": self.method_id,
+                "params": jsonable(self.params), "target": self.target, "result_id": self.rid,
+                "info": jsonable(self.info)}
+
+    @classmethod
+    def from_payload(cls, service, payload: dict) -> "ExplainTask":
+        """The parameters are checked again by the method (JSON lists become its tuples), and the
+        image's record is read from the store (404 ``not_found`` when it is gone meanwhile)."""
+        name, method_id = payload["model"], payload["method"]
+        params = engine.registry.get(method_id).validate(payload["params"], service.input_shape(name))
+        return cls(service, name, service.image(payload["image"]), method_id, params, int(payload["target"]),
+                   payload["result_id"], payload["info"])
 
     @classmethod
     def compute(cls, tasks: list["ExplainTask"], jobs: list) -> list:
