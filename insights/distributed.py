@@ -160,6 +160,14 @@ class JobTable:
             rows = db.execute(self.jobs.select().where(self.jobs.c.status.in_(("queued", "running")))).mappings()
             return [dict(r) for r in rows]
 
+    def recent(self, finished: int) -> list[dict]:
+        """The active jobs and the ``finished`` that ended last (for /metrics)."""
+        j = self.jobs
+        with self.engine.connect() as db:
+            ended = db.execute(j.select().where(j.c.status.in_(FINAL)).order_by(j.c.finished.desc())
+                               .limit(finished)).mappings().all()
+        return self.active() + [dict(r) for r in ended]
+
     def holds_of(self, job_ids: Iterable[str]) -> dict[str, dict[str, str]]:
         """job id → {token digest: client}."""
         out: dict[str, dict[str, str]] = {}
@@ -800,6 +808,13 @@ class CeleryBackend:
         with database_errors():
             row = self.table.row(job_id)
         return RemoteJob(self, job_id).load(row, self.progress(job_id)) if row is not None else None
+
+    def snapshot(self, finished: int = 200) -> list[RemoteJob]:
+        """Jobs of every node as /metrics reads them: queued, running and the ``finished`` that
+        ended last (the in-process runner's ``JOBS_KEPT``)."""
+        with database_errors():
+            rows = self.table.recent(finished)
+        return [RemoteJob(self, row["id"], row) for row in rows]
 
     def cancel(self, job_id: str, token: str | None = None) -> RemoteJob | None:
         """Drops the submitter's hold (403 without a good ``token``); when none is left, a queued

@@ -169,7 +169,7 @@ class Service:
     def job(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
-            raise NotFound(f"no job with id {shown(job_id)} (jobs are kept in memory until restart)", "job")
+            raise NotFound(f"no job with id {shown(job_id)} (finished jobs are forgotten after a while)", "job")
         return job
 
     def allow_write(self, client: str) -> None:

@@ -252,6 +252,10 @@ def test_a_costly_explanation_answers_202_then_progress_with_an_eta_and_events_t
     versions = [s["version"] for s in states]
     assert versions == sorted(versions) and len(set(versions)) == len(versions)
     assert client.get(f"/api/results/{states[-1]['result_id']}").status_code == 200
+    scraped = client.get("/metrics").get_data(as_text=True)  # /metrics reads the jobs of every node
+    assert 'insights_jobs_finished_total{state="done"}' in scraped
+    assert [line for line in scraped.splitlines() if line.startswith('insights_jobs{state="done"}')][0] != \
+        'insights_jobs{state="done"} 0.0'
 
 
 def test_a_cheap_request_not_done_within_inline_timeout_answers_202_and_finishes(cluster, methods):
