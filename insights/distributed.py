@@ -45,7 +45,7 @@ from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
 from .admission import DEFAULT_RETRY_S, MAX_RETRY_S, limit
-from .errors import Busy, Forbidden
+from .errors import Busy, Forbidden, StoreUnavailable
 from .jobs import FINAL, Job, Ticket
 
 log = logging.getLogger("insights.distributed")
@@ -529,8 +529,9 @@ def database_errors():
         yield
     except (OperationalError, InterfaceError) as exc:  # not answering, or busy; not a wrong statement
         log.warning("the job database is not answering: %s", exc)
-        raise Busy("the job database (DATABASE_URL) is not answering; try again in a moment", DEFAULT_RETRY_S,
-                   status=503, reason="database_down") from None
+        # The same answer as the store's when the database is down: one fault, one code.
+        raise StoreUnavailable("the job database (DATABASE_URL) is not answering; try again in a moment",
+                               DEFAULT_RETRY_S) from None
 
 
 # --------------------------------------------------------------------------- Celery
