@@ -2,12 +2,17 @@
 
 The app under test serves the tiny random-weight models of tests/tiny_models.py (loaded through the
 same --config mechanism operators use) from a temporary instance folder, with small limits.
+With INSIGHTS_TEST_BACKEND=celery (tests/test_api_distributed.py sets it) the app is the
+distributed mode instead: BROKER_URL on a real Redis, jobs run by a Celery worker in a thread.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -101,14 +106,103 @@ def extra_methods(monkeypatch):
     monkeypatch.setitem(registry._methods, SlowSteps.id, SlowSteps())
 
 
+BACKEND_ENV = "INSIGHTS_TEST_BACKEND"
+
+
+def distributed() -> bool:
+    """True when the `app` fixture builds the distributed mode (INSIGHTS_TEST_BACKEND=celery):
+    a real Redis per test, BROKER_URL set, and a Celery worker thread in this process."""
+    return os.environ.get(BACKEND_ENV, "").strip().lower() == "celery"
+
+
 @pytest.fixture
-def app(tmp_path, extra_methods):
-    app = create_app({"INSTANCE_PATH": str(tmp_path / "instance"), "BUILTIN_MODELS": False,
-                      "MODELS_CONFIG": TINY_CONFIG, "DEVICE": "cpu", "INLINE_MAX_PASSES": 5,
-                      "MAX_PASSES": 5000, "MAX_CONTENT_LENGTH": 200_000, "MAX_IMAGE_PIXELS": 250_000,
-                      "SSE_HEARTBEAT_S": 0.2})
-    yield app
-    app.extensions["insights"].jobs.shutdown()
+def app(tmp_path, extra_methods, monkeypatch):
+    config = {"INSTANCE_PATH": str(tmp_path / "instance"), "BUILTIN_MODELS": False,
+              "MODELS_CONFIG": TINY_CONFIG, "DEVICE": "cpu", "INLINE_MAX_PASSES": 5,
+              "MAX_PASSES": 5000, "MAX_CONTENT_LENGTH": 200_000, "MAX_IMAGE_PIXELS": 250_000,
+              "SSE_HEARTBEAT_S": 0.2}
+    if not distributed():
+        app = create_app(config)
+        yield app
+        app.extensions["insights"].jobs.shutdown()
+        return
+    with distributed_app(tmp_path, config, monkeypatch) as app:
+        yield app
+
+
+@contextlib.contextmanager
+def distributed_app(tmp_path, config: dict, monkeypatch):
+    """The app on CeleryBackend (a fresh redis-server in ``tmp_path``; the job table on SQLite in
+    the instance folder), and a worker (Celery's test worker, solo pool, in a thread of this
+    process) running insights.worker's Runtime on the SAME app: the test methods registered in
+    the engine's registry and the tiny models are there."""
+    from services import ServiceError, redis_server, require_services, unavailable
+
+    require_services("redis")
+    try:
+        redis = redis_server(tmp_path / "redis")
+    except (ServiceError, OSError) as err:
+        unavailable(f"redis-server could not start: {err}")
+    monkeypatch.setenv("INSIGHTS_BROKER_URL", redis.url)  # insights.worker needs it to import
+    from celery.contrib.testing.worker import start_worker
+
+    import insights.worker as worker
+
+    runtime = backend = None
+    try:
+        app = create_app({**config, "BROKER_URL": redis.url})
+        backend = app.extensions["insights"].jobs
+        runtime = _runtime_class()(app)
+        monkeypatch.setattr(worker, "_runtime", runtime)  # insights.worker.run runs on this app
+        celery = backend.celery  # the task insights.run is a shared task of insights.worker
+        # The test worker polls its queues every 0.1 s (kombu's default 1 s), so it stops quickly.
+        celery.conf.broker_transport_options = {**celery.conf.broker_transport_options, "polling_interval": 0.1}
+        with start_worker(celery, pool="solo", concurrency=1, perform_ping_check=False,
+                          loglevel="WARNING", shutdown_timeout=10):
+            yield app
+    finally:
+        if runtime is not None:
+            runtime.stop()
+        if backend is not None:
+            backend.shutdown()
+        redis.close()
+
+
+@functools.lru_cache(maxsize=None)
+def _runtime_class():
+    from insights.worker import HEARTBEAT_S, SWEEP_S, Runtime
+
+    class TestRuntime(Runtime):
+        """insights.worker.Runtime whose heartbeat and janitor threads stop with the test."""
+
+        def __init__(self, app):
+            self._stopped = threading.Event()
+            super().__init__(app)
+
+        def stop(self):
+            self._stopped.set()
+
+        def _beat(self):
+            while not self._stopped.wait(HEARTBEAT_S):
+                with self._lock:
+                    runs = dict(self._runs)
+                for run, jobs in runs.items():
+                    try:
+                        for job_id in self.backend.table.beat(run):
+                            if job_id in jobs:
+                                jobs[job_id].cancel.set()
+                    except Exception:  # noqa: BLE001 - as Runtime._beat: next time
+                        pass
+
+        def _sweep(self):
+            seen: dict = {}
+            while not self._stopped.wait(SWEEP_S):
+                try:
+                    self.backend.sweep(seen)
+                except Exception:  # noqa: BLE001 - as Runtime._sweep: next time
+                    pass
+
+    return TestRuntime
 
 
 @pytest.fixture
