@@ -116,7 +116,7 @@ def distributed() -> bool:
 
 
 @pytest.fixture
-def app(tmp_path, extra_methods, monkeypatch):
+def app(tmp_path, extra_methods, monkeypatch, request):
     config = {"INSTANCE_PATH": str(tmp_path / "instance"), "BUILTIN_MODELS": False,
               "MODELS_CONFIG": TINY_CONFIG, "DEVICE": "cpu", "INLINE_MAX_PASSES": 5,
               "MAX_PASSES": 5000, "MAX_CONTENT_LENGTH": 200_000, "MAX_IMAGE_PIXELS": 250_000,
@@ -126,14 +126,18 @@ def app(tmp_path, extra_methods, monkeypatch):
         yield app
         app.extensions["insights"].jobs.shutdown()
         return
+    # The store's index and the jobs table on a fresh PostgreSQL database, the files in the
+    # instance folder (BLOB_DIR), where the tests look for them.
+    url = request.getfixturevalue("postgres_service").create_database()
+    config = {**config, "DATABASE_URL": url, "BLOB_DIR": config["INSTANCE_PATH"]}
     with distributed_app(tmp_path, config, monkeypatch) as app:
         yield app
 
 
 @contextlib.contextmanager
 def distributed_app(tmp_path, config: dict, monkeypatch):
-    """The app on CeleryBackend (a fresh redis-server in ``tmp_path``; the job table on SQLite in
-    the instance folder), and a worker (Celery's test worker, solo pool, in a thread of this
+    """The app on CeleryBackend (a fresh redis-server in ``tmp_path``; the job table where
+    ``config`` puts the store's index), and a worker (Celery's test worker, solo pool, in a thread of this
     process) running insights.worker's Runtime on the SAME app: the test methods registered in
     the engine's registry and the tiny models are there."""
     from services import ServiceError, redis_server, require_services, unavailable

@@ -1,8 +1,9 @@
 """tests/test_api.py again, in distributed mode (issue 14): the `app` fixture of tests/appkit.py
 builds the app with BROKER_URL on a fresh real Redis (one per test), and a Celery worker (solo
 pool, a thread of this process) runs the jobs with insights.worker's Runtime on the same app, so
-the test methods of the engine's registry and the tiny models are there. The job table is SQLite
-in the instance folder (no DATABASE_URL): PostgreSQL is covered by tests/test_scale_out.py.
+the test methods of the engine's registry and the tiny models are there. The store's index and the
+job table are a fresh database of the session's real PostgreSQL (DATABASE_URL), and the files are in
+the instance folder (BLOB_DIR), where the tests look for them.
 
 Only the tests that use the app (`app`, `client`, `image_id`) run again; those that are about the
 in-process runner's internals are marked xfail(strict=True), each with its reason."""
@@ -16,6 +17,7 @@ import pytest
 
 import test_api
 from appkit import BACKEND_ENV
+from services import postgres_service  # noqa: F401  (the store and jobs on PostgreSQL in this mode)
 from test_api import *  # noqa: F401,F403
 
 
@@ -53,11 +55,6 @@ IN_PROCESS = {
         "answer; a worker rebuilds the task from its JSON payload (the patched finish cannot travel) "
         "and RemoteJob does not carry the batch key",
 }
-LOAD_FAILURE = (
-    "distributed mode: the web node loads no model, so a request on a model that fails to load is a "
-    "job, failed by the worker with the same 503 model_unavailable; the failed job's row is written "
-    "to the job table (SQLite jobs.sqlite3 in the instance folder without DATABASE_URL), which this "
-    "test's 'nothing written in the instance folder' sees. Nothing is written to the image store")
 
 
 def _copy(fn, marks):
@@ -80,8 +77,4 @@ for _name, _fn in list(vars(test_api).items()):
     _marks = list(getattr(_fn, "pytestmark", []))
     if _name in IN_PROCESS:
         _marks.append(pytest.mark.xfail(strict=True, reason=IN_PROCESS[_name]))
-    if _name == "test_bad_explain_request_is_refused_and_nothing_written":
-        _marks = [m for m in _marks if m.name != "parametrize"] + [pytest.mark.parametrize("case", [
-            pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=LOAD_FAILURE)) if c == "load failure" else c
-            for c in test_api.CASES])]
     globals()[_name] = _copy(_fn, _marks)
