@@ -136,8 +136,14 @@ class Runtime:
             raise RuntimeError("the worker's app has no BROKER_URL: set INSIGHTS_BROKER_URL")
         self._runs: dict[str, dict[str, WorkerJob]] = {}  # run → its jobs
         self._lock = threading.Lock()
+        self._stopped = threading.Event()  # set by stop(): the two threads end
         for target, name in ((self._beat, "insights-heartbeat"), (self._sweep, "insights-janitor")):
             threading.Thread(target=target, name=name, daemon=True).start()
+
+    def stop(self) -> None:
+        """Ends the heartbeat and janitor threads (a worker process ends them by exiting; a
+        worker inside another process, as in the tests, calls this)."""
+        self._stopped.set()
 
     # -- one task ---------------------------------------------------------------------------
 
@@ -240,8 +246,7 @@ class Runtime:
 
     def _beat(self) -> None:
         """Every HEARTBEAT_S: each run's jobs beat, and cancels flagged in the database reach them."""
-        while True:
-            time.sleep(HEARTBEAT_S)
+        while not self._stopped.wait(HEARTBEAT_S):
             with self._lock:
                 runs = dict(self._runs)
             for run, jobs in runs.items():
@@ -254,8 +259,7 @@ class Runtime:
 
     def _sweep(self) -> None:
         seen: dict = {}
-        while True:
-            time.sleep(SWEEP_S)
+        while not self._stopped.wait(SWEEP_S):
             try:
                 counts = self.backend.sweep(seen)
             except Exception as exc:  # noqa: BLE001 - Redis or the database away: next time

@@ -8,11 +8,9 @@ distributed mode instead: BROKER_URL on a real Redis, jobs run by a Celery worke
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import os
 import sys
-import threading
 import time
 
 import numpy as np
@@ -156,7 +154,7 @@ def distributed_app(tmp_path, config: dict, monkeypatch):
     try:
         app = create_app({**config, "BROKER_URL": redis.url})
         backend = app.extensions["insights"].jobs
-        runtime = _runtime_class()(app)
+        runtime = worker.Runtime(app)
         monkeypatch.setattr(worker, "_runtime", runtime)  # insights.worker.run runs on this app
         celery = backend.celery  # the task insights.run is a shared task of insights.worker
         # The test worker polls its queues every 0.1 s (kombu's default 1 s), so it stops quickly.
@@ -170,43 +168,6 @@ def distributed_app(tmp_path, config: dict, monkeypatch):
         if backend is not None:
             backend.shutdown()
         redis.close()
-
-
-@functools.lru_cache(maxsize=None)
-def _runtime_class():
-    from insights.worker import HEARTBEAT_S, SWEEP_S, Runtime
-
-    class TestRuntime(Runtime):
-        """insights.worker.Runtime whose heartbeat and janitor threads stop with the test."""
-
-        def __init__(self, app):
-            self._stopped = threading.Event()
-            super().__init__(app)
-
-        def stop(self):
-            self._stopped.set()
-
-        def _beat(self):
-            while not self._stopped.wait(HEARTBEAT_S):
-                with self._lock:
-                    runs = dict(self._runs)
-                for run, jobs in runs.items():
-                    try:
-                        for job_id in self.backend.table.beat(run):
-                            if job_id in jobs:
-                                jobs[job_id].cancel.set()
-                    except Exception:  # noqa: BLE001 - as Runtime._beat: next time
-                        pass
-
-        def _sweep(self):
-            seen: dict = {}
-            while not self._stopped.wait(SWEEP_S):
-                try:
-                    self.backend.sweep(seen)
-                except Exception:  # noqa: BLE001 - as Runtime._sweep: next time
-                    pass
-
-    return TestRuntime
 
 
 @pytest.fixture
