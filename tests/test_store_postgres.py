@@ -24,19 +24,7 @@ from insights import store as store_module
 from insights.errors import StoreUnavailable
 from insights.store import Store, StoreFull
 from services import postgres_service  # noqa: F401 - the session's PostgreSQL
-
-
-class Clock:
-    def __init__(self, t: float = 1_800_000_000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def picture(seed: int, size=(20, 16)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+from test_quota import Clock, on_disk, picture
 
 
 def add_result(store: Store, iid: str, target: int = 0, view: Image.Image | None = None) -> str:
@@ -47,10 +35,6 @@ def add_result(store: Store, iid: str, target: int = 0, view: Image.Image | None
     attr = np.random.default_rng(target).standard_normal((1, 3, 16, 20)).astype(np.float32)
     store.put_result(meta, view or store.load_image(iid), attr, b"MAP%d" % target, image_id=iid)
     return rid
-
-
-def on_disk(store: Store) -> int:
-    return sum(os.path.getsize(os.path.join(store.root, f)) for f in store.files() if not f.startswith("index.sqlite3"))
 
 
 def whole(store: Store) -> None:
