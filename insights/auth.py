@@ -16,10 +16,11 @@ import threading
 from collections import OrderedDict
 from urllib.parse import urlsplit
 
-from flask import (Blueprint, Flask, current_app, g, jsonify, redirect, render_template, request,
+from flask import (Blueprint, Flask, current_app, g, redirect, render_template, request,
                    url_for)
 
 from . import metrics
+from .api import error_response
 from .admission import RateLimiter, address_id, limit
 
 bp = Blueprint("auth", __name__)
@@ -186,14 +187,8 @@ def _is_api(path: str) -> bool:
     return path == "/api" or path.startswith("/api/") or path == "/metrics"
 
 
-def _error(status: int, code: str, message: str):
-    resp = jsonify({"error": {"code": code, "message": message, "field": None}})
-    resp.status_code = status
-    return resp
-
-
 def _unauthorized(message: str, invalid: bool):
-    resp = _error(401, "unauthorized", message)
+    resp = error_response(401, "unauthorized", message)
     resp.headers["WWW-Authenticate"] = 'Bearer realm="insights"' + (', error="invalid_token"' if invalid else "")
     return resp
 
@@ -207,7 +202,7 @@ def address() -> str:
 def _busy(message: str, wait: float):
     """429 ``busy`` with ``Retry-After`` (a whole number of seconds, at least 1), counted in metrics."""
     metrics.count_rejection(current_app, "signin")
-    resp = _error(429, "busy", message)
+    resp = error_response(429, "busy", message)
     resp.headers["Retry-After"] = str(retry_after(wait))
     return resp
 
@@ -249,11 +244,11 @@ def _gate():
     public = is_public(path, method)
     if access.read_only and not public:
         if method not in SAFE_METHODS:
-            return _error(403, "read_only", "this server is a read-only mirror: it serves share pages and "
-                                            "result files, and takes no uploads, explanations or changes")
+            return error_response(403, "read_only", "this server is a read-only mirror: it serves share pages and "
+                                                    "result files, and takes no uploads, explanations or changes")
         if _is_api(path):
-            return _error(403, "read_only", "this server is a read-only mirror: it serves share pages and "
-                                            "result files only")
+            return error_response(403, "read_only", "this server is a read-only mirror: it serves share pages and "
+                                                    "result files only")
         if path == "/signout":
             return None
         return render_template("readonly.html"), 403
@@ -271,8 +266,9 @@ def _gate():
         return _unauthorized("this server needs an access token: send Authorization: Bearer <token>, "
                              "or sign in at /signin", False)
     if g.access_via == "cookie" and method not in SAFE_METHODS and not request.headers.get(CSRF_HEADER):
-        return _error(403, "csrf", f"a change made with the sign-in cookie must carry the header {CSRF_HEADER} "
-                                   "(the dashboard sends it); scripts send Authorization: Bearer <token>")
+        return error_response(403, "csrf", f"a change made with the sign-in cookie must carry the header "
+                                           f"{CSRF_HEADER} (the dashboard sends it); scripts send "
+                                           "Authorization: Bearer <token>")
     return None
 
 
@@ -390,7 +386,7 @@ def signout():
     """Clears the access cookie and goes back to the sign-in page (or the dashboard when open);
     another site cannot sign a visitor out."""
     if cross_site():
-        return _error(403, "csrf", "a sign-out must come from this server's own page")
+        return error_response(403, "csrf", "a sign-out must come from this server's own page")
     resp = redirect(url_for("auth.signin") if _access().required else "/", 303)
     resp.delete_cookie(COOKIE, path="/", httponly=True, samesite="Lax", secure=over_https())
     return resp
