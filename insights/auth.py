@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import re
 import threading
 from collections import OrderedDict
@@ -20,8 +19,9 @@ from flask import (Blueprint, Flask, current_app, g, redirect, render_template, 
                    url_for)
 
 from . import metrics
-from .api import error_response
 from .admission import RateLimiter, address_id, limit
+from .api import error_response
+from .errors import retry_after_s
 
 bp = Blueprint("auth", __name__)
 
@@ -203,16 +203,12 @@ def _busy(message: str, wait: float):
     """429 ``busy`` with ``Retry-After`` (a whole number of seconds, at least 1), counted in metrics."""
     metrics.count_rejection(current_app, "signin")
     resp = error_response(429, "busy", message)
-    resp.headers["Retry-After"] = str(retry_after(wait))
+    resp.headers["Retry-After"] = str(retry_after_s(wait))
     return resp
 
 
-def retry_after(wait: float) -> int:
-    return max(1, math.ceil(wait))
-
-
 def _too_many(wait: float) -> str:
-    return (f"too many wrong access tokens from your address: try again in {retry_after(wait)} s "
+    return (f"too many wrong access tokens from your address: try again in {retry_after_s(wait)} s "
             f"(at most {_access().attempts.per_min} a minute, SIGNIN_ATTEMPTS_PER_MIN)")
 
 
@@ -370,8 +366,8 @@ def signin():
         metrics.count_rejection(current_app, "signin")
         resp = current_app.make_response((render_template(
             "signin.html", next=target, error=f"Too many wrong tokens from your address. Try again in "
-                                              f"{retry_after(wait)} s."), 429))
-        resp.headers["Retry-After"] = str(retry_after(wait))
+                                              f"{retry_after_s(wait)} s."), 429))
+        resp.headers["Retry-After"] = str(retry_after_s(wait))
         return resp
     if token is None:
         error = "That token is not valid on this server. Check it and try again."

@@ -46,6 +46,11 @@ class Conflict(ServiceError):
     status, code = 409, "cancelled"
 
 
+def retry_after_s(wait: float) -> int:
+    """``Retry-After`` for a wait of ``wait`` seconds: a whole number of seconds, at least 1."""
+    return max(1, math.ceil(wait))
+
+
 class Busy(ServiceError):
     """Refused for now by admission control: 429 (this client's share is used up) or 503 (the
     server is full); ``retry_after`` seconds is when trying again is likely to succeed."""
@@ -54,7 +59,7 @@ class Busy(ServiceError):
 
     def __init__(self, message: str, retry_after: float, *, status: int = 429, reason: str = "busy"):
         super().__init__(message, status=status)
-        self.retry_after = max(1, math.ceil(retry_after))
+        self.retry_after = retry_after_s(retry_after)
         self.reason = reason  # queue_full, client_jobs, rate_limit, event_streams (for metrics)
 
 
@@ -70,7 +75,7 @@ class StoreUnavailable(ServiceError):
 
     def __init__(self, message: str, retry_after: float):
         super().__init__(message)
-        self.retry_after = max(1, math.ceil(retry_after))
+        self.retry_after = retry_after_s(retry_after)
 
 
 @dataclass(frozen=True)
