@@ -39,8 +39,13 @@ def client_id() -> str:
 
     token = getattr(g, "token", None)
     if token:
-        return "token:" + hashlib.sha256(str(token).encode()).hexdigest()[:16]
+        return "token:" + digest(token)[:16]
     return address_id(request.remote_addr)
+
+
+def digest(token: str) -> str:
+    """A token's SHA-256 as 64 hex digits: what is kept or shown of a token instead of itself."""
+    return hashlib.sha256(str(token).encode()).hexdigest()
 
 
 IPV6_PREFIX = 64  # one site's network: every IPv6 host is given a /64 of addresses to pick from

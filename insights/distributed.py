@@ -34,7 +34,6 @@ times, so clocks of different machines never need to agree.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import secrets
@@ -44,7 +43,7 @@ import uuid
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
-from .admission import DEFAULT_RETRY_S, MAX_RETRY_S, limit
+from .admission import DEFAULT_RETRY_S, MAX_RETRY_S, digest, limit
 from .errors import Busy, Forbidden, StoreUnavailable
 from .jobs import FINAL, Job, Ticket
 
@@ -296,10 +295,6 @@ def lost_error(tries: int) -> dict:
     return {"code": "worker_lost", "field": None,
             "message": f"the worker running this job stopped {tries} times (killed, or its machine lost); "
                        "it is not tried again"}
-
-
-def digest(token: str) -> str:
-    return hashlib.sha256(str(token).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- Redis
