@@ -368,9 +368,6 @@ class Store:
 
     # -- the index ------------------------------------------------------------------------
 
-    def _index_path(self) -> str:
-        return os.path.join(self.root, db.INDEX_FILE)
-
     @contextmanager
     def _unavailable_as_503(self) -> Iterator[None]:
         try:
