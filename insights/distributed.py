@@ -68,14 +68,6 @@ VISIBILITY_S = 60.0  # BROKER_VISIBILITY_S's default
 # --------------------------------------------------------------------------- the database
 
 
-def sqlalchemy_url(url: str) -> str:
-    """``postgresql://`` (and ``postgres://``) as SQLAlchemy names psycopg 3; others as they are."""
-    for scheme in ("postgresql://", "postgres://"):
-        if url.startswith(scheme):
-            return "postgresql+psycopg://" + url[len(scheme):]
-    return url
-
-
 def _tables():
     """The job tables, on their own MetaData (created lazily: SQLAlchemy is a scale-out extra)."""
     from sqlalchemy import Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text
@@ -119,9 +111,11 @@ class JobTable:
     def __init__(self, url: str):
         from sqlalchemy import create_engine, event
 
-        self.url = sqlalchemy_url(url)
+        from .db import parse_url  # postgresql:// as psycopg 3, as the store's index reads DATABASE_URL
+
+        self.url = parse_url(url)
         self.metadata, self.jobs, self.holds = _tables()
-        sqlite = self.url.startswith("sqlite")
+        sqlite = self.url.get_backend_name() == "sqlite"
         self.engine = create_engine(self.url, pool_pre_ping=True,
                                     connect_args={"timeout": 30} if sqlite else {"connect_timeout": 5})
         if sqlite:  # readers beside a writer, writers wait for each other, commits without fsync
