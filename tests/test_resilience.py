@@ -139,3 +139,49 @@ def test_kill_9_during_writes_three_times_keeps_every_acknowledged_result(server
         for key in ("input", "map", "npy"):
             status, _h, _b = check.call("GET", meta["links"][key])
             assert status == 200, (rid, key)
+
+
+def test_hostile_uploads_and_bodies_through_the_real_server(server_factory, tmp_path):
+    """tests/test_hostile_uploads.py's refusals and a fuzz of explain bodies, sent to a real
+    ``python app.py`` (waitress in front): no answer 5xx, nothing written, the server serving."""
+    import uuid
+
+    from appkit import snapshot as snapshot_of
+    from test_fuzz import LISTS, SCALARS, raw_json
+    from test_hostile_uploads import LIMITS, REFUSALS
+
+    env = {f"INSIGHTS_{k}": json.dumps(v) for k, v in LIMITS.items()}
+    server = server_factory(None, env=env)
+    c = Client(server.port)
+    status, _h, image = c.upload(noise_png(3, size=40))
+    assert status == 201
+    instance = server.instance
+    answers: dict[int, int] = {}
+    for case in REFUSALS:
+        before = snapshot_of(instance)
+        if case.content_type is not None:
+            status, head, body = c.call("POST", "/api/images", case.make(), {"Content-Type": case.content_type})
+        else:
+            boundary = uuid.uuid4().hex
+            name = case.filename or ""
+            data = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{case.field}\"; "
+                    f"filename=\"{name}\"\r\n\r\n").encode() + case.make() + f"\r\n--{boundary}--\r\n".encode()
+            status, head, body = c.call("POST", "/api/images", data,
+                                        {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        answers[status] = answers.get(status, 0) + 1
+        assert 400 <= status < 500, (case.id, status, body[:200])
+        if head.get("Content-Type", "").startswith("application/json"):
+            assert json.loads(body)["error"]["code"] == case.code, case.id
+        else:  # waitress itself refuses a body over MAX_CONTENT_LENGTH, in plain text
+            assert status == 413 and case.status == 413, (case.id, status, body[:200])
+        assert snapshot_of(instance) == before, f"{case.id} wrote to the instance folder"
+    for value in SCALARS + LISTS:
+        for name in ("n_steps", "sliding_window_shapes", "layer"):
+            method = {"n_steps": "integrated_gradients", "sliding_window_shapes": "occlusion"}.get(name, "grad_cam")
+            payload = {"image": image["id"], "method": method, "target": 1, "params": {name: value}}
+            status, _h, body = c.call("POST", "/api/explain", raw_json(payload).encode(),
+                                      {"Content-Type": "application/json"})
+            answers[status] = answers.get(status, 0) + 1
+            assert status < 500, (payload, status, body[:200])
+    assert c.call("GET", "/api/models")[0] == 200
+    print(f"real server: {sum(answers.values())} hostile requests, answers {sorted(answers.items())}")
