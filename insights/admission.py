@@ -67,6 +67,13 @@ def address_id(addr: str | None) -> str:
     return "addr:" + str(ip)
 
 
+def wait_for_first(etas: Iterable[float | None]) -> float:
+    """About how long until the first of some jobs ends: the smallest of their ``etas`` that is
+    known, kept within [1, :data:`MAX_RETRY_S`], or :data:`DEFAULT_RETRY_S` when none is."""
+    known = [e for e in etas if e is not None]
+    return min(MAX_RETRY_S, max(1.0, min(known))) if known else DEFAULT_RETRY_S
+
+
 def limit(value) -> int | None:
     """A count setting: a positive integer, or None (0, None, or a negative number: no limit)."""
     if value is None:

@@ -43,7 +43,7 @@ import uuid
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
-from .admission import DEFAULT_RETRY_S, MAX_RETRY_S, digest, limit
+from .admission import DEFAULT_RETRY_S, digest, limit, wait_for_first
 from .errors import Busy, Forbidden, StoreUnavailable
 from .jobs import FINAL, Job, Ticket
 
@@ -870,10 +870,9 @@ class CeleryBackend:
                 job = self.get(job_id)
             except Busy:
                 job = None
-            eta = job.to_dict()["eta_s"] if job is not None else None
-            if eta is not None:
-                etas.append(eta)
-        return min(MAX_RETRY_S, max(1.0, min(etas))) if etas else DEFAULT_RETRY_S
+            if job is not None:
+                etas.append(job.to_dict()["eta_s"])
+        return wait_for_first(etas)
 
     # -- state in Redis (workers write, web nodes read) -----------------------------------
 

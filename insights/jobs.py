@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
-from .admission import DEFAULT_RETRY_S, MAX_RETRY_S, Admission
+from .admission import Admission, wait_for_first
 from .engine import Cancelled
 from .errors import describe
 
@@ -324,9 +324,7 @@ class JobRunner:
     def _seconds_to_end(self, job_ids: Iterable[str]) -> float:
         """About how long until the first of these jobs ends: the smallest ETA among them, or
         :data:`DEFAULT_RETRY_S` when none has one yet."""
-        etas = [j.to_dict()["eta_s"] for j in (self._jobs.get(i) for i in job_ids) if j is not None]
-        known = [e for e in etas if e is not None]
-        return min(MAX_RETRY_S, max(1.0, min(known))) if known else DEFAULT_RETRY_S
+        return wait_for_first(j.to_dict()["eta_s"] for j in (self._jobs.get(i) for i in job_ids) if j is not None)
 
     def _enqueue(self, job: Job) -> None:
         lane = self._lanes[job.lane]
