@@ -64,6 +64,11 @@ DEFAULTS = {
     "DATABASE_URL": None,  # postgresql://...: the index of images, results and jobs (None: SQLite in the store)
     "BLOB_DIR": None,  # with DATABASE_URL: the folder every node mounts for files (replaces STORE_PATH)
     "BROKER_VISIBILITY_S": 60,  # with BROKER_URL: a message a lost worker held is given back after this
+    # -- datasets (docs/api.md, "Datasets"; README, "Browse a labelled dataset") --
+    "DATASETS": None,  # labelled image folders (ImageFolder) or CSV files of path,label (--dataset)
+    "DATASET_MAX_ITEMS": 100_000,  # most items one dataset may list; a larger one is refused at start-up
+    "BATCH_MAX_ITEMS": 1000,  # most items one batch explanation may cover
+    "BATCH_MAX_PASSES": None,  # forward passes one batch explanation may take (None: 25 × MAX_PASSES)
 }
 
 

@@ -103,6 +103,12 @@ class ModelSpec:
         """Only an nn.Module's layers take forward hooks (not TorchScript, not exported programs)."""
         return self.format == "module"
 
+    def prepare(self, img):
+        """The 1×C×H×W input tensor (on the CPU) and the RGB view the model sees, of a PIL image."""
+        from . import imaging
+
+        return imaging.preprocess(img, self.preprocessing)
+
     def unavailable_reason(self) -> str | None:
         if self.failure:
             return self.failure

@@ -25,7 +25,13 @@ class Task:
     """Model work that may be batched with other tasks of the same ``batch_key`` (None: alone)."""
 
     batch_key: tuple | None = None
-    kind = ""  # what a payload calls the task's class ("predict", "explain")
+    kind = ""  # what a payload calls the task's class ("predict", "explain", ...)
+    kinds: dict[str, type["Task"]] = {}  # every task class with a kind, by kind
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            Task.kinds[cls.kind] = cls
 
     @classmethod
     def compute(cls, tasks: list["Task"], jobs: list) -> list:
@@ -44,8 +50,7 @@ class Task:
     def from_payload(cls, service, payload: dict) -> "Task":
         """The task a :meth:`to_payload` described, made again for ``service`` (a worker's own);
         on ``Task`` itself, by the payload's ``kind``."""
-        kinds = {c.kind: c for c in (PredictTask, ExplainTask)}
-        kind = kinds.get(payload.get("kind")) if isinstance(payload, dict) else None
+        kind = Task.kinds.get(payload.get("kind")) if isinstance(payload, dict) else None
         if kind is None or kind is cls:
             raise ValueError(f"not a task payload: {shown(payload)}")
         return kind.from_payload(service, payload)
@@ -61,7 +66,7 @@ def top_predictions(logits: torch.Tensor, labels: list[str], k: int) -> list[dic
 
 def load_inputs(service, spec, image_id: str) -> tuple[torch.Tensor, Image.Image]:
     """The preprocessed 1×C×H×W tensor (on the CPU) and the cropped view of a stored image."""
-    return imaging.preprocess(service.store.load_image(image_id), spec.preprocessing)
+    return spec.prepare(service.store.load_image(image_id))
 
 
 def scores(service, name: str, model, tasks: list, x: torch.Tensor) -> list[torch.Tensor]:
