@@ -378,3 +378,6 @@ def colormap_table(name: str):
     except KeyError:
         raise NotFound(f"no matplotlib colormap named {shown(name)}", "cmap") from None
     return immutable(png, "image/png", hashlib.sha256(png).hexdigest())
+
+
+from . import api_datasets  # noqa: E402,F401 - the datasets' views, on this blueprint

@@ -10,7 +10,7 @@ an older Insights looks, so it refuses a newer index rather than misread it).
 
 Schema versions: 0, the first (images and results); 1, bytes and last use per row, the image's
 format, the keyed-id secret in a table ``keys``; 2, a table ``meta`` holding the schema version
-and the secret (``keys`` goes). A fresh index is made at :data:`SCHEMA_VERSION` directly; an older
+and the secret (``keys`` goes); 3, a table ``predictions`` of dataset items' scores per model. A fresh index is made at :data:`SCHEMA_VERSION` directly; an older
 SQLite index is upgraded in place, in one transaction, when a store opens it.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 INDEX_FILE = "index.sqlite3"  # the embedded index, in the store's folder
 BUSY_TIMEOUT_S = 30  # SQLite: how long a writer waits for another's lock
 CONNECT_TIMEOUT_S = 5  # PostgreSQL: a server that does not answer a new connection within this is down
@@ -71,6 +71,16 @@ meta = sa.Table(
     sa.Column("value", sa.Text, nullable=False),  # the secret as 64 hex digits
 )
 
+
+# A dataset item's scores by one model (insights/dataset_jobs.py): computed once, kept across restarts.
+predictions = sa.Table(
+    "predictions", metadata,
+    sa.Column("model", sa.Text, primary_key=True),
+    sa.Column("item", sa.Text, primary_key=True),  # a digest of the item's file (path, size, mtime)
+    sa.Column("logits", sa.LargeBinary),  # float16 scores, one per class; null when the item failed
+    sa.Column("error", sa.Text),  # why the item could not be scored
+    sa.Column("created", sa.Text, nullable=False),
+)
 
 # --------------------------------------------------------------------------- engines
 
@@ -225,6 +235,8 @@ def prepare(engine: sa.Engine, upgrade_to_1: Callable[[sa.Connection], None]) ->
                     upgrade_to_1(conn)
                 if version < 2:
                     _upgrade_to_2(conn)
+                if version < 3:
+                    predictions.create(conn)
             if version != SCHEMA_VERSION:
                 _set_version(conn)
             secret = conn.execute(sa.select(meta.c.value).where(meta.c.name == "secret")).scalar_one()

@@ -18,6 +18,8 @@ from PIL import Image
 
 from . import engine, imaging
 from .admission import Slot, Slots
+from .dataset_jobs import DatasetWork
+from .datasets import DatasetRegistry
 from .engine.errors import shown
 from .errors import BadParam, Busy, Conflict, Forbidden, NotFound, ServiceError, as_int
 from .jobs import Job, JobBackend, JobRunner, Ticket
@@ -106,6 +108,8 @@ class Service:
         self.jobs = jobs or JobRunner()
         self._own_jobs = jobs is None  # init_app picks the backend the settings ask for
         self.logits = LogitsCache()  # recent scores per (model, image)
+        self.datasets = DatasetRegistry()  # labelled datasets to browse (DATASETS, or a notebook's)
+        self.dataset_work = DatasetWork(self)  # their predictions, pages and batch explanations
         self.settings: dict = dict(settings or {})
         # What this process lets requests hold of its threads (MAX_INLINE_WAITS, MAX_EVENT_STREAMS).
         self.waits, self.streams = Slots(None), Slots(None)
@@ -118,6 +122,7 @@ class Service:
         if app.config.get("MAX_PASSES") is None:  # sane for the device: ~30 s of CPU work
             app.config["MAX_PASSES"] = 4_000 if self.models.device.type == "cpu" else 20_000
         self.store.init_app(app)
+        self.datasets.init_app(app, self.models.spec(self.models.default).labels)
         if self._own_jobs and app.config.get("BROKER_URL"):  # jobs on Celery workers (insights/worker.py)
             from .distributed import CeleryBackend
 
@@ -290,12 +295,10 @@ class Service:
             return task.finish(known)
         return self.run_inline(task, client, lane="light")
 
-    def explain(self, name: Any, image_id: Any, method_id: Any, params: Any, target: Any,
-                client: str = LOCAL) -> Explained:
-        """A stored result, one computed now, or a queued job for a costly one (or for a cheap
-        one not done within ``INLINE_TIMEOUT_S``)."""
-        name = self.model_name(name)
-        record = self.image(image_id)
+    def plan(self, name: str, method_id: Any, params: Any) -> tuple[dict, dict]:
+        """A method's checked parameters for a model and the method's info (cost, output), or the
+        400 that says what is wrong: an unknown or unsupported method, a bad parameter, more
+        forward passes than ``MAX_PASSES``."""
         spec = self.models.spec(name)
         if not isinstance(method_id, str) or method_id not in engine.methods():
             raise engine.UnknownMethod(str(method_id), engine.methods())
@@ -323,6 +326,17 @@ class Service:
         if passes > limit:
             raise ServiceError(f"these parameters need {passes} forward passes, more than the limit of "
                                f"{limit} (MAX_PASSES); use a coarser setting", "params", code="over_budget")
+        return p, info
+
+    def explain(self, name: Any, image_id: Any, method_id: Any, params: Any, target: Any,
+                client: str = LOCAL) -> Explained:
+        """A stored result, one computed now, or a queued job for a costly one (or for a cheap
+        one not done within ``INLINE_TIMEOUT_S``)."""
+        name = self.model_name(name)
+        record = self.image(image_id)
+        spec = self.models.spec(name)
+        p, info = self.plan(name, method_id, params)
+        passes = int(info["cost"]["forward"])
         if target is None:
             top = self.predict(name, record["id"], 1, client)
             if isinstance(top, Ticket):
