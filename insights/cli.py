@@ -12,9 +12,6 @@ import sys
 import threading
 import time
 
-CHUNK = 8  # items explained between two checks for Ctrl-C (and whose rows a Ctrl-C keeps)
-
-
 # --------------------------------------------------------------------------- serve
 
 
@@ -312,8 +309,9 @@ class Progress:
         self.base = 0  # items done in earlier chunks
 
     def chunk(self, size: int):
+        """The callback of one explain_items call over ``size`` items (it counts forward passes)."""
         def progress(done: int, total: int) -> None:
-            self.bar.n = self.base + min(int(done), size)
+            self.bar.n = self.base + (size * min(done, total) // total if total > 0 else 0)
             self.bar.refresh()
         return progress
 
@@ -394,19 +392,22 @@ def _run(args, app, service, path: str, dataset_name: str | None, params: dict, 
 
     started = time.monotonic()
     rows: list[dict] = []
-    cancel = threading.Event()
     bar = Progress(len(dataset))
-    interrupted = False
+    stopped = None  # why the run ended early: Ctrl-C, or an error of the store or the model
     indices = list(range(len(dataset)))
+    # Chunks of one batch each: a Ctrl-C loses at most one chunk's rows from the report (never
+    # its stored results, which the next run finds).
+    size = max(1, int(app.config.get("BATCH_MAX") or 16))
     try:
-        for start in range(0, len(indices), CHUNK):
-            chunk = indices[start:start + CHUNK]
+        for start in range(0, len(indices), size):
+            chunk = indices[start:start + size]
             rows.extend(batch.explain_items(service, dataset, chunk, args.model, args.method, params, target,
-                                            progress=bar.chunk(len(chunk)), cancel=cancel))
+                                            progress=bar.chunk(len(chunk))))
             bar.finish_chunk(len(chunk))
     except KeyboardInterrupt:
-        interrupted = True
-        cancel.set()
+        stopped = "Ctrl-C"
+    except (ServiceError, InsightsError, OSError, RuntimeError) as e:
+        stopped = str(e)
     finally:
         bar.close()
     # A second Ctrl-C while the report is written would leave it half-done: it waits for this.
@@ -416,7 +417,7 @@ def _run(args, app, service, path: str, dataset_name: str | None, params: dict, 
         public = app.config.get("PUBLIC_URL")
         written = report.write(args.out, rows, service.store, dataset=dataset, model=args.model,
                                method=args.method, params=params, target=args.target, public_url=public,
-                               complete=not interrupted)
+                               complete=stopped is None)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
@@ -425,9 +426,12 @@ def _run(args, app, service, path: str, dataset_name: str | None, params: dict, 
     seconds = time.monotonic() - started
     summary = (f"{len(rows)} of {len(dataset)} items in {seconds:.1f} s: {len(rows) - cached - failed} computed, "
                f"{cached} cached, {failed} failed; report {written['html']}, table {written['csv']}")
-    if interrupted:
+    if stopped == "Ctrl-C":
         print(f"insights explain: stopped (Ctrl-C) after {summary}; run it again to go on", file=sys.stderr)
         return 130
+    if stopped:
+        print(f"insights explain: stopped: {stopped}; after {summary}", file=sys.stderr)
+        return 1
     print(f"insights explain: {summary}", file=sys.stderr)
     return 0
 
