@@ -72,6 +72,14 @@ def imagenet_wnids() -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=1)
+def imagenet_lemmas() -> tuple[tuple[str, ...], ...]:
+    """Each ImageNet-1k class's WordNet names (its synset's lemmas, e.g. "crane" for both the bird
+    and the machine), in class-index order."""
+    with open(os.path.join(DATA, "imagenet_lemmas.txt"), encoding="utf-8") as f:
+        return tuple(tuple(n.strip() for n in line.split(",") if n.strip()) for line in f if line.strip())
+
+
+@lru_cache(maxsize=1)
 def _imagenet_labels() -> tuple[str, ...]:
     from .models import imagenet_labels
 
@@ -99,6 +107,12 @@ class LabelIndex:
             self.exact.setdefault(label, []).append(i)
             self.plain.setdefault(_plain(label), []).append(i)
         self.wnids = {w: i for i, w in enumerate(imagenet_wnids())} if is_imagenet(self.labels) else {}
+        if self.wnids:  # ImageNet's WordNet names count too: "crane" names the bird and the machine
+            for i, names in enumerate(imagenet_lemmas()):
+                for name in names:
+                    for table, key in ((self.exact, name), (self.plain, _plain(name))):
+                        if i not in table.setdefault(key, []):
+                            table[key].append(i)
 
     def find(self, value: Any) -> int:
         """The index ``value`` names; :class:`DatasetError` when it names none or several."""
@@ -132,7 +146,7 @@ class LabelIndex:
                            + (" or by its WordNet id" if self.wnids else ""), "label")
 
     def _ambiguous(self, text: str, hits: list[int]) -> str:
-        ways = [f"{i}" + (f" ({imagenet_wnids()[i]})" if self.wnids else "") for i in hits]
+        ways = [f"{i}" + (f" ({imagenet_wnids()[i]})" if self.wnids else "") for i in sorted(hits)]
         return (f"label {shown(text)} is ambiguous: {len(hits)} classes are called that ({', '.join(ways)}); "
                 "name it by its index" + (" or its WordNet id" if self.wnids else ""))
 
