@@ -1,7 +1,7 @@
 """Insights: explain PyTorch image classifiers.
 
 The engine (``attribute``, ``methods``, ``method_info``) needs only torch; ``create_app`` builds
-the Flask dashboard and imports Flask lazily.
+the Flask dashboard and ``show`` serves it from a notebook; both import Flask lazily.
 """
 from .engine import (Cancelled, InsightsError, ParamError, UnknownMethod, attribute, attribute_many,
                       method_info, methods)
@@ -16,5 +16,14 @@ def create_app(config: dict | None = None):
     return _create_app(config)
 
 
-__all__ = ["attribute", "attribute_many", "methods", "method_info", "create_app", "Cancelled", "InsightsError",
-           "ParamError", "UnknownMethod", "__version__"]
+def __getattr__(name: str):
+    # ``insights.show`` (the dashboard from a notebook) loads waitress and Flask on first use only.
+    if name == "show":
+        from .notebook import show
+
+        return show
+    raise AttributeError(f"module 'insights' has no attribute {name!r}")
+
+
+__all__ = ["attribute", "attribute_many", "methods", "method_info", "create_app", "show", "Cancelled",
+           "InsightsError", "ParamError", "UnknownMethod", "__version__"]

@@ -92,6 +92,9 @@ class ModelSpec:
     check: Callable[[], str | None] | None = None
     failure: str | None = None  # set when a load attempt failed
     format: str = "module"  # module | torchscript | exported (the loader's ``format``)
+    # A callable taking a PIL image to the model's input tensor, used instead of
+    # ``preprocessing`` (which then only tells the input's shape); see ``prepare``.
+    transform: Callable[[Any], torch.Tensor] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -104,10 +107,29 @@ class ModelSpec:
         return self.format == "module"
 
     def prepare(self, img):
-        """The 1×C×H×W input tensor (on the CPU) and the RGB view the model sees, of a PIL image."""
+        """The 1×C×H×W input tensor (on the CPU) and the RGB view the model sees, of a PIL image.
+
+        With a ``transform`` (any callable from a PIL image to a C×H×W or 1×C×H×W tensor), the
+        input is what it returns and the view is the whole image resized to that H×W: a map
+        lines up with the image where the transform resizes the whole image (no crop)."""
+        from PIL import Image
+
         from . import imaging
 
-        return imaging.preprocess(img, self.preprocessing)
+        if self.transform is None:
+            return imaging.preprocess(img, self.preprocessing)
+        x = self.transform(img)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"model {self.name!r}: its transform returned {type(x).__name__}, not a tensor")
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        if x.dim() != 4 or x.shape[0] != 1:
+            raise ValueError(f"model {self.name!r}: its transform returned shape {tuple(x.shape)}; "
+                             "expected C×H×W or 1×C×H×W")
+        x = x.detach().to("cpu", torch.float32 if not x.is_floating_point() else x.dtype)
+        height, width = int(x.shape[-2]), int(x.shape[-1])
+        view = img if img.size == (width, height) else img.resize((width, height), Image.BILINEAR)
+        return x, view
 
     def unavailable_reason(self) -> str | None:
         if self.failure:
@@ -242,8 +264,12 @@ class ModelRegistry:
         self.allow_download = bool(cfg["ALLOW_DOWNLOAD"])
         if cfg["BUILTIN_MODELS"]:
             self.register_builtins()
-        for path in _as_list(cfg["MODELS_CONFIG"]):
-            self.load_config(path)
+        for entry in _as_list(cfg["MODELS_CONFIG"]):
+            # From Python (insights.show), an entry may be a function called with ``register``.
+            if callable(entry):
+                entry(self.register)
+            else:
+                self.load_config(entry)
         if cfg["TORCHSCRIPT"]:
             self.register_file(cfg["TORCHSCRIPT"], cfg["TORCHSCRIPT_LABELS"], "torchscript")
         if cfg["EXPORTED"]:
@@ -259,15 +285,19 @@ class ModelRegistry:
     def register(self, name: str, loader: Callable[[], nn.Module], preprocessing: Preprocessing | dict,
                  labels: Sequence[str] | str, cam_layer: str | None = None, label: str = "",
                  description: str = "", check: Callable[[], str | None] | None = None,
-                 default: bool = False) -> ModelSpec:
+                 default: bool = False, transform: Callable[[Any], torch.Tensor] | None = None) -> ModelSpec:
         """Adds a model. ``preprocessing`` is a :class:`Preprocessing` or a dict of its fields;
-        ``labels`` a list of class names or the path of a file with one per line."""
+        ``labels`` a list of class names or the path of a file with one per line. ``transform``:
+        a callable from a PIL image to the model's input that replaces the preprocessing (see
+        :meth:`ModelSpec.prepare`; ``preprocessing`` then gives the input's channels and size)."""
         if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name):
             raise ValueError(f"model name {name!r} must be non-empty letters, digits, '-', '_' or '.'")
         if name in self._specs:
             raise ValueError(f"model {name!r} is already registered")
         if not callable(loader):
             raise ValueError(f"model {name!r}: loader must be a function that returns an nn.Module")
+        if transform is not None and not callable(transform):
+            raise ValueError(f"model {name!r}: transform must be a callable from a PIL image to a tensor")
         if isinstance(preprocessing, dict):
             preprocessing = Preprocessing(**preprocessing)
         if isinstance(labels, str):
@@ -277,7 +307,7 @@ class ModelRegistry:
             raise ValueError(f"model {name!r} needs at least one class label")
         spec = ModelSpec(name=name, loader=loader, preprocessing=preprocessing, labels=labels,
                          cam_layer=cam_layer or None, label=label or name, description=description, check=check,
-                         format=getattr(loader, "format", "module"))
+                         format=getattr(loader, "format", "module"), transform=transform)
         self._specs[name] = spec
         if default or self.default is None:
             self.default = name
@@ -388,12 +418,12 @@ class ModelRegistry:
             return model
 
 
-def _as_list(value: Any) -> list[str]:
+def _as_list(value: Any) -> list:
+    """A setting's paths as a list of strings (callables are kept as they are)."""
     if not value:
         return []
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    return [str(value)]
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [v if callable(v) else str(v) for v in values]
 
 
 class LogitsCache:
