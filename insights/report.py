@@ -246,25 +246,37 @@ footer { color: var(--muted); font-size: 12px; padding: 0 28px 28px; }
     <article class="card {{ c.verdict }}">
       {% if c.input %}
       <div class="pics">
-        <figure><img src="{{ c.input }}" alt="{{ c.key }}, as the model saw it" loading="lazy"><figcaption>input</figcaption></figure>
-        <figure><img src="{{ c.overlay }}" alt="{{ method }} map of {{ c.key }}" loading="lazy"><figcaption>{{ method }}</figcaption></figure>
+        <figure><img src="{{ c.input }}" alt="{{ c.key }}, as the model saw it" loading="lazy">
+          <figcaption>input</figcaption></figure>
+        <figure><img src="{{ c.overlay }}" alt="{{ method }} map of {{ c.key }}" loading="lazy">
+          <figcaption>{{ method }}</figcaption></figure>
       </div>
       {% else %}
       <div class="missing">No map: the item could not be explained</div>
       {% endif %}
       <div class="body">
-        <div class="top"><span class="key" title="{{ c.key }}">{{ c.key }}</span><span class="badge">{{ c.verdict }}</span></div>
+        <div class="top">
+          <span class="key" title="{{ c.key }}">{{ c.key }}</span><span class="badge">{{ c.verdict }}</span>
+        </div>
         <dl>
-          {% if c.true %}<dt>true</dt><dd>{{ c.true.label }} <span class="share">#{{ c.true.index }}</span></dd>{% endif %}
+          {% if c.true %}
+          <dt>true</dt><dd>{{ c.true.label }} <span class="share">#{{ c.true.index }}</span></dd>
+          {% endif %}
           {% if c.prediction %}
           <dt>predicted</dt>
-          <dd>{{ c.prediction.label }} · {{ c.percent }}%<div class="bar"><i style="width: {{ c.percent }}%"></i></div></dd>
+          <dd>{{ c.prediction.label }} · {{ c.percent }}%
+            <div class="bar"><i style="width: {{ c.percent }}%"></i></div></dd>
           {% endif %}
-          {% if c.target and not c.explains_prediction %}<dt>explains</dt><dd>{{ c.target }} <span class="share">#{{ c.target_index }}</span></dd>{% endif %}
+          {% if c.target and not c.explains_prediction %}
+          <dt>explains</dt><dd>{{ c.target }} <span class="share">#{{ c.target_index }}</span></dd>
+          {% endif %}
         </dl>
         {% if c.error %}<div class="err">{{ c.error }}</div>{% endif %}
         {% if c.rid %}
-        <div class="share">share id {% if c.url %}<a href="{{ c.url }}"><code>{{ c.rid[:16] }}…</code></a>{% else %}<code title="{{ c.rid }}">{{ c.rid[:16] }}…</code>{% endif %}</div>
+        <div class="share">share id
+          {% if c.url %}<a href="{{ c.url }}" title="{{ c.rid }}"><code>{{ c.rid[:16] }}…</code></a>
+          {% else %}<code title="{{ c.rid }}">{{ c.rid[:16] }}…</code>{% endif %}
+        </div>
         {% endif %}
       </div>
     </article>
@@ -272,8 +284,9 @@ footer { color: var(--muted); font-size: 12px; padding: 0 28px 28px; }
   </div>
 </main>
 <footer>
-  Made by <code>insights explain</code>. Every map is stored in the instance folder; {% if public_url %}share links open
-  on {{ public_url }}{% else %}a server on the same instance folder serves each at <code>/r/&lt;share id&gt;</code>{% endif %}.
+  Made by <code>insights explain</code>. Every map is stored in the instance folder;
+  {% if public_url %}share links open on {{ public_url }}
+  {% else %}a server on the same instance folder serves each at <code>/r/&lt;share id&gt;</code>{% endif %}.
   Full ids and values: <a href="results.csv">results.csv</a>.
 </footer>
 </body>

@@ -74,13 +74,22 @@ def test_the_wheel_declares_its_dependencies_and_the_command(wheel):
     assert "[console_scripts]" in entry_points and "insights = insights.cli:main" in entry_points
 
 
-def test_the_installed_package_serves_its_page_from_its_own_folder(wheel, tmp_path):
-    """Installed with pip into a folder of its own and imported from there, the app finds its
-    templates and static files inside the package, and its instance folder in the working directory."""
-    target = tmp_path / "site"
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory):
+    """The wheel installed with pip into a folder of its own, and the environment that imports it
+    from there (ahead of this checkout's editable install)."""
+    target = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), wheel],
                    check=True, capture_output=True, timeout=300)
-    assert os.path.isfile(target / "bin" / "insights")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INSIGHTS_")}
+    env["PYTHONPATH"] = str(target)
+    return target, env
+
+
+def test_the_installed_package_serves_its_page_from_its_own_folder(installed, tmp_path):
+    """Imported from where pip installed it, the app finds its templates and static files inside
+    the package, and its instance folder in the working directory."""
+    target, env = installed
     script = (
         "import json, insights\n"
         "app = insights.create_app({'DEVICE': 'cpu'})\n"
@@ -93,8 +102,6 @@ def test_the_installed_package_serves_its_page_from_its_own_folder(wheel, tmp_pa
         "                  'css': [css.status_code, len(css.data)]}))\n")
     work = tmp_path / "work"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INSIGHTS_")}
-    env["PYTHONPATH"] = str(target)
     proc = subprocess.run([sys.executable, "-c", script], cwd=work, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -114,3 +121,24 @@ def test_a_checkout_serves_the_top_level_folders():
 
     assert not app.INSTALLED
     assert app.HOME == ROOT and os.path.isdir(os.path.join(app.HOME, "templates"))
+
+
+def test_the_installed_insights_command_explains_an_image(installed, tmp_path):
+    """The console script pip wrote runs ``insights explain`` from the installed package."""
+    from PIL import Image
+    from skimage import data
+
+    target, env = installed
+    script = target / "bin" / "insights"
+    assert os.access(script, os.X_OK)
+    Image.fromarray(data.chelsea()).save(tmp_path / "chelsea.png")
+    proc = subprocess.run([str(script), "explain", "chelsea.png", "--model", "efficientnet_lite0", "--method",
+                           "grad_cam", "--device", "cpu", "--out", "report"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert ": 1 computed, 0 cached, 0 failed;" in proc.stderr
+    with open(tmp_path / "report" / "results.csv") as f:
+        header, row = f.read().strip().split("\n")
+    assert header.startswith("item,true_index,true_label,predicted_index,prediction,probability,target")
+    assert row.startswith("chelsea.png,,,") and ("Egyptian cat" in row or "tabby" in row) and ",grad_cam," in row
+    assert os.path.isdir(tmp_path / "instance" / "results")  # ./instance, as insights serve would use
