@@ -84,7 +84,29 @@ export const api = {
   /** Cancels a job this page submitted: `job` is the job of the 202 answer, with its cancel token. */
   cancel: (job) => request("DELETE", `/api/jobs/${encodeURIComponent(job.id)}`, undefined,
     { "X-Cancel-Token": job.cancel_token || "" }).then((r) => r.data),
+
+  // Datasets (docs/api.md, "Datasets"). `query` is a URLSearchParams of the items query.
+  datasets: () => request("GET", "/api/datasets").then((r) => r.data.datasets),
+  datasetItems: (name, query) => request("GET", `${dataset(name)}/items?${query}`).then((r) => r.data),
+  datasetSummary: (name, models) =>
+    request("GET", `${dataset(name)}/summary?${models.map((m) => `model=${encodeURIComponent(m)}`).join("&")}`)
+      .then((r) => r.data),
+  predictions: (name, model) =>
+    request("GET", `${dataset(name)}/predictions?model=${encodeURIComponent(model)}`).then((r) => r.data),
+  startPredictions: (name, model) => request("POST", `${dataset(name)}/predictions`, { model }).then((r) => r.data),
+  stopPredictions: (name, model) =>
+    request("DELETE", `${dataset(name)}/predictions?model=${encodeURIComponent(model)}`).then((r) => r.data),
+  /** Stores a dataset item as an upload: {image: {id, url, width, height}, index, key, true, error}. */
+  datasetImage: (name, index) =>
+    patiently(() => request("POST", `${dataset(name)}/items/${Number(index)}/image`)).then((r) => r.data),
+  /** Queues a batch explanation: the job (with its cancel token). */
+  explainDataset: (name, body) =>
+    patiently(() => request("POST", `${dataset(name)}/explain`, body)).then((r) => r.data.job),
 };
+
+function dataset(name) {
+  return `/api/datasets/${encodeURIComponent(name)}`;
+}
 
 const FINAL = new Set(["done", "failed", "cancelled"]);
 
@@ -175,7 +197,16 @@ function outcome(final) {
 export async function explainToResult(body, hooks = {}) {
   const answer = await api.explain(body);
   if (answer.status === "done" && answer.result) return { ...answer.result, cached: !!answer.cached };
-  const job = answer.job;
+  const final = await followSubmitted(answer.job, hooks);
+  return api.result(final.result_id);
+}
+
+/**
+ * Follows a job this page submitted (with its cancel token) to its end: resolves with the done
+ * job, throws the error it failed with, or an error with `cancelled` set. hooks as for
+ * explainToResult: onJob(job, cancel) once, onProgress(job) on each change.
+ */
+export async function followSubmitted(job, hooks = {}) {
   let following = null;
   const cancel = async () => {
     const state = await api.cancel(job);
@@ -184,6 +215,5 @@ export async function explainToResult(body, hooks = {}) {
   };
   if (hooks.onJob) hooks.onJob(job, cancel);
   following = followJob(job, (j) => hooks.onProgress && hooks.onProgress(j));
-  const final = outcome(await following);
-  return api.result(final.result_id);
+  return outcome(await following);
 }

@@ -1,8 +1,9 @@
 // The dashboard: image → model → class → method → map, plus comparisons and sharing. This entry
 // loads the settings and wires the panels (static/js/dashboard/) to each other.
 import { api } from "./api.js";
+import { datasetView } from "./datasets/view.js";
 import { comparePanel } from "./dashboard/compare.js";
-import { stepError } from "./dashboard/errors.js";
+import { clearErrors, stepError } from "./dashboard/errors.js";
 import { methodPanel } from "./dashboard/methods.js";
 import { defaultModel, modelPanel } from "./dashboard/models.js";
 import { resultView } from "./dashboard/result.js";
@@ -11,7 +12,7 @@ import { createState } from "./dashboard/state.js";
 import { targetPanel } from "./dashboard/target.js";
 import { uploadPanel } from "./dashboard/upload.js";
 import { loadOverlay } from "./overlay.js";
-import { plainError } from "./ui.js";
+import { $, plainError, toast } from "./ui.js";
 
 async function start() {
   const state = createState();
@@ -27,16 +28,16 @@ async function start() {
   const run = runPanel(state, { explained: (meta, imageId) => result.show(meta, imageId) });
   const target = targetPanel(state, { changed: run.refresh });
   const compare = comparePanel(state, { store: result.store, refresh: run.refresh });
-  const upload = uploadPanel(state, {
-    loaded: async () => {
-      state.target = null;
-      compare.clear();
-      result.showImage();
-      run.refresh();
-      await target.predict();
-      result.invite(target.top());
-    },
-  });
+  /** A new image is in state.image: predict, with `preset` (or the top guess) as the target. */
+  const loaded = async (preset = null) => {
+    state.target = preset;
+    compare.clear();
+    result.showImage();
+    run.refresh();
+    await target.predict();
+    result.invite(target.top());
+  };
+  const upload = uploadPanel(state, { loaded: () => loaded() });
   const methods = methodPanel(state, { changed: run.refresh });
   modelPanel(state, {
     changed: () => {
@@ -49,7 +50,117 @@ async function start() {
   compare.fit(); // the default model is chosen now
   methods.fit();
   upload.loadSamples();
+  await views(state, loaded);
   document.body.dataset.ready = "true";
+}
+
+/** The single-image view and, when the server has datasets, the dataset view: a switch in the
+ * top bar, the view in the URL's hash (#datasets?…), opening a dataset item in the single view. */
+async function views(state, loaded) {
+  let datasets = [];
+  try {
+    datasets = await api.datasets();
+  } catch (e) {
+    return; // no datasets here (or not allowed): the single view alone
+  }
+  if (!datasets.length) return;
+  const tabs = { image: $("#tab-view-image"), datasets: $("#tab-view-datasets") };
+  const useModel = (name) => {
+    const radio = document.getElementById(`model-${name}`);
+    if (radio && !radio.checked && !radio.disabled) {
+      radio.checked = true;
+      radio.dispatchEvent(new Event("change"));
+    }
+  };
+  const view = datasetView(state, datasets, { open: openItem, useModel });
+  let shown = "image";
+
+  function show(which, { fromHash = true } = {}) {
+    if (which === shown) return;
+    if (shown === "datasets") view.leave();
+    shown = which;
+    for (const [name, tab] of Object.entries(tabs)) {
+      const on = name === which;
+      tab.setAttribute("aria-selected", String(on));
+      tab.tabIndex = on ? 0 : -1;
+    }
+    $("#view-image").hidden = which !== "image";
+    $("#view-datasets").hidden = which !== "datasets";
+    document.body.dataset.view = which;
+    if (which === "datasets") view.enter(fromHash);
+  }
+
+  /** Switches view as a person does (a history entry, so Back returns). */
+  function go(which) {
+    if (which === shown) return;
+    if (which === "image") {
+      history.pushState(null, "", `${location.pathname}${location.search}`);
+      show("image");
+      window.scrollTo(0, 0);
+    } else {
+      history.pushState(null, "", `${location.pathname}${location.search}#datasets`);
+      show("datasets", { fromHash: !visited });
+      visited = true;
+    }
+  }
+  let visited = false;
+
+  async function openItem(name, item) {
+    let answer;
+    try {
+      answer = await api.datasetImage(name, item.index);
+    } catch (e) {
+      toast(`Could not open ${item.key}: ${plainError(e)}`);
+      return;
+    }
+    go("image");
+    clearErrors(state);
+    state.image = answer.image;
+    const thumb = $("#thumb");
+    thumb.src = answer.image.url;
+    thumb.hidden = false;
+    $("#dropzone").classList.add("has-image");
+    const preset = await trueTarget(state, answer.true);
+    await loaded(preset);
+    toast(preset ? `${answer.key} · target: its true label “${preset.label}”` : `${answer.key} opened`);
+  }
+
+  for (const [name, tab] of Object.entries(tabs)) {
+    tab.addEventListener("click", () => go(name));
+    tab.addEventListener("keydown", (ev) => {
+      if (ev.key === "ArrowRight" || ev.key === "ArrowLeft") {
+        ev.preventDefault();
+        const other = name === "image" ? "datasets" : "image";
+        go(other);
+        tabs[other].focus();
+      }
+    });
+  }
+  window.addEventListener("popstate", () => {
+    const which = location.hash.startsWith("#datasets") ? "datasets" : "image";
+    show(which, { fromHash: which === "datasets" && !visited });
+    visited = visited || which === "datasets";
+  });
+  $("#viewswitch").hidden = false;
+  if (location.hash.startsWith("#datasets")) {
+    visited = true;
+    show("datasets");
+  }
+}
+
+/** The item's true class as a target of the current model (the datasets' labels are the default
+ * model's; another model's index is found by the label's name), or null for its top guess. */
+async function trueTarget(state, truth) {
+  if (!truth) return null;
+  const model = state.models.find((m) => m.name === state.model) || {};
+  if (model.default) return { index: truth.index, label: truth.label };
+  try {
+    const found = await api.labels(state.model, truth.label, 8);
+    const same = found.find((r) => r.label.toLowerCase() === truth.label.toLowerCase());
+    return same ? { index: same.index, label: same.label } : null;
+  } catch (e) {
+    return null;
+  }
 }
 
 start();
