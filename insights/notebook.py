@@ -12,9 +12,12 @@ so maps line up with the image; any other callable runs as it is (see ``ModelSpe
 """
 from __future__ import annotations
 
+import atexit
 import copy
+import functools
 import html
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -181,6 +184,10 @@ class Dashboard:
         self._temp_dir = temp_dir
         self._lock = threading.Lock()
         self.running = True
+        # A kernel that ends without stop() still removes the temporary instance folder.
+        self._cleanup = functools.partial(shutil.rmtree, temp_dir, True) if temp_dir else None
+        if self._cleanup:
+            atexit.register(self._cleanup)
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -203,8 +210,9 @@ class Dashboard:
         service = self.app.extensions["insights"]
         service.jobs.shutdown()
         service.store.close()
-        if self._temp_dir:
-            shutil.rmtree(self._temp_dir, ignore_errors=True)
+        if self._cleanup:
+            atexit.unregister(self._cleanup)
+            self._cleanup()
 
     def __enter__(self) -> "Dashboard":
         return self
@@ -265,21 +273,31 @@ def serve(models: Sequence[ModelEntry], labels: Sequence[str], datasets: Sequenc
                      label=entry.label or entry.name, description=entry.description, default=i == 0,
                      transform=entry.transform)
 
+    # The socket first: a port in use is refused before anything starts (waitress starts its
+    # worker threads before binding, and would leave them running).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, int(port or 0)))
+    except OSError:
+        sock.close()
+        raise
     temp_dir = None
     if instance is None:
         instance = temp_dir = tempfile.mkdtemp(prefix="insights-notebook-")
     config = {"INSTANCE_PATH": instance, "BUILTIN_MODELS": False, "MODELS_CONFIG": [register_all],
               "FRAME_ANCESTORS": " ".join(FRAME_ANCESTORS), "DEVICE": str(device) if device is not None else "auto",
               **(settings or {})}
-    app = server = None
+    app = None
     try:
         app = create_app(config)
         service = app.extensions["insights"]
         for dataset in datasets:
             service.datasets.add(dataset)
-        server = create_server(app, host=host, port=int(port or 0), threads=THREADS,
+        server = create_server(app, sockets=[sock], threads=THREADS,
                                max_request_body_size=int(app.config["MAX_CONTENT_LENGTH"]))
     except BaseException:
+        sock.close()
         if app is not None:
             app.extensions["insights"].jobs.shutdown()
         if temp_dir:

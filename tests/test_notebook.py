@@ -12,6 +12,8 @@ import json
 import os
 import re
 import socket
+import sys
+import threading
 import urllib.error
 import urllib.request
 
@@ -135,9 +137,20 @@ def test_notebook_shows_a_working_dashboard():
         assert ports[0] == port and ports[1] != port
         assert get(f"http://127.0.0.1:{ports[1]}/api/models")[0] == 200
 
+        client.execute_cell(nb.cells[code[4]], code[4])  # Captum's visualizer.render()
+        html, printed = outputs_of(nb.cells[code[4]])
+        (captum_url,) = re.findall(r'<iframe src="([^"]+)"', html)
+        assert f"Insights dashboard: {captum_url}" in printed
+        _, _, listed = get(captum_url + "api/datasets")
+        assert [(d["name"], d["size"], d["labelled"]) for d in json.loads(listed)["datasets"]] == [("dataset", 2, 2)]
+        ports.append(int(captum_url.rsplit(":", 1)[1].strip("/")))
+
         assert not port_is_free(port)  # listening until stop()
-        client.execute_cell(nb.cells[code[4]], code[4])  # stop() both, one of them twice
-        assert last_json(outputs_of(nb.cells[code[4]])[1]) == {"stopped": [False, False]}
+        client.execute_cell(nb.cells[code[5]], code[5])  # stop() all three, one of them twice
+        stopped = last_json(outputs_of(nb.cells[code[5]])[1])
+        assert stopped["stopped"] == [False, False]
+        before, after = stopped["threads"]
+        assert after == before  # the servers', their workers' and the job runners' threads have ended
         for p in ports:
             with pytest.raises(urllib.error.URLError):
                 get(f"http://127.0.0.1:{p}/api/models")
@@ -231,6 +244,43 @@ def test_frame_ancestors_cover_jupyter_vscode_and_colab():
     for source in ("http://localhost:*", "http://127.0.0.1:*", "vscode-webview:", "https://*.googleusercontent.com",
                    "https://colab.research.google.com"):
         assert source in parsed.split()
+
+
+def test_colab_frames_through_its_port_proxy(monkeypatch, capsys):
+    """In Colab the frame is Colab's own (serve_kernel_port_as_iframe) and the printed address is
+    the proxy's (google.colab.kernel.proxyPort), as Colab documents for servers in the kernel."""
+    import types
+
+    calls = []
+    output = types.ModuleType("google.colab.output")
+    output.eval_js = lambda js: calls.append(("eval_js", js)) or "https://abc-4321-colab.googleusercontent.com/"
+    output.serve_kernel_port_as_iframe = lambda port, path="/", height=400: calls.append(("iframe", port, path, height))
+    colab = types.ModuleType("google.colab")
+    colab.output = output
+    google = types.ModuleType("google")
+    google.colab = colab
+    for name, module in (("google", google), ("google.colab", colab), ("google.colab.output", output)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+    class Server:
+        effective_port = 4321
+
+    Dashboard(app=None, server=Server(), thread=None, height=500)._ipython_display_()
+    assert calls == [("eval_js", "google.colab.kernel.proxyPort(4321)"), ("iframe", 4321, "/", 500)]
+    assert capsys.readouterr().out == "Insights dashboard: https://abc-4321-colab.googleusercontent.com/\n"
+
+
+def test_a_busy_port_is_refused_and_nothing_is_left(tmp_path):
+    import insights
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        threads = threading.active_count()
+        with pytest.raises(OSError):
+            insights.show(torch.nn.Conv2d(3, 2, 1), ["a", "b"], port=busy.getsockname()[1],
+                          instance=str(tmp_path / "inst"))
+    assert threading.active_count() == threads
 
 
 def test_dashboard_html_and_text(monkeypatch):
