@@ -82,3 +82,36 @@ def test_grad_cam_and_occlusion_point_at_the_cat(model, collages, quadrant):
     occ = insights.attribute(model, x, "occlusion", cat, sliding_window_shapes=(3, 32, 32),
                              strides=(3, 16, 16))
     assert peak_quadrant(occ) == quadrant
+
+
+def test_a_labelled_folder_of_photos_is_browsed_with_the_offline_model(tmp_path):
+    """An ImageFolder of scikit-image's photos named the three ways (ImageNet name, WordNet id,
+    index), one coffee filed under "tabby" on purpose: the app scores every item with the real
+    EfficientNet-Lite0, the mislabelled photo is the only incorrect one and has the highest loss."""
+    root = tmp_path / "photos"
+    cat, coffee = Image.fromarray(skimage_data.chelsea()), Image.fromarray(skimage_data.coffee())
+    for folder, name, img in [("Egyptian cat", "cat.jpg", cat), ("n02124075", "cat-mirror.png", cat.transpose(0)),
+                              ("967", "coffee.jpg", coffee), ("n07920052", "coffee-crop.jpg", coffee.crop((40, 0, 600, 400))),
+                              ("tabby", "not-a-cat.jpg", coffee)]:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        img.save(root / folder / name)
+    app = insights.create_app({"INSTANCE_PATH": str(tmp_path / "instance"), "DEVICE": "cpu",
+                               "DATASETS": [f"photos={root}"]})
+    try:
+        client = app.test_client()
+        listed = client.get("/api/datasets").json["datasets"][0]
+        assert {c["label"]: c["count"] for c in listed["classes"]} == {"Egyptian cat": 2, "espresso": 2, "tabby": 1}
+        svc = app.extensions["insights"]
+        client.get("/api/datasets/photos/items")
+        assert svc.dataset_work.wait(svc.datasets.get("photos"), "efficientnet_lite0", 120)["status"] == "done"
+        items = client.get("/api/datasets/photos/items?sort=-loss").json["items"]
+        predicted = {i["key"]: i["models"]["efficientnet_lite0"]["predicted"]["label"] for i in items}
+        assert predicted["967/coffee.jpg"] == predicted["n07920052/coffee-crop.jpg"] == "espresso"
+        assert predicted["Egyptian cat/cat.jpg"] in ("Egyptian cat", "tabby")
+        assert items[0]["key"] == "tabby/not-a-cat.jpg" and items[0]["models"]["efficientnet_lite0"]["correct"] is False
+        wrong = client.get("/api/datasets/photos/items?correct=false").json["items"]
+        assert [i["key"] for i in wrong if i["key"].startswith("tabby")] == ["tabby/not-a-cat.jpg"]
+        assert all(not i["key"].startswith(("967", "n07920052")) for i in wrong)  # the espressos are right
+    finally:
+        app.extensions["insights"].dataset_work.shutdown()
+        app.extensions["insights"].jobs.shutdown()
