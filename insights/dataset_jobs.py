@@ -36,6 +36,7 @@ MAX_PER_PAGE = 200
 SORTS = ("index", "confidence", "-confidence", "loss", "-loss")
 THUMB_SIZES = (96, 160, 256)
 CONFUSION_MAX_CLASSES = 50
+FILTERS = {"true", "predicted", "correct", "min_prob", "max_prob", "model"}  # a batch's filter keys
 
 
 def item_key(item) -> str:
@@ -133,7 +134,7 @@ class Progress:
         self.started = time.time()
         self.start_done = board.done
         self.finished: float | None = None
-        self.status = "running"
+        self.status = "queued"  # until no other model's run is going (one at a time: see DatasetWork)
         self.error: str | None = None
         self.job_id: str | None = None
         self.thread = threading.Thread(target=self._run, name=f"predict-{board.dataset.name}-{board.model}",
@@ -141,6 +142,16 @@ class Progress:
 
     def _run(self) -> None:
         service, board = self.work.service, self.board
+        try:
+            while not self.work.one_at_a_time.acquire(timeout=0.5):
+                if self.cancel.is_set():
+                    self.status = "cancelled"
+                    return
+        except BaseException:
+            self.finished = time.time()
+            raise
+        self.status = "running"
+        self.started, self.start_done = time.time(), board.done
         try:
             pending = board.pending()
             for start in range(0, len(pending), CHUNK):
@@ -164,6 +175,7 @@ class Progress:
             log.exception("predictions of dataset %s by %s failed", board.dataset.name, board.model)
             self.status, self.error = "failed", str(err)
         finally:
+            self.work.one_at_a_time.release()
             self.finished = time.time()
 
     def describe(self) -> dict:
@@ -186,6 +198,9 @@ class DatasetWork:
         self._guard = threading.Lock()
         self._thumbs: "OrderedDict[tuple, bytes]" = OrderedDict()
         self._thumbs_lock = threading.Lock()
+        # One model's run at a time: runs of several models would take turns chunk by chunk, and
+        # with more models than MAX_LOADED_MODELS each turn would load its model again.
+        self.one_at_a_time = threading.Semaphore(1)
 
     # -- predictions -----------------------------------------------------------------------
 
@@ -424,6 +439,10 @@ class DatasetWork:
         if not isinstance(query, dict):
             raise BadParam("name the items (items: [indices]) or a filter (filter: {true, predicted, correct, "
                            "min_prob, max_prob, model})", "items")
+        unknown = sorted(set(query) - FILTERS)
+        if unknown:
+            raise BadParam(f"filter: unknown key {shown(unknown[0])}; a filter has {', '.join(sorted(FILTERS))}",
+                           "filter")
         args = {k: (v if k == "model" else (None if v is None else str(v))) for k, v in query.items()}
         if isinstance(args.get("model"), str):
             args["model"] = [args["model"]]

@@ -280,6 +280,8 @@ def test_batch_limits_and_bad_requests(tmp_path, folder, monkeypatch, request, e
             ({"method": "fixed_map_test", "items": [42]}, 400, "bad_param", "items must be item indices 0–8"),
             ({"method": "fixed_map_test", "items": []}, 400, "bad_param", "non-empty list"),
             ({"method": "fixed_map_test"}, 400, "bad_param", "name the items"),
+            ({"method": "fixed_map_test", "filter": {"colour": "red"}}, 400, "bad_param",
+             "filter: unknown key 'colour'; a filter has correct, max_prob"),
             ({"method": "nope", "items": [0]}, 400, "unknown_method", "nope"),
             ({"method": "fixed_map_test", "items": [0], "target": 9}, 400, "bad_target", "between 0 and 4"),
             ({"method": "fixed_map_test", "items": [0], "params": {"value": 99}}, 400, "bad_param", "value"),
