@@ -11,9 +11,10 @@ signatures and docstrings; Captum is never imported). What each one becomes here
   with ``classes`` as labels; the dashboard explains a copy of each, made by the constructor.
 - ``features``: one :class:`ImageFeature`. Its ``input_transforms`` turn a batch's tensor into the
   model's input: Normalize (or nothing) becomes the model's exact preprocessing; any other callables
-  run as they are on the 1×C×H×W tensor of the image. ``baseline_transforms`` are checked to be
-  callables and not used: the dashboard's methods take their baselines from their own parameters
-  (zeros of the model's input by default, which is what Captum's tutorial ``input * 0`` gives).
+  run as they are on the 1×C×H×W tensor of the image. ``baseline_transforms`` are not applied:
+  the dashboard's methods take their baseline from their ``baselines`` parameter, zeros of the
+  model's input by default, which is what Captum's tutorial ``input * 0`` gives; the constructor
+  tries the first one on the first image and warns, with what to set, when it gives anything else.
   ``visualization_transform`` is not used either: the dashboard shows each batch tensor as the
   image (values in 0–1, before ``input_transforms``). :class:`TextFeature` and
   :class:`GeneralFeature` are refused with a message naming what is supported.
@@ -261,6 +262,7 @@ class AttributionVisualizer:
         x = x.float() / 255 if not x.is_floating_point() else x
         for t in self.feature.input_transforms:
             x = t(x)
+        self._check_baselines(x)
         for i, model in enumerate(self.models):
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
             with torch.no_grad():
@@ -276,6 +278,24 @@ class AttributionVisualizer:
                     warnings.warn("score_func does not give the softmax of the model's outputs; the dashboard's "
                                   "probabilities are the softmax, and score_func is not used", stacklevel=3)
                     return
+
+    def _check_baselines(self, x) -> None:
+        """Captum applied a baseline transform to the model's input; the dashboard's methods use
+        their ``baselines`` parameter (0 by default). A transform that gives zeros (the tutorial's
+        ``input * 0``) is what they do already; for any other, a warning says what to set."""
+        import torch
+
+        for t in self.feature.baseline_transforms[:1]:  # Captum used the first one only
+            b = t(x)
+            if isinstance(b, torch.Tensor) and b.shape == x.shape and not bool(b.any()):
+                continue
+            if isinstance(b, torch.Tensor) and b.numel() and bool((b == b.flatten()[0]).all()):
+                advice = f"set the method's baselines parameter to {float(b.flatten()[0]):g} for the same baseline"
+            else:
+                advice = "this baseline is not a constant image, so set it from Python (insights.attribute(..., " \
+                         "baselines=tensor)) to use it"
+            warnings.warn(f"baseline_transforms are not applied by the dashboard: its methods take their baseline "
+                          f"from their baselines parameter (0 by default); {advice}", stacklevel=4)
 
     # -- serving ------------------------------------------------------------------------------
 

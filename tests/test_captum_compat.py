@@ -224,6 +224,12 @@ def test_the_dataset_is_read_as_captum_scripts_write_it():
     with pytest.warns(UserWarning, match="probabilities are the softmax"):
         AttributionVisualizer(Tiny(1), ["a", "b", "c"], [ImageFeature("P", None, None)], tiny_batches(),
                               score_func=torch.sigmoid)
+    with pytest.warns(UserWarning, match="set the method's baselines parameter to 0.5 for the same baseline"):
+        AttributionVisualizer(Tiny(1), ["a", "b", "c"], [ImageFeature("P", [lambda x: x * 0 + 0.5], None)],
+                              tiny_batches(1))
+    with pytest.warns(UserWarning, match="not a constant image, so set it from Python"):
+        AttributionVisualizer(Tiny(1), ["a", "b", "c"], [ImageFeature("P", [lambda x: x.flip(-1)], None)],
+                              tiny_batches(1))
     normalized = [Batch(torch.randn(2, 3, 8, 8) * 3, torch.tensor([0, 1]))]
     with pytest.raises(ValueError, match="must lie in 0–1 .* Move the normalisation into ImageFeature's input_transforms"):
         AttributionVisualizer(Tiny(1), ["a", "b", "c"], [ImageFeature("P", None, None)], normalized)
