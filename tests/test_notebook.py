@@ -227,6 +227,54 @@ def test_custom_transform_must_return_a_tensor(chelsea):
         input_of(lambda img: torch.zeros(5))
 
 
+def test_show_serves_a_map_style_dataset_through_a_custom_transform(tmp_path):
+    """In-process: a TensorDataset of C×H×W tensors, a transform no preprocessing can say (a squash
+    to 24×16 and a shift), and ``with`` stopping the server; the dashboard's prediction for an item
+    is the model's own on that transform."""
+    import torchvision.transforms.functional as TF
+
+    import insights
+    from insights.datasets import to_pil
+
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(5, 3, 20, 30, generator=generator)
+    data = torch.utils.data.TensorDataset(images, torch.tensor([0, 1, 0, 1, 1]))
+
+    def transform(img):
+        return TF.to_tensor(img.resize((24, 16))) * 2 - 1
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                    torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    with insights.show(model, ["a", "b"], dataset=data, transform=transform, name="tiny",
+                       instance=str(tmp_path / "inst")) as dash:
+        base = dash.url
+        _, _, listed = get(base + "api/datasets")
+        assert [(d["name"], d["kind"], d["size"], d["labelled"]) for d in json.loads(listed)["datasets"]] == \
+            [("tiny-data", "python", 5, 5)]
+        _, _, models = get(base + "api/models")
+        assert json.loads(models)["models"][0]["input_size"] == [3, 16, 16]  # found by the probe
+        status, opened = post(base + "api/datasets/tiny-data/items/2/image", b"{}", "application/json")
+        assert status == 201 and opened["true"] == {"index": 0, "label": "a"}
+        _, answer = post(base + "api/predict", json.dumps({"image": opened["image"]["id"], "top_k": 2}).encode(),
+                         "application/json")
+        with torch.no_grad():
+            probs = torch.softmax(model(transform(to_pil(images[2]).convert("RGB")).unsqueeze(0)), 1)[0]
+        assert {p["index"]: p["prob"] for p in answer["predictions"]} == \
+            pytest.approx(dict(enumerate(probs.tolist())), abs=1e-5)
+        status, explained = post(base + "api/explain", json.dumps({"image": opened["image"]["id"],
+                                                                   "method": "saliency", "target": 0}).encode(),
+                                 "application/json")
+        result = explained["result"]
+        assert status == 200 and result["size"] == [16, 24]  # the map is the input's size (H, W)
+        _, _, view = get(base + result["links"]["input"].lstrip("/"))
+        assert Image.open(io.BytesIO(view)).size == (24, 16)  # and so is the view it is drawn over
+        assert model.training and all(p.requires_grad for p in model.parameters())  # a copy was served
+    assert not dash.running and port_is_free(dash.port)
+    assert os.path.isdir(tmp_path / "inst")  # a folder of the caller's is kept
+
+
 def test_show_refuses_what_it_cannot_serve():
     import insights
 
