@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -248,6 +249,8 @@ def test_the_example_runs_as_a_script_until_ctrl_c():
     proc = subprocess.Popen([sys.executable, EXAMPLE, "--port", str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     try:
+        ready, _, _ = select.select([proc.stdout], [], [], 180)  # a hung script fails the test, not the run
+        assert ready, "the script printed nothing in 180 s"
         line = proc.stdout.readline()  # the script prints the address once it serves
         assert line.strip() == f"Insights dashboard: http://127.0.0.1:{port}/", line + proc.stdout.read()
         _, listed = get(f"http://127.0.0.1:{port}/api/datasets")
