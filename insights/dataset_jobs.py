@@ -525,8 +525,7 @@ class DatasetPredictTask(Task):
         if good:
             model = service.models.get(self.name)
             x = torch.cat(rows).to(service.models.device)
-            with engine.model_lock(model, exclusive=False), torch.inference_mode():
-                logits = model(x)
+            logits = engine.logits(model, x, options=service.engine_settings()["options"])
             if logits.dim() != 2 or logits.shape[-1] != self.spec.num_classes:
                 raise RuntimeError(f"model {self.name} returned shape {tuple(logits.shape)}; "
                                    f"expected N×{self.spec.num_classes} (one score per label)")

@@ -123,3 +123,18 @@ def test_the_twin_is_reused_until_a_weight_changes_and_then_follows_it(small_cnn
     assert twin(small_cnn, images) is not fast
     plain = insights.attribute(small_cnn, images, "occlusion", [1, 2], options=PLAIN, **OCCLUSION)
     assert rel_error(flipped, plain) < 1e-5 and rel_error(flipped, first) > 0.1
+
+
+def test_logits_run_on_the_twin_and_equal_the_models_forward(small_cnn, images):
+    info = {}
+    fast = insights.engine.logits(small_cnn, images, info=info)
+    with torch.no_grad():
+        plain = small_cnn(images)
+    assert info["twin"] == "twin" and rel_error(fast, plain) < 1e-5 and fast.dtype == torch.float32
+    info = {}
+    off = insights.engine.logits(small_cnn, images, options=PLAIN, info=info)
+    assert info["twin"] == "off (EngineOptions.twin)" and torch.equal(off, plain)
+    scripted = torch.jit.trace(small_cnn, images[:1])
+    info = {}
+    assert rel_error(insights.engine.logits(scripted, images, info=info), plain) < 1e-5
+    assert info["twin"] == "a TorchScript module"  # the model itself ran

@@ -118,7 +118,22 @@ def attribute(model: nn.Module, inputs: torch.Tensor, method: str, target: Any, 
     return out.detach().float()
 
 
+def logits(model: nn.Module, inputs: torch.Tensor, *, options: EngineOptions | None = None,
+           info: dict | None = None) -> torch.Tensor:
+    """The model's logits for a batch of inputs (N×C×H×W), as a plain forward pass would give
+    them (within 1e-4): on the model's traced twin where it fits, in fp32, sharing the model with
+    other readers. ``info["twin"]`` says "twin", or why the model itself ran."""
+    from . import seam
+
+    opts = options or EngineOptions()
+    with model_lock(model, exclusive=False), arithmetic(inputs.device, "fp32"):
+        out, how = seam.logits(model, inputs, opts.twin)
+    if info is not None:
+        info["twin"] = how
+    return out.float()
+
+
 from .combined import attribute_many  # noqa: E402
 
-__all__ = ["attribute", "attribute_many", "methods", "method_info", "registry", "EngineOptions", "Cancelled",
+__all__ = ["attribute", "attribute_many", "logits", "methods", "method_info", "registry", "EngineOptions", "Cancelled",
            "InsightsError", "ParamError", "UnknownMethod", "UnsupportedModel"]

@@ -130,6 +130,16 @@ def _no_autograd(device: torch.device) -> Iterator[None]:
         yield
 
 
+def logits(model: nn.Module, x: torch.Tensor, twin_allowed: bool = True) -> tuple[torch.Tensor, str]:
+    """A batch's logits with no hooks and no autograd: on the model's twin where it fits (about
+    twice as fast on the CPU), else the model itself; and "twin" or why the model ran."""
+    found = find_twin(model, x[:1]) if twin_allowed else "off (EngineOptions.twin)"
+    with torch.inference_mode():
+        if isinstance(found, Twin):
+            return found.module(_channels_last(x)), "twin"
+        return model(x), found
+
+
 @contextmanager
 def plain_scorer(ctx: Context) -> Iterator[Score]:
     """The reference for :func:`scorer`: the model itself on each batch."""
