@@ -181,7 +181,6 @@ class Dashboard:
         self.host = HOST
         self.url = f"http://{HOST}:{self.port}/"
         self.height = int(height)
-        self._temp_dir = temp_dir
         self._lock = threading.Lock()
         self.running = True
         # A kernel that ends without stop() still removes the temporary instance folder.
