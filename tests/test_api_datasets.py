@@ -393,3 +393,32 @@ def test_a_dataset_that_cannot_be_served_stops_start_up(tmp_path, entry, words):
     with pytest.raises(DatasetError, match=words):
         create_app({"INSTANCE_PATH": str(tmp_path / "i"), "BUILTIN_MODELS": False, "MODELS_CONFIG": TINY_CONFIG,
                     "DEVICE": "cpu", "DATASETS": [entry.format(root=tmp_path)]})
+
+
+def test_a_larger_python_dataset_pages_through_every_item_once(app, client):
+    """torchvision's FakeData (300 pictures) handed over as Python objects, as a notebook does:
+    pages of 64 cover every item exactly once in every sort order, and the filters split it."""
+    import torchvision
+
+    from insights.datasets import from_python
+
+    fake = torchvision.datasets.FakeData(size=300, image_size=(3, 24, 24), num_classes=5, random_offset=11)
+    svc = app.extensions["insights"]
+    svc.datasets.add(from_python("fake", fake, LABELS))
+    assert scored(client, "fake", timeout=60)["done"] == 300
+    for sort in ("index", "-confidence", "loss"):
+        seen = []
+        for page in range(1, 6):
+            r = client.get(f"/api/datasets/fake/items?per_page=64&page={page}&sort={sort}").json
+            assert r["pages"] == 5 and r["total"] == 300
+            seen += [i["index"] for i in r["items"]]
+        assert sorted(seen) == list(range(300)), sort
+    right = client.get("/api/datasets/fake/items?correct=true&per_page=1").json["total"]
+    wrong = client.get("/api/datasets/fake/items?correct=false&per_page=1").json["total"]
+    summary = client.get("/api/datasets/fake/summary").json["models"]["tiny"]
+    assert right + wrong == 300 and summary["correct"] == right and summary["accuracy"] == pytest.approx(right / 300)
+    labels = [int(fake[i][1]) for i in range(300)]
+    listed = {d["name"]: d for d in client.get("/api/datasets").json["datasets"]}["fake"]
+    assert sorted((c["index"], c["count"]) for c in listed["classes"]) == [(k, labels.count(k)) for k in range(5)]
+    matrix = np.array(summary["confusion"]["matrix"])
+    assert matrix.sum() == 300 and np.trace(matrix) == right and matrix[:, 5:].sum() == 0  # 5 classes: no "other"
