@@ -373,6 +373,7 @@ export function datasetView(state, datasets, { open, useModel }) {
   // The single view's method panel serves the batch too: it moves here while this view shows.
   const methodPanel = $("#step-method");
   const methodHome = methodPanel.nextElementSibling;
+  methodPanel.addEventListener("change", () => batch.refresh()); // after the panel's own listener
 
   return {
     /** Shows the view with the query of the URL's hash (or the last one shown). */
