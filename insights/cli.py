@@ -227,6 +227,8 @@ def serve(argv: list[str] | None = None, prog: str | None = None) -> int | None:
 
 # --------------------------------------------------------------------------- explain
 
+CHUNK_S = 20.0  # seconds of work between two points where a Ctrl-C keeps everything before it
+
 
 class Refused(Exception):
     """Bad input to ``insights explain``: the message is the one line it prints before exiting 2."""
@@ -395,15 +397,21 @@ def _run(args, app, service, path: str, dataset_name: str | None, params: dict, 
     bar = Progress(len(dataset))
     stopped = None  # why the run ended early: Ctrl-C, or an error of the store or the model
     indices = list(range(len(dataset)))
-    # Chunks of one batch each: a Ctrl-C loses at most one chunk's rows from the report (never
-    # its stored results, which the next run finds).
-    size = max(1, int(app.config.get("BATCH_MAX") or 16))
+    # A chunk's results are stored when the whole chunk is done, so a Ctrl-C loses the chunk in
+    # progress: chunks are sized to take about CHUNK_S seconds (one item first, to time it), and
+    # at most BATCH_MAX items, which cheap methods batch in one pass.
+    most = max(1, int(app.config.get("BATCH_MAX") or 16))
+    start, size = 0, 1
     try:
-        for start in range(0, len(indices), size):
+        while start < len(indices):
             chunk = indices[start:start + size]
+            began = time.monotonic()
             rows.extend(batch.explain_items(service, dataset, chunk, args.model, args.method, params, target,
                                             progress=bar.chunk(len(chunk))))
             bar.finish_chunk(len(chunk))
+            start += len(chunk)
+            per_item = max(time.monotonic() - began, 1e-3) / len(chunk)
+            size = max(1, min(most, int(CHUNK_S / per_item)))
     except KeyboardInterrupt:
         stopped = "Ctrl-C"
     except (ServiceError, InsightsError, OSError, RuntimeError) as e:

@@ -211,6 +211,26 @@ def test_ctrl_c_keeps_what_finished(first, photos, monkeypatch):
         assert "Stopped before the end: 1 of 4 items" in f.read()
 
 
+@pytest.mark.parametrize("chunk_s, sizes", [(1e-9, [1, 1, 1, 1]), (60.0, [1, 3])])
+def test_chunks_are_sized_by_the_time_an_item_takes(first, photos, monkeypatch, chunk_s, sizes):
+    """One item first, to time it; then as many as fit CHUNK_S (at most BATCH_MAX): an item that
+    takes longer than CHUNK_S goes alone, so a Ctrl-C never loses more than about that much work."""
+    from insights import batch
+
+    real, seen = batch.explain_items, []
+
+    def counted(*args, **kwargs):
+        seen.append(len(args[2]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batch, "explain_items", counted)
+    monkeypatch.setattr(cli, "CHUNK_S", chunk_s)
+    rc, err = run(["explain", photos, *MODEL, "--out", str(first["base"] / "chunks"), "--instance",
+                   first["instance"]])
+    assert rc == 0, err
+    assert seen == sizes and ": 0 computed, 3 cached, 1 failed;" in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["{photos}/nowhere", *MODEL], "{photos}/nowhere does not exist (nor is it a dataset given with --dataset)"),
     (["nowhere", *MODEL, "--dataset", "shelf={photos}"], "nowhere does not exist and is no configured dataset "
