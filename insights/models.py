@@ -373,7 +373,7 @@ class ModelRegistry:
                 "reason": reason, "default": name == self.default, "loaded": name in self._loaded,
                 "input_size": [len(p.mean), p.crop, p.crop], "num_classes": spec.num_classes,
                 "cam_layer": spec.cam_layer, "preprocessing": p.as_dict(),
-                "format": spec.format}
+                "format": spec.format, "transform": "custom" if spec.transform is not None else None}
 
     def loaded(self) -> list[str]:
         with self._guard:

@@ -225,3 +225,16 @@ def test_init_app_settings(tmp_path):
     with pytest.raises(UnknownModel, match="'nope'"):
         create_app({"INSTANCE_PATH": str(tmp_path / "j"), "DEFAULT_MODEL": "nope"})
     assert np.isclose(reg.spec("net").preprocessing.mean[0], 0.485)
+
+
+def test_a_model_with_its_own_transform_says_so_and_prepares_with_it():
+    reg = ModelRegistry()
+    squash = lambda img: torch.from_numpy(np.asarray(img.resize((16, 8)), np.float32) / 255).permute(2, 0, 1)  # noqa: E731
+    reg.register("own", lambda: nn.Identity(), Preprocessing(resize=8, crop=8), ["a", "b"], transform=squash)
+    reg.register("plain", lambda: nn.Identity(), Preprocessing(resize=8, crop=8), ["a", "b"])
+    assert reg.info("own")["transform"] == "custom" and reg.info("plain")["transform"] is None
+    x, view = reg.spec("own").prepare(Image.new("RGB", (64, 32), (255, 0, 0)))
+    assert x.shape == (1, 3, 8, 16) and float(x[0, 0].min()) == 1.0 and float(x[0, 1].max()) == 0.0
+    assert view.size == (16, 8)  # the whole image at the input's size
+    with pytest.raises(ValueError, match="transform must be a callable"):
+        reg.register("bad", lambda: nn.Identity(), Preprocessing(resize=8, crop=8), ["a"], transform=3)
