@@ -28,26 +28,35 @@ def project_files() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> str:
-    """A wheel built from a copy of the checkout (so the build leaves nothing in it)."""
+def source(tmp_path_factory) -> tuple[str, list[str]]:
+    """A copy of what the build needs from the checkout (so the build leaves nothing in it, and
+    others' edits meanwhile change neither the wheel nor what the tests expect of it)."""
     src = tmp_path_factory.mktemp("src")
+    copied = []
     for path in project_files():
         if path.split("/")[0] in ("insights", "static", "templates") or path in ("pyproject.toml", "setup.py",
                                                                                   "README.md"):
             os.makedirs(src / os.path.dirname(path), exist_ok=True)
             shutil.copy2(os.path.join(ROOT, path), src / path)
+            copied.append(path)
+    return str(src), copied
+
+
+@pytest.fixture(scope="module")
+def wheel(source, tmp_path_factory) -> str:
+    src, _copied = source
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
+    subprocess.run([sys.executable, "-m", "pip", "wheel", src, "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(out)], check=True, capture_output=True, timeout=300)
     [name] = os.listdir(out)
     return str(out / name)
 
 
-def test_the_wheel_carries_the_code_the_page_and_the_data(wheel):
+def test_the_wheel_carries_the_code_the_page_and_the_data(wheel, source):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
     expected = set()
-    for path in project_files():
+    for path in source[1]:
         top = path.split("/")[0]
         if top in ("static", "templates"):
             expected.add("insights/" + path)
