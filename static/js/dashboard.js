@@ -15,6 +15,12 @@ import { loadOverlay } from "./overlay.js";
 import { $, plainError, toast } from "./ui.js";
 
 async function start() {
+  // A link to the dataset view shows it from the first paint (its panels reserve their space),
+  // rather than the single view first and then a jump.
+  if (location.hash.startsWith("#datasets")) {
+    $("#view-image").hidden = true;
+    $("#view-datasets").hidden = false;
+  }
   const state = createState();
   try {
     [state.models] = await Promise.all([api.models(), loadOverlay()]);
@@ -61,9 +67,13 @@ async function views(state, loaded) {
   try {
     datasets = await api.datasets();
   } catch (e) {
-    return; // no datasets here (or not allowed): the single view alone
+    datasets = []; // not allowed, or none: the single view alone
   }
-  if (!datasets.length) return;
+  if (!datasets.length) {
+    $("#view-image").hidden = false;
+    $("#view-datasets").hidden = true;
+    return;
+  }
   const tabs = { image: $("#tab-view-image"), datasets: $("#tab-view-datasets") };
   const useModel = (name) => {
     const radio = document.getElementById(`model-${name}`);
@@ -144,6 +154,7 @@ async function views(state, loaded) {
   $("#viewswitch").hidden = false;
   if (location.hash.startsWith("#datasets")) {
     visited = true;
+    $("#view-datasets").hidden = true; // shown for real (state, tabs) just below
     show("datasets");
   }
 }

@@ -295,6 +295,10 @@ def test_batch_explain_two_items_shows_their_overlays_in_the_grid(page, scored):
     other = card(page, "n07920052/coffee_flip.jpg").locator(".ds-thumb img")
     expect(other).to_have_attribute("src", re.compile(r"/thumb\?size=160$"))  # not explained: the photo
     assert "show=overlay" in page.url
+    page.locator("#ds-method > summary").click()  # folded again, for the picture
+    page.mouse.move(0, 0)
+    page.evaluate("() => window.scrollTo(0, 0)")
+    expect(page.locator("#toast")).not_to_have_class(re.compile("show"), timeout=5000)
     shot(page, "overlays")
     page.click('[data-name="ds-show"] [data-value="image"]')
     expect(card(page, chosen[0]).locator(".ds-thumb img")).to_have_attribute("src", re.compile(r"/thumb\?size=160$"))
@@ -369,7 +373,7 @@ def test_a_page_of_200_renders_only_the_rows_in_view(page, server):
     height = page.evaluate("() => document.querySelector('#ds-grid').getBoundingClientRect().height")
     assert height > 200 / 7 * 200  # the spacer is as tall as the whole page
     # Predictions were stopped: the bar says so and offers to resume.
-    expect(page.locator("#ds-pred-status")).to_have_text("Scoring paused at 0/240")
+    expect(page.locator("#ds-pred-status .long")).to_have_text("Scoring paused at 0/240")
     expect(page.locator("#ds-pred-toggle")).to_have_text("Resume")
     page.evaluate("() => window.scrollTo(0, document.body.scrollHeight)")
     expect(page.locator('.ds-card[data-index="199"]')).to_be_attached()

@@ -73,7 +73,9 @@ export function summaryPanel(root, { onCell, label }) {
         ...models.filter((m) => summary.models[m]).map((m) => accuracyCard(m, label(m), summary.models[m], summary.size)));
       const counts = h("section.ds-sum-block", { "aria-label": "Items per class" },
         h("h3.group-label", { text: `Per class · ${summary.classes.length} ${summary.classes.length === 1 ? "class" : "classes"}` }),
-        summary.classes.length ? classBars(summary.classes, confusion) : h("p.muted.small", { text: "No labels." }));
+        summary.classes.length ? classBars(summary.classes, confusion) : h("p.muted.small", { text: "No labels." }),
+        confusion ? h("p.ds-legend.small.muted", {}, h("span.ds-key.right", { "aria-hidden": "true" }), "predicted right ",
+          h("span.ds-key.wrong", { "aria-hidden": "true" }), "wrong or not scored") : null);
       const cm = h("section.ds-sum-block.ds-cm-block", { "aria-label": "Confusion matrix" },
         h("h3.group-label", { text: models.length > 1 ? `Confusion · ${label(models[0])}` : "Confusion" }),
         confusion ? matrix(confusion, onCell)

@@ -227,6 +227,7 @@ export function datasetView(state, datasets, { open, useModel }) {
     $("#ds-select-all").textContent = `Select all ${a.total}`;
     $("#ds-select-all").disabled = !a.total;
     $("#ds-per-page").value = String(q.per);
+    $("#ds-pager").hidden = false; // shown once the grid has its height (nothing below it jumps)
   }
 
   function renderProgress(progress) {
@@ -241,9 +242,12 @@ export function datasetView(state, datasets, { open, useModel }) {
     const eta = Math.max(0, ...running.map(([, p]) => p.eta_s || 0));
     const pctDone = total ? Math.round((100 * done) / total) : 0;
     const failed = unfinished.find(([, p]) => p.status === "failed");
-    $("#ds-pred-status").textContent = running.length
-      ? `Scoring ${done}/${total}${eta ? ` · about ${duration(eta)} left` : ""}`
-      : failed ? `Scoring failed: ${failed[1].error || "unknown error"}` : `Scoring paused at ${done}/${total}`;
+    const [long, short] = running.length
+      ? [`Scoring ${done}/${total}${eta ? ` · about ${duration(eta)} left` : ""}`, `${done}/${total}${eta ? ` · ${duration(eta)}` : ""}`]
+      : failed ? [`Scoring failed: ${failed[1].error || "unknown error"}`, "Scoring failed"]
+        : [`Scoring paused at ${done}/${total}`, `Paused ${done}/${total}`];
+    $("#ds-pred-status").replaceChildren(h("span.long", { text: long }), h("span.short", { "aria-hidden": "true", text: short }));
+    $("#ds-pred-status").title = long;
     $("#ds-pred-progress").setAttribute("aria-valuenow", String(pctDone));
     $("#ds-pred-progress .progress-fill").style.width = `${pctDone}%`;
     const toggle = $("#ds-pred-toggle");
@@ -287,6 +291,7 @@ export function datasetView(state, datasets, { open, useModel }) {
     $("#ds-max").value = q.max;
     $("#ds-sort").value = q.sort;
     $("#ds-per-page").value = String(q.per);
+    $("#ds-pager").hidden = false; // shown once the grid has its height (nothing below it jumps)
   }
 
   let confTimer = null;
