@@ -337,6 +337,9 @@ def explain(argv: list[str] | None = None, prog: str | None = None) -> int:
     except Refused as e:
         print(f"insights explain: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while the app or the model loads: nothing was explained yet
+        print("insights explain: stopped (Ctrl-C) before any item was explained", file=sys.stderr)
+        return 130
 
 
 def _explain(args: argparse.Namespace) -> int:
