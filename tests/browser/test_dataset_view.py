@@ -78,7 +78,12 @@ def server(tmp_path_factory):
     photos, many = tmp_path_factory.mktemp("photos"), tmp_path_factory.mktemp("many")
     make_photos(str(photos))
     make_many(str(many))
-    app = create_app({"INSTANCE_PATH": str(tmp_path_factory.mktemp("instance")),
+    config = tmp_path_factory.mktemp("models") / "models.py"
+    config.write_text(  # a second model to show side by side: the same weights seeing a closer crop
+        "from insights.models import _efficientnet_lite0\n"
+        "register('lite0_zoomed', _efficientnet_lite0, Preprocessing(resize=288, crop=224, mean=(127 / 255,) * 3,"
+        " std=(128 / 255,) * 3), imagenet_labels(), label='Lite0 zoomed')\n")
+    app = create_app({"INSTANCE_PATH": str(tmp_path_factory.mktemp("instance")), "MODELS_CONFIG": str(config),
                       "DATASETS": [f"photos={photos}", f"many={many}"]})
     svc = app.extensions["insights"]
     svc.dataset_work.stop(svc.datasets.get("many"), MODEL)  # the grid only: no scoring of noise
@@ -359,6 +364,31 @@ def test_clicking_an_item_opens_it_with_its_true_label_and_back_keeps_the_filter
     expect(page.locator("#view-datasets")).to_be_visible()
     expect(page.locator('[data-name="ds-correct"] [aria-checked="true"]')).to_have_attribute("data-value", "false")
     assert "correct=false" in page.url
+
+
+def test_two_models_side_by_side_with_their_accuracy(page, scored):
+    open_view(page)
+    wait_grid(page, 9)
+    page.locator('label[for="ds-model-lite0_zoomed"]').click()
+    page.wait_for_function("() => document.querySelectorAll('#ds-grid .ds-card').length === 9 && [...document.querySelectorAll('#ds-grid .ds-card')].every((c) => c.querySelectorAll('.ds-model').length === 2) && !document.querySelector('.ds-model.pending')", timeout=60000)
+    assert f"model={MODEL}&model=lite0_zoomed" in page.url
+    api = get(f"/api/datasets/photos/items?model={MODEL}&model=lite0_zoomed&per_page=200")
+    for item in api["items"]:
+        if item["error"]:
+            continue
+        lines = card(page, item["key"]).locator(".ds-model")
+        for k, name in enumerate((MODEL, "lite0_zoomed")):
+            entry = item["models"][name]
+            expect(lines.nth(k).locator(".ds-model-name")).to_have_text(("EfficientNet-Lite0", "Lite0 zoomed")[k])
+            if entry.get("error"):
+                continue
+            expect(lines.nth(k).locator(".ds-pred")).to_have_text(entry["predicted"]["label"])
+            expect(lines.nth(k)).to_have_attribute("data-correct", str(entry["correct"]).lower())
+    summary = get(f"/api/datasets/photos/summary?model={MODEL}&model=lite0_zoomed")["models"]
+    page.wait_for_function("() => document.querySelectorAll('.ds-acc').length === 2 && !document.querySelector('.ds-acc-value.none')")
+    for name in (MODEL, "lite0_zoomed"):
+        expect(page.locator(f'.ds-acc[data-model="{name}"] .ds-acc-value')).to_have_text(f"{summary[name]['accuracy'] * 100:.1f}%")
+    shot(page, "two-models")
 
 
 def test_a_page_of_200_renders_only_the_rows_in_view(page, server):

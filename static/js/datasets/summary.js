@@ -8,7 +8,7 @@ const pct = (x) => (x === null || x === undefined ? "—" : `${(x * 100).toFixed
 function accuracyCard(name, label, m, size) {
   return h("div.ds-acc", { "data-model": name },
     h("span.ds-acc-model", { text: label }),
-    h("strong.ds-acc-value", { "data-accuracy": m.accuracy ?? "", text: pct(m.accuracy) }),
+    h("strong.ds-acc-value", { "data-accuracy": m.accuracy ?? "", class: `ds-acc-value${m.accuracy === null ? " none" : ""}`, text: pct(m.accuracy) }),
     h("span.ds-acc-detail.muted", { text: `${m.correct} of ${m.evaluated} correct · ${m.scored}/${size} scored${m.failed ? ` · ${m.failed} unreadable` : ""}` }));
 }
 
@@ -68,7 +68,7 @@ export function summaryPanel(root, { onCell, label }) {
     render(summary, models) {
       const first = summary.models[models[0]] || {};
       const confusion = first.confusion;
-      const accuracy = h("section.ds-sum-block.ds-accs", { "aria-label": "Accuracy per model" },
+      const accuracy = h(`section.ds-sum-block.ds-accs${models.length > 1 ? ".many" : ""}`, { "aria-label": "Accuracy per model" },
         h("h3.group-label", { text: "Accuracy" }),
         ...models.filter((m) => summary.models[m]).map((m) => accuracyCard(m, label(m), summary.models[m], summary.size)));
       const counts = h("section.ds-sum-block", { "aria-label": "Items per class" },
