@@ -573,7 +573,7 @@ class DatasetExplainTask(Task):
 
     def finish(self, rows: list[dict]) -> dict:
         return {"dataset": self.dataset.name, "model": self.name, "method": self.method_id, "rows": rows,
-                "explained": sum(1 for r in rows if r["result"] and not r["cached"]),
+                "explained": len({r["result"] for r in rows if r["result"] and not r["cached"]}),
                 "cached": sum(1 for r in rows if r["cached"]), "failed": sum(1 for r in rows if r["error"])}
 
 
@@ -623,6 +623,7 @@ def run_batch(service, dataset: Dataset, indices: list[int], name: str, method_i
             raise Cancelled("cancelled")
         chunk = indices[start:start + step]
         todo: list[tuple[dict, ExplainTask]] = []
+        stored: list[tuple[dict, dict, int]] = []  # (row, the image's record, true index)
         for i in chunk:
             item = dataset.items[i]
             t = int(true_of[i])
@@ -637,24 +638,32 @@ def run_batch(service, dataset: Dataset, indices: list[int], name: str, method_i
                 row["error"] = str(err)
                 continue
             row["image"] = record["id"]
-            x, _view = load_inputs(service, spec, record["id"])
-            task_view = _Scored(record["id"])
-            logits = scores(service, name, model, [task_view], x.to(service.models.device))[0]
+            stored.append((row, record, t))
+        if stored:  # the chunk's scores in one pass (from the cache where the images were seen)
+            x = torch.cat([load_inputs(service, spec, record["id"])[0] for _row, record, _t in stored])
+            chunk_logits = scores(service, name, model, [_Scored(record["id"]) for _row, record, _t in stored],
+                                  x.to(service.models.device))
+            del x
+        pending: set[str] = set()  # result ids this chunk computes (a picture listed twice: once)
+        for (row, record, t), logits in zip(stored, chunk_logits if stored else []):
             probs = torch.softmax(logits, dim=0)
             top = int(probs.argmax())
             row["prediction"] = {"index": top, "label": spec.labels[top], "prob": float(probs[top])}
             if target == "true":
                 if t < 0:
-                    row["error"] = f"{item.key}: no true label among the model's classes to explain"
+                    row["error"] = f"{row['key']}: no true label among the model's classes to explain"
                     continue
                 row["target"] = t
             else:
                 row["target"] = top if target == "predicted" else int(target)
             rid = service.store.result_id(record["id"], name, method_id, params, row["target"])
             row["result"] = rid
+            if rid in pending:
+                continue
             if service.store.result(rid) is not None:
                 row["cached"] = True
                 continue
+            pending.add(rid)
             todo.append((row, ExplainTask(service, name, record, method_id, params, row["target"], rid, info)))
         done_before = per * start
         for k in range(0, len(todo), step):

@@ -422,3 +422,17 @@ def test_a_larger_python_dataset_pages_through_every_item_once(app, client):
     assert sorted((c["index"], c["count"]) for c in listed["classes"]) == [(k, labels.count(k)) for k in range(5)]
     matrix = np.array(summary["confusion"]["matrix"])
     assert matrix.sum() == 300 and np.trace(matrix) == right and matrix[:, 5:].sum() == 0  # 5 classes: no "other"
+
+
+def test_a_picture_listed_twice_is_explained_once(app, client):
+    from insights.datasets import from_python
+
+    same = Image.new("RGB", (30, 30), (10, 200, 90))
+    other = Image.new("RGB", (30, 30), (200, 10, 90))
+    app.extensions["insights"].datasets.add(from_python("twice", [(same, 0), (other, 1), (same, 0)], LABELS))
+    r = client.post("/api/datasets/twice/explain", json={"method": "fixed_map_test", "items": [0, 1, 2],
+                                                         "target": "true"})
+    result = wait_job(client, r.json["job"]["id"])["result"]
+    rows = result["rows"]
+    assert rows[0]["result"] == rows[2]["result"] != rows[1]["result"] and rows[0]["image"] == rows[2]["image"]
+    assert result["explained"] == 2 and client.get(f"/api/results/{rows[2]['result']}").status_code == 200
