@@ -183,6 +183,7 @@ class Dataset:
         self.limits = {"max_pixels": 40_000_000, "max_aspect": 16, "max_side": 2048}
         self._errors_lock = threading.Lock()
         self.fingerprint = hashlib.sha256("\n".join(i.stamp for i in items).encode()).hexdigest()[:16]
+        self.notes: list[str] = []  # what the source held that is not an item (shown with the dataset)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -237,7 +238,7 @@ class Dataset:
     def describe(self) -> dict:
         labelled = sum(1 for i in self.items if i.label is not None)
         return {"name": self.name, "kind": self.kind, "size": len(self.items), "labelled": labelled,
-                "errors": sum(1 for i in self.items if i.error), "classes": self.classes()}
+                "errors": sum(1 for i in self.items if i.error), "classes": self.classes(), "notes": list(self.notes)}
 
 
 # --------------------------------------------------------------------------- sources
@@ -304,7 +305,14 @@ def open_folder(path: str, labels: Sequence[str], name: str, max_items: int = 10
     for c, files in per_class:
         for f in files:
             items.append(_file_item(len(items), path, f, resolved[c], c))
-    return Dataset(name, "folder", labels, items)
+    dataset = Dataset(name, "folder", labels, items)
+    loose = [f for f in os.listdir(path) if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)
+             and os.path.isfile(os.path.join(path, f))]
+    if loose:
+        dataset.notes.append(f"{len(loose)} image{'s' * (len(loose) != 1)} at the top of the folder "
+                             f"({', '.join(sorted(loose)[:3])}{', …' if len(loose) > 3 else ''}) "
+                             f"{'are' if len(loose) != 1 else 'is'} in no class folder and left out")
+    return dataset
 
 
 def open_csv(path: str, labels: Sequence[str], name: str, max_items: int = 100_000) -> Dataset:

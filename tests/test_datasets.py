@@ -85,7 +85,9 @@ def test_an_image_folder_numbers_items_by_class_folder_then_file(tmp_path):
     picture(str(root / "3" / "d.png"))  # by index: date
     picture(str(root / ".hidden" / "x.png"))
     (root / "apple" / "notes.txt").write_text("not an image")
+    picture(str(root / "loose.png"))  # in no class folder: left out, and said so
     d = open_source(str(root), LABELS)
+    assert d.describe()["notes"] == ["1 image at the top of the folder (loose.png) is in no class folder and left out"]
     assert d.name == "fruit" and d.kind == "folder" and len(d) == 4
     assert [(i.key, i.label, i.label_name) for i in d.items] == [
         ("3/d.png", 3, "3"), ("apple/nested/a1.png", 0, "apple"), ("banana/b1.jpg", 1, "banana"),
