@@ -56,13 +56,13 @@ async function start() {
   compare.fit(); // the default model is chosen now
   methods.fit();
   upload.loadSamples();
-  await views(state, loaded);
+  await views(state, loaded, result.store);
   document.body.dataset.ready = "true";
 }
 
 /** The single-image view and, when the server has datasets, the dataset view: a switch in the
  * top bar, the view in the URL's hash (#datasets?…), opening a dataset item in the single view. */
-async function views(state, loaded) {
+async function views(state, loaded, viewStore) {
   let datasets = [];
   try {
     datasets = await api.datasets();
@@ -82,7 +82,7 @@ async function views(state, loaded) {
       radio.dispatchEvent(new Event("change"));
     }
   };
-  const view = datasetView(state, datasets, { open: openItem, useModel });
+  const view = datasetView(state, datasets, { open: openItem, useModel, view: viewStore });
   let shown = "image";
 
   function show(which, { fromHash = true } = {}) {

@@ -295,7 +295,8 @@ def test_batch_explain_two_items_shows_their_overlays_in_the_grid(page, scored):
     expect(page.locator('[data-name="ds-show"] [aria-checked="true"]')).to_have_attribute("data-value", "overlay")
     for key in chosen:
         img = card(page, key).locator(".ds-thumb img")
-        expect(img).to_have_attribute("src", f"/api/results/{rows[key]}/overlay.png")
+        # the overlay as the single view's display settings draw it (mode, opacity, …)
+        expect(img).to_have_attribute("src", re.compile(rf"^/api/results/{rows[key]}/overlay\.png\?mode=blended_heat_map&"))
         page.wait_for_function("(k) => { const i = document.querySelector(`.ds-card[data-key=\"${k}\"] .ds-thumb img`); return i.complete && i.naturalWidth > 0; }", arg=key)
     other = card(page, "n07920052/coffee_flip.jpg").locator(".ds-thumb img")
     expect(other).to_have_attribute("src", re.compile(r"/thumb\?size=160$"))  # not explained: the photo

@@ -2,6 +2,7 @@
 // model's prediction, filters and sorting (kept in the URL), a summary, the background
 // predictions' progress, and batch explanations whose overlays the grid then shows.
 import { api } from "../api.js";
+import { overlayUrl } from "../overlay.js";
 import { $, duration, h, plainError, segmented, showError } from "../ui.js";
 import { batchPanel } from "./batch.js";
 import { classCombo } from "./combo.js";
@@ -12,7 +13,7 @@ import { DEFAULTS, filterOf, itemsQuery, readHash, writeHash } from "./urlstate.
 const POLL_MS = 1000;
 const SUMMARY_EVERY = 2; // polls
 
-export function datasetView(state, datasets, { open, useModel }) {
+export function datasetView(state, datasets, { open, useModel, view }) {
   let q = { ...DEFAULTS };
   let answer = null; // the last items answer
   let seq = 0;
@@ -32,7 +33,10 @@ export function datasetView(state, datasets, { open, useModel }) {
   // ---------------------------------------------------------------- pieces
   const grid = itemsGrid($("#ds-grid"), {
     thumb: (item) => `${item.thumb}?size=160`,
-    overlay: (item) => overlays.get(ovKey(item.index)) || null,
+    overlay: (item) => {
+      const link = overlays.get(ovKey(item.index));
+      return link ? overlayUrl({ links: { overlay: link } }, view.view) : null;
+    },
     showOverlay: () => q.show === "overlay",
     selected: (index) => allMatching || selected.has(index),
     toggle: (index, on) => {
@@ -76,6 +80,7 @@ export function datasetView(state, datasets, { open, useModel }) {
     },
   });
 
+  view.subscribe(() => active && grid.refresh());
   const remember = (c) => c && labels.set(Number(c.index), c.label);
   const trueCombo = classCombo({
     labelledBy: "ds-true-label", placeholder: "Any true class",
