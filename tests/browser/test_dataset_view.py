@@ -306,6 +306,11 @@ def test_batch_explain_two_items_shows_their_overlays_in_the_grid(page, scored):
     page.evaluate("() => window.scrollTo(0, 0)")
     expect(page.locator("#toast")).not_to_have_class(re.compile("show"), timeout=5000)
     shot(page, "overlays")
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.locator("#ds-toolbar").scroll_into_view_if_needed()
+    page.wait_for_function("() => [...document.querySelectorAll('.ds-card.showing-overlay img')].some((i) => i.complete && i.naturalWidth > 0 && i.getBoundingClientRect().top < innerHeight)")
+    shot(page, "phone-overlays")
+    page.set_viewport_size({"width": 1440, "height": 900})
     page.click('[data-name="ds-show"] [data-value="image"]')
     expect(card(page, chosen[0]).locator(".ds-thumb img")).to_have_attribute("src", re.compile(r"/thumb\?size=160$"))
 
