@@ -401,6 +401,7 @@ export function datasetView(state, datasets, { open, useModel, view }) {
       $("#ds-method-slot").append(methodPanel);
       renderPickers();
       syncControls();
+      $("#view-datasets").classList.add("ready"); // the side panels show once filled (no jump)
       writeUrl();
       batch.refresh();
       load();
