@@ -244,6 +244,35 @@ def test_incorrect_filter_loss_sort_and_the_url_restore_them(page, scored):
     expect(page.locator("#ds-sort")).to_have_value("-loss")
 
 
+def test_true_class_search_and_confidence_range_filter_like_the_api(page, scored):
+    open_view(page)
+    wait_grid(page, 9)
+    combo = page.locator("#ds-true-slot input")
+    combo.fill("espr")
+    expect(page.locator("#ds-true-slot [role=option]")).to_have_count(1)
+    expect(page.locator("#ds-true-slot [role=option]")).to_contain_text("espresso")
+    combo.press("ArrowDown")
+    combo.press("Enter")
+    expect(combo).to_have_value("espresso")
+    want = [i["key"] for i in get(f"/api/datasets/photos/items?model={MODEL}&true=967")["items"]]
+    page.wait_for_function("(n) => document.querySelectorAll('#ds-grid .ds-card').length === n", arg=len(want))
+    assert keys(page) == want
+    page.fill("#ds-min", "80")
+    page.locator("#ds-min").blur()
+    want = [i["key"] for i in get(f"/api/datasets/photos/items?model={MODEL}&true=967&min_prob=0.8")["items"]]
+    assert 0 < len(want) < 4
+    page.wait_for_function("(n) => document.querySelectorAll('#ds-grid .ds-card').length === n", arg=len(want))
+    assert keys(page) == want
+    assert "min=80" in page.url and "true=967" in page.url
+    expect(page.locator("#ds-filter-count")).to_have_text("2")
+    page.fill("#ds-max", "50")
+    expect(page.locator("#ds-conf-error")).to_have_text("The lowest confidence is above the highest.")
+    page.click("#ds-reset")
+    page.wait_for_function("() => document.querySelectorAll('#ds-grid .ds-card').length === 9")
+    expect(combo).to_have_value("")
+    expect(page.locator("#ds-conf-error")).to_be_hidden()
+
+
 def test_a_confusion_cell_sets_the_true_and_predicted_filters(page, scored):
     open_view(page)
     wait_grid(page, 9)
@@ -411,6 +440,15 @@ def test_a_page_of_200_renders_only_the_rows_in_view(page, server):
     # Predictions were stopped: the bar says so and offers to resume.
     expect(page.locator("#ds-pred-status .long")).to_have_text("Scoring paused at 0/240")
     expect(page.locator("#ds-pred-toggle")).to_have_text("Resume")
+    page.click("#ds-pred-toggle")  # resume: the bar runs with an ETA and the cards fill in
+    expect(page.locator("#ds-pred-toggle")).to_have_text("Stop")
+    expect(page.locator("#ds-pred-status .long")).to_have_text(re.compile(r"^Scoring \d+/240"))
+    page.wait_for_function("() => document.querySelectorAll('.ds-card .ds-model:not(.pending)').length > 0", timeout=30000)
+    page.click("#ds-pred-toggle")  # stop again: what was scored stays
+    expect(page.locator("#ds-pred-toggle")).to_have_text("Resume", timeout=30000)
+    done = get(f"/api/datasets/many/predictions?model={MODEL}")
+    assert done["status"] in ("cancelled", "stopped") and 0 < done["done"] < 240
+    expect(page.locator("#ds-pred-status .long")).to_have_text(f"Scoring paused at {done['done']}/240")
     page.evaluate("() => window.scrollTo(0, document.body.scrollHeight)")
     expect(page.locator('.ds-card[data-index="199"]')).to_be_attached()
     expect(page.locator('.ds-card[data-index="0"]')).to_have_count(0)

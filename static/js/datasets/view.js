@@ -349,15 +349,16 @@ export function datasetView(state, datasets, { open, useModel, view }) {
     selected.clear();
     selectionChanged();
   });
-  $("#ds-pred-toggle").addEventListener("click", async (ev) => {
-    const start = ev.currentTarget.dataset.action === "start";
-    ev.currentTarget.disabled = true;
+  $("#ds-pred-toggle").addEventListener("click", async () => {
+    const button = $("#ds-pred-toggle");
+    const start = button.dataset.action === "start";
+    button.disabled = true;
     try {
       await Promise.all(q.models.map((m) => (start ? api.startPredictions(q.ds, m) : api.stopPredictions(q.ds, m))));
     } catch (e) {
       showError($("#ds-error"), plainError(e));
     } finally {
-      ev.currentTarget.disabled = false;
+      button.disabled = false;
     }
     load();
   });
