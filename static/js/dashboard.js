@@ -148,7 +148,8 @@ async function views(state, loaded, viewStore) {
   }
   window.addEventListener("popstate", () => {
     const which = location.hash.startsWith("#datasets") ? "datasets" : "image";
-    show(which, { fromHash: which === "datasets" && !visited });
+    if (which === "datasets" && shown === "datasets") view.enter(true); // a link or a typed address
+    else show(which, { fromHash: which === "datasets" && !visited });
     visited = visited || which === "datasets";
   });
   $("#viewswitch").hidden = false;

@@ -242,6 +242,12 @@ def test_incorrect_filter_loss_sort_and_the_url_restore_them(page, scored):
     assert keys(page) == want
     expect(page.locator('[data-name="ds-correct"] [aria-checked="true"]')).to_have_attribute("data-value", "false")
     expect(page.locator("#ds-sort")).to_have_value("-loss")
+    # A link followed while the view shows (the hash changes) is read as well.
+    right = [i["key"] for i in get(f"/api/datasets/photos/items?model={MODEL}&correct=true")["items"]]
+    page.evaluate("() => { location.hash = '#datasets?ds=photos&correct=true'; }")
+    page.wait_for_function("(k) => document.querySelector('#ds-grid .ds-card')?.dataset.key === k && document.querySelectorAll('#ds-grid .ds-card').length === %d" % len(right), arg=right[0])
+    assert keys(page) == right
+    expect(page.locator("#ds-sort")).to_have_value("index")
 
 
 def test_true_class_search_and_confidence_range_filter_like_the_api(page, scored):
@@ -311,7 +317,7 @@ def test_batch_explain_two_items_shows_their_overlays_in_the_grid(page, scored):
     pick_method(page, "grad_cam")
     expect(page.locator("#ds-method-name")).to_have_text("Grad-CAM")
     with page.expect_response(lambda r: r.url.endswith("/api/datasets/photos/explain")) as posted:
-        page.click("#ds-explain")
+        page.keyboard.press("Control+Enter")  # the shortcut explains the selection in this view
     body = posted.value.request.post_data_json
     assert sorted(body["items"]) == sorted(int(card(page, k).get_attribute("data-index")) for k in chosen)
     assert body["method"] == "grad_cam" and body["target"] == "predicted" and body["model"] == MODEL

@@ -12,7 +12,7 @@ const MARGIN_ROWS = 2;
 
 const pct = (p) => (p >= 0.995 ? "100%" : p >= 0.1 ? `${(p * 100).toFixed(0)}%` : `${(p * 100).toFixed(1)}%`);
 
-/** hooks: thumb(item), overlay(item) → url or null, showOverlay() → bool, selected(index) → bool,
+/** hooks: thumb(item, size), overlay(item) → url or null, showOverlay() → bool, selected(index) → bool,
  * toggle(index, on), open(item), label(model) → display name. */
 export function itemsGrid(root, hooks) {
   let items = [];
@@ -87,7 +87,9 @@ export function itemsGrid(root, hooks) {
     const box = card.querySelector(".ds-thumb");
     const ov = hooks.overlay(item);
     const why = unreadable(item);
-    const want = why ? null : ov && hooks.showOverlay() ? ov : hooks.thumb(item);
+    // 160 px thumbnails, 256 where a card is wider than that on a sharp screen
+    const size = cardW * (window.devicePixelRatio || 1) > 220 ? 256 : 160;
+    const want = why ? null : ov && hooks.showOverlay() ? ov : hooks.thumb(item, size);
     const img = box.querySelector("img");
     card.classList.toggle("has-overlay", !!ov);
     card.classList.toggle("showing-overlay", !!(ov && want === ov));

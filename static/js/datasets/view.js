@@ -32,7 +32,7 @@ export function datasetView(state, datasets, { open, useModel, view }) {
 
   // ---------------------------------------------------------------- pieces
   const grid = itemsGrid($("#ds-grid"), {
-    thumb: (item) => `${item.thumb}?size=160`,
+    thumb: (item, size) => `${item.thumb}?size=${size}`,
     overlay: (item) => {
       const link = overlays.get(ovKey(item.index));
       return link ? overlayUrl({ links: { overlay: link } }, view.view) : null;
@@ -362,6 +362,13 @@ export function datasetView(state, datasets, { open, useModel, view }) {
     }
     load();
   });
+  // Ctrl+Enter explains the selection here (the single view's own shortcut waits for its view).
+  window.addEventListener("keydown", (ev) => {
+    if (!active || !(ev.ctrlKey || ev.metaKey) || ev.key !== "Enter") return;
+    ev.preventDefault();
+    ev.stopPropagation();
+    $("#ds-explain").click();
+  }, true);
   // On a phone the summary shows the accuracy; the per-class bars and the matrix open on demand.
   $("#ds-summary-more").addEventListener("click", (ev) => {
     const open = !$("#ds-summary").classList.contains("expanded");
@@ -411,6 +418,10 @@ export function datasetView(state, datasets, { open, useModel, view }) {
         grid.relayout();
         if (!fromHash) window.scrollTo(0, scrollY);
       });
+    },
+    /** Whether the view is shown. */
+    get active() {
+      return active;
     },
     leave() {
       active = false;
