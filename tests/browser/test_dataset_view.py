@@ -217,6 +217,16 @@ def test_switch_lists_the_dataset_and_the_grid_shows_labels_predictions_badges_a
     expect(page.locator(".ds-acc-value")).to_have_text(f"{summary['accuracy'] * 100:.1f}%")
     expect(page.locator(".ds-acc-detail")).to_contain_text(f"{summary['correct']} of {summary['evaluated']} correct")
     shot(page, "desktop")
+    assert page.evaluate(UNNAMED) == []  # every control of the view has an accessible name
+    page.locator("#ds-method > summary").click()  # the method panel, moved here, included
+    assert page.evaluate(UNNAMED) == []
+
+
+UNNAMED = """() => Array.from(document.querySelectorAll('#view-datasets input, #view-datasets select, #view-datasets button, #view-datasets [role=radiogroup], #view-datasets [role=gridcell], #viewswitch button'))
+  .filter((el) => !el.closest('[hidden]'))
+  .filter((el) => !(el.getAttribute('aria-label') || el.getAttribute('aria-labelledby') || (el.labels && el.labels.length)
+    || (el.tagName === 'BUTTON' && el.textContent.trim())))
+  .map((el) => el.outerHTML.slice(0, 120))"""
 
 
 def test_incorrect_filter_loss_sort_and_the_url_restore_them(page, scored):
