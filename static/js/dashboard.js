@@ -133,6 +133,10 @@ async function views(state, loaded, viewStore) {
     const preset = await trueTarget(state, answer.true);
     await loaded(preset);
     toast(preset ? `${answer.key} · target: its true label “${preset.label}”` : `${answer.key} opened`);
+    if (preset && !state.busy) {
+      $("#hero-title").textContent = answer.key;
+      $("#hero-sub").textContent = `From the dataset “${name}”, labelled “${preset.label}”: the class to explain is its true label. Pick another class or a method, then press Explain.`;
+    }
   }
 
   for (const [name, tab] of Object.entries(tabs)) {

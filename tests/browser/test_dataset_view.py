@@ -406,6 +406,7 @@ def test_clicking_an_item_opens_it_with_its_true_label_and_back_keeps_the_filter
     expect(page.locator("#view-image")).to_be_visible()
     expect(page.locator("#view-datasets")).to_be_hidden()
     expect(page.locator("#target-label")).to_have_text("tabby")  # the true label, not the top guess
+    expect(page.locator("#hero-title")).to_have_text("tabby/coffee_wrong.jpg")
     expect(page.locator("#predictions .pred").first).to_contain_text("espresso")
     expect(page.locator("#thumb")).to_have_attribute("src", re.compile(r"^/api/images/"))
     page.wait_for_function("() => document.querySelector('#preview')?.naturalWidth > 0")
