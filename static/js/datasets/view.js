@@ -61,7 +61,7 @@ export function datasetView(state, datasets, { open, useModel, view }) {
       trueCombo.set(t);
       predCombo.set(p);
       correct.setValue(q.correct);
-      $("#ds-grid").scrollIntoView({ block: "start", behavior: "smooth" });
+      toGrid("smooth");
     },
   });
   const batch = batchPanel(state, {
@@ -120,6 +120,13 @@ export function datasetView(state, datasets, { open, useModel, view }) {
     { value: "overlay", label: "Overlay", title: "Show the explanations' overlays where there are some" },
   ], q.show, (v) => setShow(v));
   $("#ds-show-slot").append(show);
+
+  /** Scrolls back to the first row when it is above the view (under the sticky toolbar). */
+  function toGrid(behavior) {
+    const below = $("#ds-toolbar").getBoundingClientRect().bottom + 12;
+    const top = $("#ds-grid").getBoundingClientRect().top;
+    if (top < below) window.scrollTo({ top: window.scrollY + top - below, behavior });
+  }
 
   // ---------------------------------------------------------------- state changes
   function setShow(v) {
@@ -199,7 +206,7 @@ export function datasetView(state, datasets, { open, useModel, view }) {
     renderCounts();
     renderProgress(a.predictions);
     selectionChanged();
-    if (top && window.scrollY > $("#view-datasets").offsetTop) $("#ds-toolbar").scrollIntoView({ block: "start" });
+    if (top) toGrid("auto");
     const running = Object.values(a.predictions).some((p) => p.status === "running");
     if (running && active) {
       poll = setTimeout(() => {
