@@ -356,6 +356,9 @@ def test_batch_explain_two_items_shows_their_overlays_in_the_grid(page, scored):
     page.wait_for_function("() => [...document.querySelectorAll('.ds-card.showing-overlay img')].some((i) => i.complete && i.naturalWidth > 0 && i.getBoundingClientRect().top < innerHeight)")
     shot(page, "phone-overlays")
     page.set_viewport_size({"width": 1440, "height": 900})
+    page.reload()  # the tab keeps its batch results: the overlays come back with the address
+    page.wait_for_selector("body[data-ready=true]")
+    expect(card(page, chosen[0]).locator(".ds-thumb img")).to_have_attribute("src", re.compile(rf"^/api/results/{rows[chosen[0]]}/overlay\.png"))
     page.click('[data-name="ds-show"] [data-value="image"]')
     expect(card(page, chosen[0]).locator(".ds-thumb img")).to_have_attribute("src", re.compile(r"/thumb\?size=160$"))
 

@@ -12,6 +12,24 @@ import { DEFAULTS, filterOf, itemsQuery, readHash, writeHash } from "./urlstate.
 
 const POLL_MS = 1000;
 const SUMMARY_EVERY = 2; // polls
+const KEPT = "insights:dataset-overlays"; // this tab's batch results, so a reload shows them again
+const KEPT_MAX = 2000;
+
+function remembered() {
+  try {
+    return new Map(JSON.parse(sessionStorage.getItem(KEPT) || "[]"));
+  } catch (e) {
+    return new Map();
+  }
+}
+
+function keep(overlays) {
+  try {
+    sessionStorage.setItem(KEPT, JSON.stringify([...overlays].slice(-KEPT_MAX)));
+  } catch (e) {
+    /* storage full or disabled: the overlays last until the page is left */
+  }
+}
 
 export function datasetView(state, datasets, { open, useModel, view }) {
   let q = { ...DEFAULTS };
@@ -23,7 +41,7 @@ export function datasetView(state, datasets, { open, useModel, view }) {
   let active = false;
   let allMatching = false;
   const selected = new Set();
-  const overlays = new Map(); // `${dataset}\0${model}\0${index}` → overlay url
+  const overlays = remembered(); // `${dataset}\0${model}\0${index}` → overlay url
   const labels = new Map(); // class index → label (for the filters' display)
   const modelLabel = (name) => (state.models.find((m) => m.name === name) || {}).label || name;
   const available = () => state.models.filter((m) => m.available).map((m) => m.name);
@@ -76,6 +94,7 @@ export function datasetView(state, datasets, { open, useModel, view }) {
       for (const row of r.rows) {
         if (row.result) overlays.set(`${r.dataset}\0${r.model}\0${row.index}`, `/api/results/${encodeURIComponent(row.result)}/overlay.png`);
       }
+      keep(overlays);
       setShow("overlay");
     },
   });
