@@ -498,6 +498,11 @@ def test_phone_width_has_two_columns_and_the_filters_in_a_drawer(browser, scored
         page.click("#ds-drawer-close")
         expect(page.locator("#ds-filter-count")).to_have_text("1")
         assert "correct=false" in page.url
+        page.locator(".ds-card .ds-check input").first.check()  # a selection: the toolbar offers the batch
+        page.click("#ds-explain-quick")
+        expect(page.locator("#ds-explain")).to_be_in_viewport()
+        expect(page.locator("#ds-explain")).to_have_text("Explain 1 selected")
+        expect(page.locator("#ds-explain")).to_be_focused()
         assert page.errors == [], page.errors
     finally:
         ctx.close()

@@ -181,6 +181,8 @@ export function datasetView(state, datasets, { open, useModel, view }) {
     $("#ds-select-clear").disabled = !n;
     $("#ds-select-all").setAttribute("aria-pressed", String(allMatching));
     $("#ds-grid").classList.toggle("all-selected", allMatching);
+    $("#ds-explain-quick").hidden = !n;
+    $("#ds-explain-quick").textContent = `Explain ${n}…`;
     grid.refresh();
     batch.refresh();
   }
@@ -409,6 +411,11 @@ export function datasetView(state, datasets, { open, useModel, view }) {
     else $("#ds-filters-open").focus();
   };
   $("#ds-filters-open").addEventListener("click", () => drawer(true));
+  $("#ds-explain-quick").addEventListener("click", () => { // a phone: the batch panel is in the drawer
+    drawer(true);
+    $("#ds-batch").scrollIntoView({ block: "start" });
+    $("#ds-explain").focus();
+  });
   $("#ds-drawer-close").addEventListener("click", () => drawer(false));
   $("#ds-side").addEventListener("keydown", (ev) => {
     if (ev.key === "Escape" && $("#view-datasets").classList.contains("drawer-open")) drawer(false);
