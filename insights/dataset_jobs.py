@@ -11,6 +11,7 @@ chunk at most, never for the whole dataset.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import threading
@@ -45,28 +46,50 @@ def item_key(item) -> str:
     return hashlib.sha256(item.stamp.encode()).hexdigest()[:32]
 
 
+def model_key(spec) -> str:
+    """What the predictions cache calls a model: its name and a digest of its labels and
+    description (a model served again under the same name with other classes, or from another
+    file, starts afresh; retrained weights at the same path do not: see docs/api.md)."""
+    digest = hashlib.sha256(json.dumps([spec.labels, spec.description]).encode()).hexdigest()[:12]
+    return f"{spec.name}@{digest}"
+
+
 def truth(dataset: Dataset, labels: list[str]) -> np.ndarray:
     """Each item's true class as an index into a model's ``labels`` (-1: unlabelled, or the
-    class has no counterpart among that model's labels)."""
+    class has no counterpart among that model's labels). For another model's labels, the class is
+    looked up by its name, then by the name the source wrote, then by its ImageNet WordNet id."""
     if labels == dataset.labels:
-        mapping = {c: c for c in range(len(labels))}
-    else:
-        index, mapping = LabelIndex(labels), {}
-        for c in {i.label for i in dataset.items if i.label is not None}:
-            try:
-                mapping[c] = index.find(dataset.labels[c])
-            except DatasetError:
-                mapping[c] = -1
-    return np.array([-1 if i.label is None else mapping[i.label] for i in dataset.items], dtype=np.int64)
+        return np.array([-1 if i.label is None else i.label for i in dataset.items], dtype=np.int64)
+    from .datasets import imagenet_wnids, is_imagenet
+
+    index, mapping = LabelIndex(labels), {}
+    wnids = imagenet_wnids() if is_imagenet(dataset.labels) else None
+    out = np.full(len(dataset), -1, dtype=np.int64)
+    for k, item in enumerate(dataset.items):
+        if item.label is None:
+            continue
+        key = (item.label, item.label_name)
+        if key not in mapping:
+            mapping[key] = -1
+            for name in (dataset.labels[item.label], item.label_name, wnids[item.label] if wnids else None):
+                if name is None:
+                    continue
+                try:
+                    mapping[key] = index.find(name)
+                    break
+                except DatasetError:
+                    continue
+        out[k] = mapping[key]
+    return out
 
 
 class Board:
     """One model's predictions over one dataset, in memory: top class, its probability, the
     true class's probability, and which items are scored (1) or failed (2)."""
 
-    def __init__(self, dataset: Dataset, model: str, labels: list[str]):
+    def __init__(self, dataset: Dataset, model: str, labels: list[str], key: str):
         n = len(dataset)
-        self.dataset, self.model, self.labels = dataset, model, labels
+        self.dataset, self.model, self.labels, self.key = dataset, model, labels, key
         self.keys = [item_key(i) for i in dataset.items]
         self.true = truth(dataset, labels)
         self.pred = np.full(n, -1, dtype=np.int64)
@@ -76,31 +99,37 @@ class Board:
         self.errors: dict[int, str] = {}
         self.lock = threading.Lock()
 
-    def load(self, store, indices: list[int] | None = None) -> None:
-        """Reads the stored predictions of ``indices`` (all items not yet known)."""
-        with self.lock:
-            todo = [i for i in (range(len(self.keys)) if indices is None else indices) if self.state[i] == 0]
-        if not todo:
+    def load(self, store) -> None:
+        """Reads the stored predictions of the items not yet known (a file dataset's only:
+        Python objects are not the same after a restart)."""
+        if self.dataset.kind == "python":
             return
-        found = store.predictions(self.model, [self.keys[i] for i in todo])
+        with self.lock:
+            todo = [int(i) for i in np.flatnonzero(self.state == 0)]
+        found = store.predictions(self.key, [self.keys[i] for i in todo]) if todo else {}
         with self.lock:
             for i in todo:
                 row = found.get(self.keys[i])
                 if row is not None:
-                    self._fill(i, row[0], row[1])
+                    self.fill(i, *row)
 
-    def _fill(self, i: int, logits: bytes | None, error: str | None) -> None:
-        if logits is None:
+    def fill(self, i: int, top: int | None, prob: float | None, true_prob: float | None,
+             error: str | None) -> None:
+        """Records item ``i``'s prediction, or its error (the caller holds the lock)."""
+        if top is None or prob is None or not 0 <= int(top) < len(self.labels):
             self.state[i], self.errors[i] = 2, error or "could not be scored"
             return
-        scores = torch.from_numpy(np.frombuffer(logits, dtype=np.float16).astype(np.float32))
-        probs = torch.softmax(scores, dim=0)
-        top = int(probs.argmax())
-        self.pred[i], self.prob[i] = top, float(probs[top])
-        t = int(self.true[i])
-        if 0 <= t < probs.numel():
-            self.true_prob[i] = float(probs[t])
+        self.pred[i], self.prob[i] = int(top), float(prob)
+        if true_prob is not None and self.true[i] >= 0:
+            self.true_prob[i] = float(true_prob)
         self.state[i] = 1
+
+    def record(self, rows: list) -> None:
+        """A chunk job's answer: [index, top, prob, true_prob, error] per item."""
+        with self.lock:
+            for i, top, prob, true_prob, error in rows:
+                if 0 <= int(i) < len(self.keys):
+                    self.fill(int(i), top, prob, true_prob, error)
 
     @property
     def done(self) -> int:
@@ -119,13 +148,13 @@ class Board:
 
     def loss(self) -> np.ndarray:
         """Cross-entropy of the true class (NaN where unknown)."""
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"):
             return -np.log(np.maximum(self.true_prob, 1e-12))
 
 
 class Progress:
     """A driver thread that scores a dataset's unscored items with one model, a chunk job at a
-    time, reading each chunk's stored rows back into the board."""
+    time, recording each chunk's answer in the board."""
 
     def __init__(self, work: "DatasetWork", board: Board):
         self.work, self.board = work, board
@@ -141,42 +170,43 @@ class Progress:
                                        daemon=True)
 
     def _run(self) -> None:
-        service, board = self.work.service, self.board
         try:
-            while not self.work.one_at_a_time.acquire(timeout=0.5):
+            while not self.work.one_at_a_time.acquire(timeout=0.2):
                 if self.cancel.is_set():
                     self.status = "cancelled"
                     return
-        except BaseException:
-            self.finished = time.time()
-            raise
-        self.status = "running"
-        self.started, self.start_done = time.time(), board.done
-        try:
-            pending = board.pending()
-            for start in range(0, len(pending), CHUNK):
-                if self.cancel.is_set():
-                    break
-                chunk = pending[start:start + CHUNK]
-                task = DatasetPredictTask(service, board.dataset, board.model, chunk)
-                job = service.jobs.submit(task, key=f"dataset:{board.dataset.fingerprint}:{board.model}:{chunk[0]}",
-                                          total=len(chunk))
-                self.job_id = job.id
-                while not job.wait(0.5):
-                    if self.cancel.is_set():
-                        service.jobs.cancel(job.id)
-                if job.status == "failed":
-                    raise RuntimeError((job.error or {}).get("message") or "the prediction job failed")
-                board.load(service.store, chunk)
-                if job.status == "cancelled":
-                    break
-            self.status = "cancelled" if self.cancel.is_set() else "done"
+            try:
+                self.status = "running"
+                self.started, self.start_done = time.time(), self.board.done
+                self.status = self._chunks()
+            finally:
+                self.work.one_at_a_time.release()
         except Exception as err:  # noqa: BLE001 - reported in the status, and logged
-            log.exception("predictions of dataset %s by %s failed", board.dataset.name, board.model)
+            log.exception("predictions of dataset %s by %s failed", self.board.dataset.name, self.board.model)
             self.status, self.error = "failed", str(err)
         finally:
-            self.work.one_at_a_time.release()
             self.finished = time.time()
+
+    def _chunks(self) -> str:
+        service, board = self.work.service, self.board
+        pending = board.pending()
+        for start in range(0, len(pending), CHUNK):
+            if self.cancel.is_set():
+                return "cancelled"
+            chunk = pending[start:start + CHUNK]
+            task = DatasetPredictTask(service, board.dataset, board.model, chunk)
+            job = service.jobs.submit(task, key=f"dataset:{board.dataset.fingerprint}:{board.key}:{chunk[0]}",
+                                      total=len(chunk))
+            self.job_id = job.id
+            while not job.wait(0.2):
+                if self.cancel.is_set():
+                    service.jobs.cancel(job.id)
+            if job.status == "failed":
+                raise RuntimeError((job.error or {}).get("message") or "the prediction job failed")
+            if job.status == "cancelled":
+                return "cancelled"
+            board.record((job.result or {}).get("items") or [])
+        return "done"
 
     def describe(self) -> dict:
         done = self.board.done
@@ -196,6 +226,8 @@ class DatasetWork:
         self._runs: dict[tuple[str, str], Progress] = {}
         self._stopped: set[tuple[str, str]] = set()  # cancelled by a user: not restarted by reads
         self._guard = threading.Lock()
+        self._loading = threading.Lock()  # a board is made and read from the index once, readers wait
+        self._closed = False
         self._thumbs: "OrderedDict[tuple, bytes]" = OrderedDict()
         self._thumbs_lock = threading.Lock()
         # One model's run at a time: runs of several models would take turns chunk by chunk, and
@@ -205,29 +237,40 @@ class DatasetWork:
     # -- predictions -----------------------------------------------------------------------
 
     def board(self, dataset: Dataset, model: str) -> Board:
+        """The model's board over the dataset, read back from the index when first made (other
+        requests wait for that, so none sees it half-read)."""
         key = (dataset.name, model)
-        with self._guard:
+        board = self._boards.get(key)
+        if board is not None:
+            return board
+        with self._loading:
             board = self._boards.get(key)
             if board is None:
-                board = self._boards[key] = Board(dataset, model, self.service.models.spec(model).labels)
-                fresh = True
-            else:
-                fresh = False
-        if fresh:
-            board.load(self.service.store)
+                spec = self.service.models.spec(model)
+                board = Board(dataset, model, spec.labels, model_key(spec))
+                board.load(self.service.store)
+                with self._guard:
+                    self._boards[key] = board
         return board
 
     def start(self, dataset: Dataset, model: str, asked: bool = False) -> dict:
-        """Starts scoring the dataset's unscored items with ``model`` unless it runs, is done, or
-        was cancelled by a user (``asked``: a user asks again, which restarts it)."""
+        """Starts scoring the dataset's unscored items with ``model``. A read (``asked`` False)
+        starts the model's first run over the dataset only; a user asking (``asked``) starts one
+        again after a stop, a failure, or items that could not be read then."""
         board = self.board(dataset, model)
         key = (dataset.name, model)
         with self._guard:
             if asked:
                 self._stopped.discard(key)
             run = self._runs.get(key)
-            if (run is None or run.finished is not None) and key not in self._stopped and board.done < len(board.keys) \
+            again = run is None or (asked and run.finished is not None)
+            if again and not self._closed and key not in self._stopped and board.done < len(board.keys) \
                     and not self.service.store.read_only:
+                if asked:  # the items that failed for now (a file gone) are tried again
+                    with board.lock:
+                        for i in [i for i, _e in board.errors.items() if board.state[i] == 2]:
+                            board.state[i] = 0
+                            board.errors.pop(i, None)
                 run = self._runs[key] = Progress(self, board)
                 run.thread.start()
         return self.status(dataset, model)
@@ -263,9 +306,16 @@ class DatasetWork:
             run.thread.join(timeout)
         return self.status(dataset, model)
 
-    def shutdown(self) -> None:
-        for run in list(self._runs.values()):
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stops every run (no new one starts) and waits up to ``timeout`` for their threads."""
+        with self._guard:
+            self._closed = True
+            runs = list(self._runs.values())
+        for run in runs:
             run.cancel.set()
+        deadline = time.monotonic() + timeout
+        for run in runs:
+            run.thread.join(max(0.0, deadline - time.monotonic()))
 
     # -- listing ---------------------------------------------------------------------------
 
@@ -322,8 +372,7 @@ class DatasetWork:
         correct_of = [b.correct() for b in boards]
         out = []
         for i in rows.tolist():
-            item = dataset.items[i]
-            entry = item.describe(dataset.labels)
+            entry = dataset.describe_item(i)
             entry["thumb"] = f"/api/datasets/{dataset.name}/items/{i}/thumb"
             entry["models"] = {b.model: self._prediction(b, i, c) for b, c in zip(boards, correct_of)}
             out.append(entry)
@@ -377,20 +426,21 @@ class DatasetWork:
     @staticmethod
     def _confusion(dataset: Dataset, b: Board, classes: list[dict]) -> dict:
         """Rows: the dataset's true classes; columns: the same classes as predicted, then
-        "other" (a class outside the dataset's)."""
+        "other" (a class outside the dataset's, or one this model has no counterpart for)."""
         order = sorted(c["index"] for c in classes)
-        row_of = {c: k for k, c in enumerate(order)}
-        col_of = {}
-        for c in order:
-            t = b.true[[i for i, item in enumerate(dataset.items) if item.label == c][0]]
-            if t >= 0:
-                col_of[int(t)] = row_of[c]
-        matrix = [[0] * (len(order) + 1) for _ in order]
-        for i, item in enumerate(dataset.items):
-            if item.label is None or b.state[i] != 1:
-                continue
-            matrix[row_of[item.label]][col_of.get(int(b.pred[i]), len(order))] += 1
-        return {"classes": [{"index": c, "label": dataset.labels[c]} for c in order], "matrix": matrix}
+        n = len(order)
+        own = np.array([-1 if i.label is None else i.label for i in dataset.items], dtype=np.int64)
+        row_of = np.full(len(dataset.labels), -1, dtype=np.int64)
+        row_of[order] = np.arange(n)
+        col_of = np.full(len(b.labels), n, dtype=np.int64)  # the model's class → column ("other")
+        for c, k in zip(order, range(n)):
+            ts = b.true[own == c]
+            if ts.size and ts[0] >= 0:
+                col_of[ts[0]] = k
+        use = (own >= 0) & (b.state == 1)
+        matrix = np.zeros((n, n + 1), dtype=np.int64)
+        np.add.at(matrix, (row_of[own[use]], col_of[b.pred[use]]), 1)
+        return {"classes": [{"index": c, "label": dataset.labels[c]} for c in order], "matrix": matrix.tolist()}
 
     # -- images ----------------------------------------------------------------------------
 
@@ -405,7 +455,7 @@ class DatasetWork:
             if key in self._thumbs:
                 self._thumbs.move_to_end(key)
                 return self._thumbs[key]
-        data = image_bytes(dataset.image(i), size)
+        data = image_bytes(dataset.image(i, max_side=2 * size), size)  # a JPEG decodes reduced
         with self._thumbs_lock:
             self._thumbs[key] = data
             while sum(len(v) for v in self._thumbs.values()) > 64 * 1024 * 1024:
@@ -416,7 +466,7 @@ class DatasetWork:
         """Stores an item's image as an upload (to open it in the single-image view)."""
         item = dataset.item(index)
         record = self.service.store.put_image(dataset.image(item.index))
-        return {"image": record, **item.describe(dataset.labels)}
+        return {"image": record, **dataset.describe_item(item.index)}
 
     # -- batch explanations ----------------------------------------------------------------
 
@@ -443,7 +493,8 @@ class DatasetWork:
         if unknown:
             raise BadParam(f"filter: unknown key {shown(unknown[0])}; a filter has {', '.join(sorted(FILTERS))}",
                            "filter")
-        args = {k: (v if k == "model" else (None if v is None else str(v))) for k, v in query.items()}
+        args = {k: (v if k == "model" else None if v is None else str(v).lower() if isinstance(v, bool) else str(v))
+                for k, v in query.items()}
         if isinstance(args.get("model"), str):
             args["model"] = [args["model"]]
         listed = self.items(dataset, {**args, "per_page": MAX_PER_PAGE, "page": 1, "sort": "index"})
@@ -492,7 +543,8 @@ def parse_target(value: Any, num_classes: int) -> str | int:
 
 
 class DatasetPredictTask(Task):
-    """Scores a chunk of a dataset's items with one model and keeps the scores in the store."""
+    """Scores a chunk of a dataset's items with one model; keeps each prediction in the index (a
+    file dataset's; an item that cannot be read for now is not kept) and answers them."""
 
     kind = "dataset_predict"
 
@@ -501,18 +553,21 @@ class DatasetPredictTask(Task):
         self.spec = service.models.spec(model)
 
     def to_payload(self) -> dict:
-        return {"kind": self.kind, "model": self.name, "dataset": self.dataset.name, "items": self.indices}
+        return {"kind": self.kind, "model": self.name, "dataset": self.dataset.name,
+                "fingerprint": self.dataset.fingerprint, "items": self.indices}
 
     @classmethod
     def from_payload(cls, service, payload: dict) -> "DatasetPredictTask":
-        return cls(service, service.datasets.get(payload["dataset"]), payload["model"], payload["items"])
+        return cls(service, worker_dataset(service, payload), payload["model"], payload["items"])
 
     @classmethod
     def compute(cls, tasks: list["DatasetPredictTask"], jobs: list) -> list:
         return [t._score(j) for t, j in zip(tasks, jobs)]
 
-    def _score(self, job) -> list[tuple[int, np.ndarray | None, str | None]]:
+    def _score(self, job) -> list[tuple]:
+        """(index, top, prob, true_prob, error, lasting) per item."""
         service, out, rows, good = self.service, [], [], []
+        true_of = truth(self.dataset, self.spec.labels)
         for i in self.indices:
             if job.cancel.is_set():
                 raise Cancelled("cancelled")
@@ -521,26 +576,49 @@ class DatasetPredictTask(Task):
                 rows.append(x)
                 good.append(i)
             except ItemError as err:
-                out.append((i, None, str(err)))
+                out.append((i, None, None, None, str(err), err.lasting))
+            except Exception as err:  # noqa: BLE001 - a model's own transform failing on this item
+                out.append((i, None, None, None, f"{self.dataset.items[i].key}: {type(err).__name__}: {err}", False))
         if good:
             model = service.models.get(self.name)
-            x = torch.cat(rows).to(service.models.device)
-            logits = engine.logits(model, x, options=service.engine_settings()["options"])
+            options = service.engine_settings()["options"]
+            if len({tuple(x.shape) for x in rows}) == 1:
+                logits = engine.logits(model, torch.cat(rows).to(service.models.device), options=options)
+            else:  # a transform whose output size follows the image: one at a time
+                logits = torch.cat([engine.logits(model, x.to(service.models.device), options=options) for x in rows])
             if logits.dim() != 2 or logits.shape[-1] != self.spec.num_classes:
                 raise RuntimeError(f"model {self.name} returned shape {tuple(logits.shape)}; "
                                    f"expected N×{self.spec.num_classes} (one score per label)")
-            for i, row in zip(good, logits.float().cpu().numpy()):
-                out.append((i, row, None))
+            probs = torch.softmax(logits.float().cpu(), dim=1)
+            for i, row in zip(good, probs):
+                if not bool(torch.isfinite(row).all()):
+                    out.append((i, None, None, None, f"{self.dataset.items[i].key}: the model's scores are not finite",
+                                True))
+                    continue
+                top = int(row.argmax())
+                t = int(true_of[i])
+                out.append((i, top, float(row[top]), float(row[t]) if t >= 0 else None, None, True))
         job.progress(len(self.indices), len(self.indices))
         return sorted(out, key=lambda r: r[0])
 
     def finish(self, computed: list) -> dict:
-        items = self.dataset.items
-        self.service.store.put_predictions(self.name, [
-            (item_key(items[i]), None if logits is None else logits.astype(np.float16).tobytes(), error)
-            for i, logits, error in computed])
-        return {"scored": sum(1 for _i, row, _e in computed if row is not None),
-                "failed": sum(1 for _i, row, _e in computed if row is None)}
+        if self.dataset.kind != "python":
+            items, key = self.dataset.items, model_key(self.spec)
+            self.service.store.put_predictions(key, [(item_key(items[i]), top, prob, true_prob, error)
+                                                     for i, top, prob, true_prob, error, lasting in computed
+                                                     if lasting])
+        return {"items": [[i, top, prob, true_prob, error] for i, top, prob, true_prob, error, _l in computed]}
+
+
+def worker_dataset(service, payload: dict) -> Dataset:
+    """The dataset a task payload names, as this process opened it; refused when its files differ
+    from the submitter's (item indices would name other pictures)."""
+    dataset = service.datasets.get(payload["dataset"])
+    if payload.get("fingerprint") != dataset.fingerprint:
+        raise DatasetError(f"this worker's copy of dataset {dataset.name!r} differs from the web node's (its files "
+                           "or their paths changed): every node needs the same DATASETS at the same paths, "
+                           "started after the files last changed")
+    return dataset
 
 
 class DatasetExplainTask(Task):
@@ -555,7 +633,8 @@ class DatasetExplainTask(Task):
         self.params, self.info, self.target, self.indices = params, info, target, list(indices)
 
     def to_payload(self) -> dict:
-        return {"kind": self.kind, "model": self.name, "dataset": self.dataset.name, "method": self.method_id,
+        return {"kind": self.kind, "model": self.name, "dataset": self.dataset.name,
+                "fingerprint": self.dataset.fingerprint, "method": self.method_id,
                 "params": jsonable(self.params), "info": jsonable(self.info), "target": self.target,
                 "items": self.indices}
 
@@ -563,7 +642,7 @@ class DatasetExplainTask(Task):
     def from_payload(cls, service, payload: dict) -> "DatasetExplainTask":
         name, method_id = payload["model"], payload["method"]
         params = engine.registry.get(method_id).validate(payload["params"], service.input_shape(name))
-        return cls(service, service.datasets.get(payload["dataset"]), name, method_id, params, payload["info"],
+        return cls(service, worker_dataset(service, payload), name, method_id, params, payload["info"],
                    payload["target"], payload["items"])
 
     @classmethod

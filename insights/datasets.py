@@ -22,6 +22,7 @@ import hashlib
 import io
 import os
 import re
+import stat
 import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -51,13 +52,15 @@ class DatasetError(ValueError):
 
 
 class ItemError(ValueError):
-    """One item that cannot be read (its file is gone, not an image, too large)."""
+    """One item that cannot be read (its file is gone, not an image, too large). ``lasting``: the
+    file itself is bad, so a prediction's failure may be kept."""
 
     status, code = 400, "bad_image"
 
-    def __init__(self, message: str, field: str | None = "item"):
+    def __init__(self, message: str, field: str | None = "item", lasting: bool = False):
         super().__init__(message)
         self.field = field
+        self.lasting = lasting
 
 
 @lru_cache(maxsize=1)
@@ -107,10 +110,14 @@ class LabelIndex:
             self.exact.setdefault(label, []).append(i)
             self.plain.setdefault(_plain(label), []).append(i)
         self.wnids = {w: i for i, w in enumerate(imagenet_wnids())} if is_imagenet(self.labels) else {}
-        if self.wnids:  # ImageNet's WordNet names count too: "crane" names the bird and the machine
+        if self.wnids:
+            # ImageNet's WordNet names count too. A class's first name is as good as its label, so
+            # "crane" (the first name of the bird, which torchvision calls "crane bird", and of the
+            # machine) and "maillot" are ambiguous; its other names ("tabby cat") are matched when
+            # nothing matches exactly, and only when they name one class.
             for i, names in enumerate(imagenet_lemmas()):
-                for name in names:
-                    for table, key in ((self.exact, name), (self.plain, _plain(name))):
+                for table, keys in ((self.exact, names[:1]), (self.plain, [_plain(n) for n in names])):
+                    for key in keys:
                         if i not in table.setdefault(key, []):
                             table[key].append(i)
 
@@ -182,6 +189,7 @@ class Dataset:
         # Upload limits apply to dataset files too (the registry sets them from the settings).
         self.limits = {"max_pixels": 40_000_000, "max_aspect": 16, "max_side": 2048}
         self._errors_lock = threading.Lock()
+        self.read_errors: dict[int, str] = {}  # items whose last read failed, and why
         self.fingerprint = hashlib.sha256("\n".join(i.stamp for i in items).encode()).hexdigest()[:16]
         self.notes: list[str] = []  # what the source held that is not an item (shown with the dataset)
 
@@ -194,37 +202,59 @@ class Dataset:
                                "item")
         return self.items[int(index)]
 
-    def image(self, index: int) -> Image.Image:
-        """The item's image, RGB, decoded with the upload limits; :class:`ItemError` when it
-        cannot be read (the item's ``error`` says so from then on)."""
+    def image(self, index: int, max_side: int | None = None) -> Image.Image:
+        """The item's image, RGB, decoded with the upload limits (``max_side``: smaller still,
+        for thumbnails); :class:`ItemError` when it cannot be read, whose ``lasting`` says whether
+        the file itself is bad (it does not decode) rather than unreachable for now (gone, not a
+        plain file, a Python dataset's error)."""
         item = self.item(index)
+        side = min(max_side or self.limits["max_side"], self.limits["max_side"])
         try:
             if self._loader is not None:
-                img = to_pil(self._loader(item.index))
-                return imaging.to_rgb(img, self.limits["max_side"])
-            size = os.path.getsize(item.path)
-            if size > MAX_FILE_BYTES:
-                raise ItemError(f"{item.key}: the file is {size} bytes, more than {MAX_FILE_BYTES}")
-            with open(item.path, "rb") as f:
-                data = f.read()
-            return imaging.decode(data, item.key, self.limits["max_pixels"], self.limits["max_aspect"],
-                                  self.limits["max_side"])
+                img = imaging.to_rgb(to_pil(self._loader(item.index)), side)
+            else:
+                img = imaging.decode(self._read(item), item.key, self.limits["max_pixels"],
+                                     self.limits["max_aspect"], side)
         except ItemError as err:
-            self._fail(item, str(err))
+            self._failed(item, err)
             raise
         except imaging.ImageError as err:
-            self._fail(item, f"{item.key}: {err}")
-            raise ItemError(f"{item.key}: {err}") from None
+            raise self._failed(item, ItemError(f"{item.key}: {err}", lasting=True)) from None
         except OSError as err:
-            self._fail(item, f"{item.key}: cannot be read ({err.strerror or type(err).__name__})")
-            raise ItemError(item.error) from None
-        except (TypeError, ValueError) as err:
-            self._fail(item, f"{item.key}: {err}")
-            raise ItemError(item.error) from None
-
-    def _fail(self, item: Item, message: str) -> None:
+            raise self._failed(item, ItemError(f"{item.key}: cannot be read ({err.strerror or type(err).__name__})")) \
+                from None
+        except Exception as err:  # noqa: BLE001 - a Python dataset's own code, a conversion
+            raise self._failed(item, ItemError(f"{item.key}: {type(err).__name__}: {err}")) from None
         with self._errors_lock:
-            item.error = message
+            self.read_errors.pop(item.index, None)
+        return img
+
+    @staticmethod
+    def _read(item: Item) -> bytes:
+        """The item's file, refused unless it is a plain file of at most MAX_FILE_BYTES (a FIFO
+        or a device would block or never end)."""
+        # O_NONBLOCK: opening a FIFO for reading would wait for a writer (no effect on plain files).
+        with os.fdopen(os.open(item.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ItemError(f"{item.key}: not a plain file", lasting=True)
+            if st.st_size > MAX_FILE_BYTES:
+                raise ItemError(f"{item.key}: the file is {st.st_size} bytes, more than {MAX_FILE_BYTES}", lasting=True)
+            data = f.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise ItemError(f"{item.key}: the file is more than {MAX_FILE_BYTES} bytes", lasting=True)
+        return data
+
+    def _failed(self, item: Item, err: "ItemError") -> "ItemError":
+        with self._errors_lock:
+            self.read_errors[item.index] = str(err)
+        return err
+
+    def describe_item(self, index: int) -> dict:
+        item = self.items[index]
+        entry = item.describe(self.labels)
+        entry["error"] = item.error or self.read_errors.get(index)
+        return entry
 
     def classes(self) -> list[dict]:
         """Each true class present, with its count, most frequent first."""
@@ -238,7 +268,7 @@ class Dataset:
     def describe(self) -> dict:
         labelled = sum(1 for i in self.items if i.label is not None)
         return {"name": self.name, "kind": self.kind, "size": len(self.items), "labelled": labelled,
-                "errors": sum(1 for i in self.items if i.error), "classes": self.classes(), "notes": list(self.notes)}
+                "errors": len({i.index for i in self.items if i.error} | set(self.read_errors)), "classes": self.classes(), "notes": list(self.notes)}
 
 
 # --------------------------------------------------------------------------- sources

@@ -72,13 +72,17 @@ meta = sa.Table(
 )
 
 
-# A dataset item's scores by one model (insights/dataset_jobs.py): computed once, kept across restarts.
+# A dataset item's prediction by one model (insights/dataset_jobs.py): computed once, kept across
+# restarts. ``model`` names the model and digests its labels, so a model served again under the same
+# name with other classes starts afresh.
 predictions = sa.Table(
     "predictions", metadata,
     sa.Column("model", sa.Text, primary_key=True),
     sa.Column("item", sa.Text, primary_key=True),  # a digest of the item's file (path, size, mtime)
-    sa.Column("logits", sa.LargeBinary),  # float16 scores, one per class; null when the item failed
-    sa.Column("error", sa.Text),  # why the item could not be scored
+    sa.Column("top", sa.Integer),  # the top class; null when the item could not be scored
+    sa.Column("prob", sa.Float),  # its probability (fp32, as the single-image view computes it)
+    sa.Column("true_prob", sa.Float),  # the true class's probability; null without one
+    sa.Column("error", sa.Text),  # why the item could not be scored (an image that does not decode)
     sa.Column("created", sa.Text, nullable=False),
 )
 

@@ -805,27 +805,30 @@ class Store:
 
     PREDICTIONS_READ = 500  # items per query when reading predictions back
 
-    def put_predictions(self, model: str, rows: list[tuple[str, bytes | None, str | None]]) -> None:
-        """Keeps each dataset item's scores (float16 bytes, or None and the error) by ``model``;
-        an item stored already (by another node meanwhile) keeps its row."""
+    def put_predictions(self, model: str, rows: list[tuple[str, int | None, float | None, float | None,
+                                                          str | None]]) -> None:
+        """Keeps dataset items' predictions by ``model``: (item, top class, its probability, the
+        true class's probability, error); an item stored already (by another node) keeps its row."""
         if not rows or self.read_only:
             return
         created = utc_now()
         with self._writing() as write:
-            for item, logits, error in rows:
-                db.insert_once(write.conn, db.predictions, {"model": model, "item": item, "logits": logits,
-                                                            "error": error, "created": created})
+            for item, top, prob, true_prob, error in rows:
+                db.insert_once(write.conn, db.predictions, {"model": model, "item": item, "top": top, "prob": prob,
+                                                            "true_prob": true_prob, "error": error,
+                                                            "created": created})
 
-    def predictions(self, model: str, items: list[str]) -> dict[str, tuple[bytes | None, str | None]]:
-        """The stored (scores, error) of those of ``items`` that ``model`` has scored."""
-        found: dict[str, tuple[bytes | None, str | None]] = {}
+    def predictions(self, model: str, items: list[str]) -> dict[str, tuple]:
+        """The stored (top, prob, true_prob, error) of those of ``items`` that ``model`` has scored."""
+        found: dict[str, tuple] = {}
         p = db.predictions
         with self._reading() as conn:
             for start in range(0, len(items), self.PREDICTIONS_READ):
                 chunk = items[start:start + self.PREDICTIONS_READ]
-                query = sa.select(p.c.item, p.c.logits, p.c.error).where(p.c.model == model, p.c.item.in_(chunk))
+                query = sa.select(p.c.item, p.c.top, p.c.prob, p.c.true_prob, p.c.error).where(
+                    p.c.model == model, p.c.item.in_(chunk))
                 for row in conn.execute(query):
-                    found[row.item] = (None if row.logits is None else bytes(row.logits), row.error)
+                    found[row.item] = (row.top, row.prob, row.true_prob, row.error)
         return found
 
     def files(self) -> list[str]:

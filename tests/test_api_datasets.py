@@ -141,8 +141,8 @@ def test_items_carry_the_models_predictions(app, client, folder):
             continue
         pred, prob, true_prob = expected[item["index"]]
         assert entry["predicted"] == {"index": pred, "label": LABELS[pred]}
-        assert entry["prob"] == pytest.approx(prob, abs=2e-3)  # scores are kept as float16
-        assert entry["true_prob"] == pytest.approx(true_prob, abs=2e-3)
+        assert entry["prob"] == pytest.approx(prob, abs=1e-5)
+        assert entry["true_prob"] == pytest.approx(true_prob, abs=1e-5)
         assert entry["loss"] == pytest.approx(-math.log(true_prob), rel=1e-2)
         assert entry["correct"] is (pred == item["true"]["index"])
         assert item["thumb"] == f"/api/datasets/fruit/items/{item['index']}/thumb"

@@ -109,14 +109,13 @@ def test_the_example_serves_its_model_and_dataset(served):
     assert page["predictions"]["model"]["status"] == "done"
     items = page["items"]
     assert [it["true"]["label"] for it in items] == [example.get_classes()[i] for i in labels.tolist()]
-    # The dashboard's probabilities are the model's softmax on the (8-bit) image through Normalize;
-    # the dataset's scores are kept as float16 logits.
+    # The dashboard's probabilities are the model's softmax on the (8-bit) image through Normalize.
     normalize = transforms.Normalize((0.5,) * 3, (0.5,) * 3)
     with torch.no_grad():
         logits = visualizer.models[0](normalize(quantised(inputs)))
-    probs, kept = torch.softmax(logits, 1), torch.softmax(logits.half().float(), 1)
+    probs = torch.softmax(logits, 1)
     for it in items:
-        row = kept[it["index"]]
+        row = probs[it["index"]]
         got = it["models"]["model"]
         assert got["predicted"]["index"] == int(row.argmax())
         assert got["prob"] == pytest.approx(float(row.max()), abs=1e-5)
@@ -185,7 +184,7 @@ def test_several_models_and_a_custom_input_transform():
             page = scored(base, "dataset", name)
             got = next(it for it in page["items"] if it["index"] == 4)["models"][name]
             with torch.no_grad():
-                row = torch.softmax(model(shift(x)).half().float(), 1)[0]  # kept as float16 logits
+                row = torch.softmax(model(shift(x)), 1)[0]
             assert got["predicted"]["index"] == int(row.argmax())
             assert got["prob"] == pytest.approx(float(row.max()), abs=1e-5)
     assert not listening(port)

@@ -59,6 +59,17 @@ def test_an_ambiguous_name_is_refused_naming_the_indices_and_ids():
 def test_imagenet_classes_answer_to_their_wordnet_names():
     assert label_index("tabby cat", IMAGENET) == label_index("tabby", IMAGENET) == 281
     assert label_index("Egyptian_cat", IMAGENET) == 285
+    # A label that is only another class's secondary WordNet name stays that label's: "partridge" is
+    # 86, though the ruffed grouse (82) is also called a partridge.
+    for name in ("partridge", "crayfish", "polecat", "gong", "harp", "missile", "tub"):
+        assert label_index(name, IMAGENET) == IMAGENET.index(name)
+    ambiguous = []
+    for label in set(IMAGENET):
+        try:
+            label_index(label, IMAGENET)
+        except DatasetError:
+            ambiguous.append(label)
+    assert sorted(ambiguous) == ["crane", "maillot"]
 
 
 @pytest.mark.parametrize("value, words", [
@@ -155,7 +166,8 @@ def test_a_csv_lists_paths_and_labels_with_per_item_errors(tmp_path):
     assert "img/missing.png: cannot be read" in d.items[2].error
     with pytest.raises(ItemError, match="img/broken.png"):
         d.image(3)
-    assert "img/broken.png" in d.items[3].error  # remembered for the grid
+    assert "img/broken.png" in d.describe_item(3)["error"]  # remembered for the grid
+    assert d.describe()["errors"] == 3  # the unknown label, the missing file, the broken file
     (tmp_path / "bad.csv").write_text("only-one-column\n")
     with pytest.raises(DatasetError, match="row 1: expected path,label"):
         open_source(str(tmp_path / "bad.csv"), LABELS)
@@ -163,9 +175,13 @@ def test_a_csv_lists_paths_and_labels_with_per_item_errors(tmp_path):
 
 def test_item_images_get_the_upload_limits(tmp_path):
     picture(str(tmp_path / "odd" / "apple" / "strip.png"), size=(400, 10))
+    os.mkfifo(tmp_path / "odd" / "apple" / "z-pipe.png")  # would block a plain open().read()
     d = open_source(str(tmp_path / "odd"), LABELS)
-    with pytest.raises(ItemError, match="aspect ratio"):
+    with pytest.raises(ItemError, match="aspect ratio") as err:
         d.image(0)
+    assert err.value.lasting  # the file itself is bad: its failure may be kept
+    with pytest.raises(ItemError, match="z-pipe.png: not a plain file"):
+        d.image(1)
     with pytest.raises(DatasetError, match="has no item 5"):
         d.image(5)
 
@@ -210,10 +226,10 @@ def test_the_registry_refuses_two_datasets_of_one_name(tmp_path):
 
 def test_predictions_are_kept_in_the_index_and_an_index_of_schema_2_gains_the_table(tmp_path):
     store = Store(str(tmp_path / "s"))
-    logits = np.array([0.5, -1.0, 2.0], np.float16).tobytes()
-    store.put_predictions("m", [("k1", logits, None), ("k2", None, "broken")])
-    store.put_predictions("m", [("k1", np.zeros(3, np.float16).tobytes(), None)])  # kept: the first row wins
-    assert store.predictions("m", ["k1", "k2", "k3"]) == {"k1": (logits, None), "k2": (None, "broken")}
+    store.put_predictions("m", [("k1", 2, 0.625, 0.125, None), ("k2", None, None, None, "broken")])
+    store.put_predictions("m", [("k1", 0, 0.5, None, None)])  # kept: the first row wins
+    assert store.predictions("m", ["k1", "k2", "k3"]) == {"k1": (2, 0.625, 0.125, None),
+                                                          "k2": (None, None, None, "broken")}
     assert store.predictions("other", ["k1"]) == {}
     store.close()
     with closing(sqlite3.connect(os.path.join(store.root, "index.sqlite3"))) as db:
@@ -223,7 +239,7 @@ def test_predictions_are_kept_in_the_index_and_an_index_of_schema_2_gains_the_ta
         db.commit()
     again = Store(store.root)
     assert again.predictions("m", ["k1"]) == {}
-    again.put_predictions("m", [("k1", logits, None)])
-    assert again.predictions("m", ["k1"]) == {"k1": (logits, None)}
+    again.put_predictions("m", [("k1", 1, 0.75, None, None)])
+    assert again.predictions("m", ["k1"]) == {"k1": (1, 0.75, None, None)}
     with closing(sqlite3.connect(os.path.join(store.root, "index.sqlite3"))) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 3
