@@ -263,10 +263,17 @@ class AttributionVisualizer:
         for t in self.feature.input_transforms:
             x = t(x)
         self._check_baselines(x)
+        warned = False
         for i, model in enumerate(self.models):
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
-            with torch.no_grad():
-                out = model(x.to(device))
+            modes = [(m, m.training) for m in model.modules()]  # run in eval mode: no batch-norm updates
+            model.eval()
+            try:
+                with torch.no_grad():
+                    out = model(x.to(device))
+            finally:
+                for m, training in modes:
+                    m.training = training
             if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, len(self.classes)):
                 raise ValueError(f"model {i} gives {tuple(getattr(out, 'shape', ())) or type(out).__name__} for one "
                                  f"image; the dashboard needs one score per class (1×{len(self.classes)})")
@@ -274,10 +281,10 @@ class AttributionVisualizer:
                 scores = self.score_func(out)
                 same = isinstance(scores, torch.Tensor) and scores.shape == out.shape and \
                     torch.allclose(scores.float(), torch.softmax(out.float(), dim=1), atol=1e-5)
-                if not same:
+                if not same and not warned:
                     warnings.warn("score_func does not give the softmax of the model's outputs; the dashboard's "
                                   "probabilities are the softmax, and score_func is not used", stacklevel=3)
-                    return
+                    warned = True  # once; every model's outputs are still checked
 
     def _check_baselines(self, x) -> None:
         """Captum applied a baseline transform to the model's input; the dashboard's methods use

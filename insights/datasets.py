@@ -482,7 +482,7 @@ def from_python(name: str, data: Any, labels: Sequence[str], max_items: int = 10
         _check_size(n, max_items, f"dataset {name!r}")
         targets = getattr(data, "targets", None)
         if targets is None or len(targets) != n:
-            targets = [_pair(data[i], i)[1] for i in range(n)]
+            targets = [_label_of(data, i) for i in range(n)]
 
         def load(i):
             return _pair(data[i], i)[0]
@@ -512,6 +512,17 @@ def from_python(name: str, data: Any, labels: Sequence[str], max_items: int = 10
     if not items:
         raise DatasetError(f"dataset {name!r} is empty")
     return Dataset(name, "python", labels, items, loader=load)
+
+
+def _label_of(data: Any, i: int) -> Any:
+    """Item ``i``'s label, read with its image (None when reading it fails: the item's image
+    fails again when it is read, and that is its error)."""
+    try:
+        return _pair(data[i], i)[1]
+    except DatasetError:
+        raise
+    except Exception:  # noqa: BLE001 - the dataset's own code
+        return None
 
 
 def _pair(pair: Any, i: int) -> tuple[Any, Any]:

@@ -207,6 +207,7 @@ class Dashboard:
         self._thread.join(timeout=30)
         server.task_dispatcher.shutdown()
         service = self.app.extensions["insights"]
+        service.dataset_work.shutdown()  # before the runner: a dataset's run submits chunk jobs to it
         service.jobs.shutdown()
         service.store.close()
         if self._cleanup:

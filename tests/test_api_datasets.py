@@ -436,3 +436,167 @@ def test_a_picture_listed_twice_is_explained_once(app, client):
     rows = result["rows"]
     assert rows[0]["result"] == rows[2]["result"] != rows[1]["result"] and rows[0]["image"] == rows[2]["image"]
     assert result["explained"] == 2 and client.get(f"/api/results/{rows[2]['result']}").status_code == 200
+
+
+# --------------------------------------------------------------------------- after review
+
+
+def test_a_worker_refuses_a_dataset_whose_files_differ(app, folder):
+    svc = app.extensions["insights"]
+    ds = svc.datasets.get("fruit")
+    task = dataset_jobs.DatasetPredictTask(svc, ds, "tiny", [0, 1])
+    payload = task.to_payload()
+    assert payload["fingerprint"] == ds.fingerprint
+    again = dataset_jobs.Task.from_payload(svc, payload)
+    assert again.indices == [0, 1] and again.dataset is ds
+    with pytest.raises(DatasetError, match="this worker's copy of dataset 'fruit' differs from the web node's"):
+        dataset_jobs.Task.from_payload(svc, {**payload, "fingerprint": "0" * 16})
+
+
+def test_an_item_that_fails_is_its_own_error_and_reads_do_not_retry(app, client, monkeypatch):
+    """A Python dataset whose reading raises for one item: the others are scored, the run is done,
+    and later reads start no new job (only a POST does)."""
+    from insights.datasets import from_python
+
+    class Flaky:
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            if i == 2:
+                raise RuntimeError("the disk said no")
+            return Image.new("RGB", (20, 20), (40 * i, 90, 200)), i % 5
+
+    assert from_python("labels", Flaky(), LABELS).items[2].label is None  # its label could not be read either
+    app.extensions["insights"].datasets.add(from_python("flaky", Flaky(), LABELS))
+    client.get("/api/datasets/flaky/items")
+    state = scored(client, "flaky")
+    assert state["done"] == 5
+    items = all_items_of(client, "flaky")
+    assert "#2: RuntimeError: the disk said no" in items[2]["models"]["tiny"]["error"]
+    assert all("predicted" in items[k]["models"]["tiny"] for k in (0, 1, 3, 4))
+    submitted = []
+    monkeypatch.setattr(dataset_jobs.DatasetPredictTask, "__init__",
+                        lambda self, *a: submitted.append(a) or (_ for _ in ()).throw(AssertionError("no job")))
+    for _ in range(3):
+        assert client.get("/api/datasets/flaky/items").status_code == 200
+    assert submitted == []
+
+
+def test_a_run_cancelled_while_queued_can_be_asked_again(app, client):
+    """Two models: the second waits for the first (one run at a time); stopped while waiting, it
+    ends, and a POST later scores it."""
+    svc = app.extensions["insights"]
+    spec = svc.models.spec("tiny")
+    svc.models.register("tiny2", spec.loader, spec.preprocessing, spec.labels)
+    gate = threading.Event()
+    original = dataset_jobs.DatasetPredictTask._score
+
+    def held(self, job):
+        gate.wait(10)
+        return original(self, job)
+
+    dataset_jobs.DatasetPredictTask._score = held
+    try:
+        first = client.get("/api/datasets/fruit/items?model=tiny&model=tiny2").json["predictions"]
+        assert first["tiny2"]["status"] == "queued"
+        stopped = client.delete("/api/datasets/fruit/predictions?model=tiny2").json
+        assert stopped["status"] in ("queued", "cancelled")
+        deadline = time.time() + 10
+        while client.get("/api/datasets/fruit/predictions?model=tiny2").json["status"] != "stopped" \
+                and time.time() < deadline:
+            time.sleep(0.02)
+        gate.set()
+        assert scored(client)["done"] == 9
+        assert client.get("/api/datasets/fruit/predictions?model=tiny2").json["done"] == 0
+        client.post("/api/datasets/fruit/predictions", json={"model": "tiny2"})
+        deadline = time.time() + 20
+        while client.get("/api/datasets/fruit/predictions?model=tiny2").json["status"] != "done" \
+                and time.time() < deadline:
+            time.sleep(0.05)
+        assert client.get("/api/datasets/fruit/predictions?model=tiny2").json["done"] == 9
+    finally:
+        gate.set()
+        dataset_jobs.DatasetPredictTask._score = original
+
+
+def test_a_file_gone_for_a_while_is_not_kept_as_failed(tmp_path, folder, monkeypatch, request,
+                                                       extra_methods):  # noqa: F811
+    root, items = folder
+    gone = os.path.join(root, items[3][0])
+    app, close = build(tmp_path, monkeypatch, request)
+    os.rename(gone, gone + ".away")  # listed at start-up, gone when it is read
+    client = app.test_client()
+    scored(client)
+    assert "cannot be read" in all_items(client)[3]["models"]["tiny"]["error"]
+    close()
+    database = app.config.get("DATABASE_URL")
+    os.rename(gone + ".away", gone)  # back, unchanged: the same path, size and time
+    app, close = build(tmp_path, monkeypatch, request, database=database)
+    try:
+        client = app.test_client()
+        client.post("/api/datasets/fruit/predictions", json={"model": "tiny"})
+        scored(client)
+        assert "predicted" in all_items(client)[3]["models"]["tiny"]
+    finally:
+        close()
+
+
+def test_concurrent_first_reads_after_a_restart_score_nothing_again(tmp_path, folder, monkeypatch, request,
+                                                                     extra_methods):  # noqa: F811
+    app, close = build(tmp_path, monkeypatch, request)
+    scored(app.test_client())
+    close()
+    database = app.config.get("DATABASE_URL")
+    seen = []
+    original = dataset_jobs.DatasetPredictTask.__init__
+    monkeypatch.setattr(dataset_jobs.DatasetPredictTask, "__init__",
+                        lambda self, *a: seen.append(a[3]) or original(self, *a))
+    app, close = build(tmp_path, monkeypatch, request, database=database)
+    try:
+        answers = []
+
+        def read(path):
+            answers.append(app.test_client().get(path).json)
+
+        threads = [threading.Thread(target=read, args=(p,)) for p in
+                   ("/api/datasets/fruit/items", "/api/datasets/fruit/summary",
+                    "/api/datasets/fruit/predictions?model=tiny", "/api/datasets/fruit/items?sort=-loss")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert seen == [] and len(answers) == 4
+        done = [a["predictions"]["tiny"]["done"] if "items" in a else a["models"]["tiny"]["scored"] + 1
+                if "models" in a and isinstance(a["models"], dict) else a["done"] for a in answers]
+        assert done == [9, 9, 9, 9]  # every first answer already has every prediction (8 scored + 1 broken)
+    finally:
+        close()
+
+
+def test_another_models_labels_find_the_true_class_by_name_or_wordnet_id(tmp_path):
+    from insights.datasets import imagenet_wnids, open_source
+    from insights.models import imagenet_labels
+
+    imagenet = imagenet_labels()
+    for folder in ("Egyptian cat", "n07920052"):
+        (tmp_path / "d" / folder).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "d" / folder / "x.png")
+    ds = open_source(str(tmp_path / "d"), imagenet)
+    by_wnid = list(imagenet_wnids())  # a model whose labels are the WordNet ids
+    assert dataset_jobs.truth(ds, by_wnid).tolist() == [285, imagenet.index("espresso")]
+    few = ["espresso", "cat"]  # a model that knows only one of the two classes by name
+    assert dataset_jobs.truth(ds, few).tolist() == [-1, 0]
+
+
+def test_the_model_key_follows_the_labels(app):
+    from insights.models import ModelSpec, Preprocessing
+
+    make = lambda labels: ModelSpec("m", lambda: None, Preprocessing(8, 8), labels)  # noqa: E731
+    assert dataset_jobs.model_key(make(["a", "b"])) == dataset_jobs.model_key(make(["a", "b"]))
+    assert dataset_jobs.model_key(make(["a", "b"])) != dataset_jobs.model_key(make(["a", "b", "c"]))
+    assert dataset_jobs.model_key(make(["a"])).startswith("m@")
+
+
+def all_items_of(client, name) -> list[dict]:
+    return client.get(f"/api/datasets/{name}/items?per_page=200").json["items"]

@@ -261,3 +261,14 @@ def test_the_example_runs_as_a_script_until_ctrl_c():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_every_model_is_checked_and_left_in_its_mode():
+    import warnings
+
+    good, wide = Tiny(1), nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 7))  # 7 outputs for 3 classes
+    good.train()
+    with warnings.catch_warnings(record=True), pytest.raises(ValueError, match="model 1 gives \\(1, 7\\)"):
+        AttributionVisualizer([good, wide], ["a", "b", "c"], [ImageFeature("Photo", [lambda x: x * 0], [])],
+                              tiny_batches(1), score_func=lambda o: o)  # not a softmax: warned, still checked
+    assert good.training and all(m.training for m in good.modules())

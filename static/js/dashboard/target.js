@@ -46,12 +46,15 @@ export function targetPanel(state, { changed }) {
     renderTargetLine();
   }
 
-  /** Asks the model for its top five on the current image; the first becomes the target if none is set. */
+  /** Asks the model for its top five (fewer when it has fewer classes) on the current image; the first
+   * becomes the target if none is set. */
   async function predict() {
+    const classes = (state.models.find((m) => m.name === state.model) || {}).num_classes || 5;
+    const k = Math.max(1, Math.min(5, classes));
     box.setAttribute("aria-busy", "true");
-    box.replaceChildren(...Array.from({ length: 5 }, () => h("div.pred.skeleton", { "aria-hidden": "true" })));
+    box.replaceChildren(...Array.from({ length: k }, () => h("div.pred.skeleton", { "aria-hidden": "true" })));
     try {
-      const answer = await api.predict(state.model, state.image.id, 5);
+      const answer = await api.predict(state.model, state.image.id, k);
       predictions = answer.predictions;
       performance.mark("insights:predicted");
     } catch (e) {

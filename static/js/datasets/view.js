@@ -228,7 +228,8 @@ export function datasetView(state, datasets, { open, useModel, view }) {
     renderProgress(a.predictions);
     selectionChanged();
     if (top) toGrid("auto");
-    const running = Object.values(a.predictions).some((p) => p.status === "running");
+    // A queued model's scoring starts when the running one ends: keep following both.
+    const running = Object.values(a.predictions).some((p) => p.status === "running" || p.status === "queued");
     if (running && active) {
       poll = setTimeout(() => {
         polls += 1;
@@ -271,11 +272,14 @@ export function datasetView(state, datasets, { open, useModel, view }) {
     if (!unfinished.length) return;
     const done = entries.reduce((s, [, p]) => s + p.done, 0);
     const total = entries.reduce((s, [, p]) => s + p.total, 0);
-    const running = unfinished.filter(([, p]) => p.status === "running");
+    const running = unfinished.filter(([, p]) => p.status === "running" || p.status === "queued");
     const eta = Math.max(0, ...running.map(([, p]) => p.eta_s || 0));
     const pctDone = total ? Math.round((100 * done) / total) : 0;
     const failed = unfinished.find(([, p]) => p.status === "failed");
-    const [long, short] = running.length
+    const waiting = running.length && running.every(([, p]) => p.status === "queued");
+    const [long, short] = waiting
+      ? [`Waiting for another model's scoring · ${done}/${total}`, `Waiting ${done}/${total}`]
+      : running.length
       ? [`Scoring ${done}/${total}${eta ? ` · about ${duration(eta)} left` : ""}`, `${done}/${total}${eta ? ` · ${duration(eta)}` : ""}`]
       : failed ? [`Scoring failed: ${failed[1].error || "unknown error"}`, "Scoring failed"]
         : [`Scoring paused at ${done}/${total}`, `Paused ${done}/${total}`];
