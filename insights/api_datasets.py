@@ -22,14 +22,15 @@ def query() -> dict:
 
 @bp.get("/datasets")
 def datasets():
-    """Every dataset with its size, label counts and the default model's prediction progress."""
+    """Every dataset with its size and label counts, and those that could not be opened, with why."""
     svc = service()
     out = []
     for name in svc.datasets.names():
         ds = svc.datasets.get(name)
         out.append({**ds.describe(), "links": {"items": f"/api/datasets/{name}/items",
                                                "summary": f"/api/datasets/{name}/summary"}})
-    return jsonify({"datasets": out})
+    unavailable = [{"name": n, "error": why} for n, why in svc.datasets.unavailable.items()]
+    return jsonify({"datasets": out, "unavailable": unavailable})
 
 
 @bp.get("/datasets/<name>/items")

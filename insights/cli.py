@@ -203,6 +203,13 @@ def serve(argv: list[str] | None = None, prog: str | None = None) -> int | None:
         print(f"insights: warning: serving {args.host} with no access token (--public-without-token): "
               "anyone who reaches this address can use it.", file=sys.stderr, flush=True)
     app = insights.create_app(config)
+    service = app.extensions["insights"]
+    for name, why in service.datasets.unavailable.items():  # served on without them (docs/api.md, Datasets)
+        print(f"insights: warning: dataset {name} is not served: {why}", file=sys.stderr, flush=True)
+    for name in service.datasets.names():
+        d = service.datasets.get(name)
+        print(f"insights: dataset {name}: {len(d)} items, {len(d.classes())} classes"
+              + "".join(f"; {note}" for note in d.notes), file=sys.stderr, flush=True)
     # waitress would otherwise buffer bodies up to its own 1 GiB default before Flask's limit applies.
     # It answers a longer body with its own 413 in plain text, before reading it (docs/api.md).
     server = create_server(app, host=args.host, port=args.port, threads=args.threads,

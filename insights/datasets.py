@@ -11,7 +11,9 @@ Class names are matched to a model's labels by :func:`label_index`: the exact na
 numeric, or the WordNet id for a model with ImageNet's 1000 classes. A name that is ambiguous in
 the label list (ImageNet has two "crane" classes) is refused with a message asking for the index or
 the id. A class folder that matches nothing is refused when the dataset opens (start-up); a CSV row
-whose label matches nothing, and an image that cannot be read, make that item's ``error`` only.
+whose label matches nothing, and an image that cannot be read, make that item's ``error`` only; a
+dataset that cannot be opened at start-up is logged and listed as unavailable with the reason, and
+the server serves on without it.
 
 No Flask and no model work here: :mod:`insights.dataset_jobs` computes predictions and explanations.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import logging
 import os
 import re
 import stat
@@ -34,6 +37,7 @@ from PIL import Image
 from . import imaging
 from .engine.errors import shown
 
+log = logging.getLogger("insights.datasets")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 WNID = re.compile(r"n\d{8}")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -544,6 +548,7 @@ class DatasetRegistry:
 
     def __init__(self):
         self._datasets: dict[str, Dataset] = {}
+        self.unavailable: dict[str, str] = {}  # DATASETS entries that could not be opened, and why
         self.limits = {"max_pixels": 40_000_000, "max_aspect": 16, "max_side": 2048}
         self._guard = threading.Lock()
 
@@ -560,7 +565,13 @@ class DatasetRegistry:
             if not isinstance(entry, str):
                 raise DatasetError(f"setting DATASETS: each entry is a path or name=path, not {shown(entry)}")
             name, path = parse_entry(entry)
-            self.add(open_source(path, labels, name, max_items))
+            name = name or default_name(os.path.abspath(os.path.expanduser(path.strip())))
+            try:
+                self.add(open_source(path, labels, name, max_items))
+            except DatasetError as err:
+                # The server serves on without it: the dataset list says why it is missing.
+                self.unavailable[name] = str(err)
+                log.error("dataset %s is not served: %s", name, err)
 
     def add(self, dataset: Dataset) -> Dataset:
         with self._guard:
@@ -578,6 +589,8 @@ class DatasetRegistry:
         if dataset is None:
             from .errors import NotFound
 
+            if isinstance(name, str) and name in self.unavailable:
+                raise NotFound(f"dataset {name!r} is not served: {self.unavailable[name]}", "dataset")
             known = ", ".join(self._datasets) or "none"
             raise NotFound(f"no dataset named {shown(name)}; datasets: {known}", "dataset")
         return dataset

@@ -382,17 +382,34 @@ def test_stopping_predictions_keeps_them_stopped_until_asked_again(tmp_path, mon
         close()
 
 
-@pytest.mark.parametrize("entry, words", [
-    ("/nowhere/at/all", "dataset /nowhere/at/all does not exist"),
-    ("{root}/bad", "class folder 'kumquat': label 'kumquat' matches no class"),
+@pytest.mark.parametrize("entry, name, words", [
+    ("/nowhere/at/all", "all", "dataset /nowhere/at/all does not exist"),
+    ("{root}/bad", "bad", "class folder 'kumquat': label 'kumquat' matches no class"),
+    ("fruit={root}/fruit", "fruit", "two datasets are called 'fruit'"),
 ])
-def test_a_dataset_that_cannot_be_served_stops_start_up(tmp_path, entry, words):
+def test_a_dataset_that_cannot_be_opened_is_listed_with_why_and_the_server_serves_on(tmp_path, folder, entry, name,
+                                                                                       words):
     bad = tmp_path / "bad" / "kumquat"
     bad.mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(bad / "k.png")
-    with pytest.raises(DatasetError, match=words):
-        create_app({"INSTANCE_PATH": str(tmp_path / "i"), "BUILTIN_MODELS": False, "MODELS_CONFIG": TINY_CONFIG,
-                    "DEVICE": "cpu", "DATASETS": [entry.format(root=tmp_path)]})
+    app = create_app({"INSTANCE_PATH": str(tmp_path / "i"), "BUILTIN_MODELS": False, "MODELS_CONFIG": TINY_CONFIG,
+                      "DEVICE": "cpu", "DATASETS": [str(tmp_path / "fruit"), entry.format(root=tmp_path)]})
+    try:
+        client = app.test_client()
+        listed = client.get("/api/datasets").json
+        assert [d["name"] for d in listed["datasets"]] == ["fruit"]
+        (missing,) = listed["unavailable"]
+        assert missing["name"] == name and words in missing["error"]
+        if name != "fruit":
+            r = client.get(f"/api/datasets/{name}/items")
+            assert r.status_code == 404 and f"dataset '{name}' is not served: " in r.json["error"]["message"]
+        assert client.get("/api/datasets/fruit/items").status_code == 200
+        with pytest.raises(DatasetError, match="each entry is a path or name=path"):
+            create_app({"INSTANCE_PATH": str(tmp_path / "j"), "BUILTIN_MODELS": False, "MODELS_CONFIG": TINY_CONFIG,
+                        "DATASETS": [42]})
+    finally:
+        app.extensions["insights"].dataset_work.shutdown()
+        app.extensions["insights"].jobs.shutdown()
 
 
 def test_a_larger_python_dataset_pages_through_every_item_once(app, client):

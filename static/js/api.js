@@ -86,7 +86,8 @@ export const api = {
     { "X-Cancel-Token": job.cancel_token || "" }).then((r) => r.data),
 
   // Datasets (docs/api.md, "Datasets"). `query` is a URLSearchParams of the items query.
-  datasets: () => request("GET", "/api/datasets").then((r) => r.data.datasets),
+  /** The datasets served, and those that could not be opened ({name, error}) as `.unavailable`. */
+  datasets: () => request("GET", "/api/datasets").then((r) => Object.assign(r.data.datasets, { unavailable: r.data.unavailable || [] })),
   datasetItems: (name, query) => request("GET", `${dataset(name)}/items?${query}`).then((r) => r.data),
   datasetSummary: (name, models) =>
     request("GET", `${dataset(name)}/summary?${models.map((m) => `model=${encodeURIComponent(m)}`).join("&")}`)

@@ -83,8 +83,11 @@ def server(tmp_path_factory):
         "from insights.models import _efficientnet_lite0\n"
         "register('lite0_zoomed', _efficientnet_lite0, Preprocessing(resize=288, crop=224, mean=(127 / 255,) * 3,"
         " std=(128 / 255,) * 3), imagenet_labels(), label='Lite0 zoomed')\n")
+    bad = tmp_path_factory.mktemp("bad")  # a class folder no label matches: listed as not served
+    (bad / "kumquat").mkdir()
+    Image.new("RGB", (8, 8)).save(bad / "kumquat" / "k.png")
     app = create_app({"INSTANCE_PATH": str(tmp_path_factory.mktemp("instance")), "MODELS_CONFIG": str(config),
-                      "DATASETS": [f"photos={photos}", f"many={many}"]})
+                      "DATASETS": [f"photos={photos}", f"many={many}", f"kumquats={bad}"]})
     svc = app.extensions["insights"]
     svc.dataset_work.stop(svc.datasets.get("many"), MODEL)  # the grid only: no scoring of noise
     httpd = make_server("127.0.0.1", 0, app, threaded=True)
@@ -185,6 +188,8 @@ def test_switch_lists_the_dataset_and_the_grid_shows_labels_predictions_badges_a
     assert "#datasets" in page.url
     expect(page.locator("#ds-name option")).to_have_count(2)
     expect(page.locator("#ds-name")).to_have_value("photos")  # the first dataset the server lists
+    expect(page.locator("#ds-notes")).to_contain_text("Dataset kumquats is not served: dataset folder")
+    expect(page.locator("#ds-notes")).to_contain_text("class folder 'kumquat'")
     wait_grid(page, 9)  # the grid fills as the background predictions come in
     expect(page.locator("#ds-total")).to_have_text("9 items")
     api = get(f"/api/datasets/photos/items?model={MODEL}&per_page=200")

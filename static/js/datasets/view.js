@@ -299,6 +299,9 @@ export function datasetView(state, datasets, { open, useModel, view }) {
     select.value = q.ds;
     const d = current();
     $("#ds-facts").textContent = `${d.kind === "folder" ? "Image folder" : d.kind === "csv" ? "CSV" : d.kind} · ${d.size} items · ${d.classes.length} ${d.classes.length === 1 ? "class" : "classes"}${d.labelled < d.size ? ` · ${d.size - d.labelled} unlabelled` : ""}`;
+    const notes = [...(d.notes || []), ...(datasets.unavailable || []).map((u) => `Dataset ${u.name} is not served: ${u.error}`)];
+    $("#ds-notes").replaceChildren(...notes.map((n) => h("li", { text: n })));
+    $("#ds-notes").hidden = !notes.length;
     for (const c of d.classes) remember(c);
     const names = available();
     $("#ds-models").replaceChildren(...state.models.filter((m) => m.available).map((m) => {
