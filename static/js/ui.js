@@ -128,3 +128,17 @@ export function plainError(e) {
   const msg = e.message || String(e);
   return msg.charAt(0).toUpperCase() + msg.slice(1);
 }
+
+/** Shows a job's state in its progress box, whose parts are #<prefix>-progress, -status, -eta and
+ * -cancel; `runningWords(percent)` says the running state (the single view and a dataset batch). */
+export function showJobIn(box, prefix, j, runningWords) {
+  box.hidden = false;
+  box.dataset.status = j.status;
+  const pct = j.total ? Math.round((100 * j.done) / j.total) : 0;
+  $(`#${prefix}-progress`).setAttribute("aria-valuenow", String(pct));
+  $(`#${prefix}-progress .progress-fill`).style.width = `${pct}%`;
+  const words = { queued: "Queued", running: runningWords(pct), done: "Done", failed: "Failed", cancelled: "Cancelled" };
+  $(`#${prefix}-status`).textContent = words[j.status] || j.status;
+  $(`#${prefix}-eta`).textContent = j.status === "running" && j.eta_s !== null && j.eta_s !== undefined ? `about ${duration(j.eta_s)} left` : "";
+  $(`#${prefix}-cancel`).hidden = !(j.status === "queued" || j.status === "running");
+}

@@ -21,15 +21,11 @@ import pytest
 from PIL import Image, ImageOps
 from werkzeug.serving import make_server
 
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from insights.app import create_app
+from test_dashboard import SHOTS, browser  # noqa: F401  (the shared chromium)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SHOTS = os.path.join(ROOT, "artifacts", "screenshots")
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update"]
 MODEL = "efficientnet_lite0"
 MISLABELLED = {"tabby/coffee_wrong.jpg", "n07920052/chelsea_wrong.jpg"}  # coffee filed as a cat, and back
 BROKEN = "n07920052/broken.jpg"
@@ -113,14 +109,6 @@ def scored(server):
 def get(path: str):
     with urllib.request.urlopen(SERVED["base"] + path, timeout=30) as r:
         return json.load(r)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture

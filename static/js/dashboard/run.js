@@ -1,6 +1,6 @@
 // The Explain button: runs the chosen explanation, inline or as a job with progress and cancel.
 import { explainToResult } from "../api.js";
-import { $, duration, toast } from "../ui.js";
+import { $, showJobIn, toast } from "../ui.js";
 import { clearErrors, placeError } from "./errors.js";
 
 /** Wires Explain (and Ctrl+Enter) and the job box; `explained(meta, imageId)` shows each new result. */
@@ -24,15 +24,7 @@ export function runPanel(state, { explained }) {
   }
 
   function showJob(j) {
-    box.hidden = false;
-    box.dataset.status = j.status;
-    const pct = j.total ? Math.round((100 * j.done) / j.total) : 0;
-    $("#job-progress").setAttribute("aria-valuenow", String(pct));
-    $("#job-progress .progress-fill").style.width = `${pct}%`;
-    const words = { queued: "Queued", running: `Running · ${pct}%`, done: "Done", failed: "Failed", cancelled: "Cancelled" };
-    $("#job-status").textContent = words[j.status] || j.status;
-    $("#job-eta").textContent = j.status === "running" && j.eta_s !== null && j.eta_s !== undefined ? `about ${duration(j.eta_s)} left` : "";
-    $("#job-cancel").hidden = !(j.status === "queued" || j.status === "running");
+    showJobIn(box, "job", j, (pct) => `Running · ${pct}%`);
   }
 
   async function run() {

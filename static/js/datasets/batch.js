@@ -2,7 +2,7 @@
 // single-image view's current method and parameters, as one job with progress and cancel. The
 // job is followed by the same code as the single view's (api.js followSubmitted).
 import { api, followSubmitted } from "../api.js";
-import { $, duration, plainError, segmented, showError, toast } from "../ui.js";
+import { $, duration, plainError, segmented, showError, showJobIn, toast } from "../ui.js";
 
 /** context() → {dataset, model, items: [..] or null, filter, count}; done(answer) gets the job's result. */
 export function batchPanel(state, { context, done }) {
@@ -25,15 +25,7 @@ export function batchPanel(state, { context, done }) {
   }
 
   function showJob(j) {
-    box.hidden = false;
-    box.dataset.status = j.status;
-    const p = j.total ? Math.round((100 * j.done) / j.total) : 0;
-    $("#ds-job-progress").setAttribute("aria-valuenow", String(p));
-    $("#ds-job-progress .progress-fill").style.width = `${p}%`;
-    const words = { queued: "Queued", running: `Explaining · ${p}%`, done: "Done", failed: "Failed", cancelled: "Cancelled" };
-    $("#ds-job-status").textContent = words[j.status] || j.status;
-    $("#ds-job-eta").textContent = j.status === "running" && j.eta_s !== null && j.eta_s !== undefined ? `about ${duration(j.eta_s)} left` : "";
-    $("#ds-job-cancel").hidden = !(j.status === "queued" || j.status === "running");
+    showJobIn(box, "ds-job", j, (pct) => `Explaining · ${pct}%`);
   }
 
   async function run() {
