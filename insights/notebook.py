@@ -25,12 +25,13 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-# Who may frame the dashboard: a Jupyter server on any localhost port (JupyterLab, Notebook), VS
-# Code's webviews (desktop and the browser build's CDN), and Colab's output frames. frame-ancestors
-# checks every ancestor, so both the output frame and the page around it must be covered.
+# Who may frame the dashboard: a Jupyter server on any localhost port (JupyterLab, Notebook) and VS
+# Code's webviews (desktop and the browser build's CDN); in Colab only, Colab's output frames too
+# (*.googleusercontent.com serves other people's content as well, so it is not allowed elsewhere).
+# frame-ancestors checks every ancestor, so both the output frame and the page around it must be covered.
 FRAME_ANCESTORS = ("'self'", "http://localhost:*", "http://127.0.0.1:*", "https://localhost:*",
-                   "https://127.0.0.1:*", "vscode-webview:", "vscode-file:", "https://*.vscode-cdn.net",
-                   "https://colab.research.google.com", "https://*.googleusercontent.com")
+                   "https://127.0.0.1:*", "vscode-webview:", "vscode-file:", "https://*.vscode-cdn.net")
+COLAB_ANCESTORS = ("https://colab.research.google.com", "https://*.googleusercontent.com")
 HOST = "127.0.0.1"
 THREADS = 8  # more than MAX_INLINE_WAITS + MAX_EVENT_STREAMS (app.py's threads_refusal)
 PROBE_SIZE = 224  # the side of the grey image a custom transform is tried on, for its output's shape
@@ -170,6 +171,11 @@ def in_colab() -> bool:
     return "google.colab" in sys.modules
 
 
+def frame_ancestors() -> tuple[str, ...]:
+    """The frame-ancestors sources of a notebook's server: Colab's only in Colab."""
+    return FRAME_ANCESTORS + (COLAB_ANCESTORS if in_colab() else ())
+
+
 class Dashboard:
     """A running dashboard: ``url``, ``port``, ``app``; ``stop()`` (or leaving a ``with`` block)
     ends the server, its threads and its temporary instance folder. Displayed in a notebook, it
@@ -286,7 +292,7 @@ def serve(models: Sequence[ModelEntry], labels: Sequence[str], datasets: Sequenc
     if instance is None:
         instance = temp_dir = tempfile.mkdtemp(prefix="insights-notebook-")
     config = {"INSTANCE_PATH": instance, "BUILTIN_MODELS": False, "MODELS_CONFIG": [register_all],
-              "FRAME_ANCESTORS": " ".join(FRAME_ANCESTORS), "DEVICE": str(device) if device is not None else "auto",
+              "FRAME_ANCESTORS": " ".join(frame_ancestors()), "DEVICE": str(device) if device is not None else "auto",
               **(settings or {})}
     app = None
     try:

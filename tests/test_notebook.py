@@ -284,14 +284,20 @@ def test_show_refuses_what_it_cannot_serve():
         insights.show(torch.nn.Linear(2, 2), None)
 
 
-def test_frame_ancestors_cover_jupyter_vscode_and_colab():
+def test_frame_ancestors_cover_jupyter_vscode_and_colab_in_colab_only(monkeypatch):
+    import types
+
+    from insights.notebook import frame_ancestors
     from insights.security import FRAME_OPTIONS, parse_frame_ancestors
 
-    parsed = parse_frame_ancestors(" ".join(FRAME_ANCESTORS))
+    parsed = parse_frame_ancestors(" ".join(frame_ancestors()))
     assert parsed not in FRAME_OPTIONS  # so no X-Frame-Options header is sent
-    for source in ("http://localhost:*", "http://127.0.0.1:*", "vscode-webview:", "https://*.googleusercontent.com",
-                   "https://colab.research.google.com"):
+    for source in ("http://localhost:*", "http://127.0.0.1:*", "vscode-webview:"):
         assert source in parsed.split()
+    assert "googleusercontent" not in parsed and "colab" not in parsed  # other people's pages there
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    in_colab = parse_frame_ancestors(" ".join(frame_ancestors())).split()
+    assert "https://*.googleusercontent.com" in in_colab and "https://colab.research.google.com" in in_colab
 
 
 def test_colab_frames_through_its_port_proxy(monkeypatch, capsys):
