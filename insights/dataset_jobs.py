@@ -342,7 +342,10 @@ class DatasetWork:
         true_values = np.array([-1 if i.label is None else i.label for i in dataset.items], dtype=np.int64)
         if args.get("true") not in (None, ""):
             keep &= true_values == self._class(args["true"], dataset.labels, "true")
-        if args.get("predicted") not in (None, ""):
+        if args.get("predicted") == "other":  # a class none of the dataset's items has (the matrix's last column)
+            inside = np.unique(first.true[first.true >= 0])
+            keep &= (first.state == 1) & ~np.isin(first.pred, inside)
+        elif args.get("predicted") not in (None, ""):
             keep &= first.pred == self._class(args["predicted"], first.labels, "predicted")
         correct = args.get("correct")
         if correct not in (None, "", "all"):

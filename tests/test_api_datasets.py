@@ -162,6 +162,8 @@ def test_filters_sort_and_pages_follow_the_predictions(app, client, folder):
     pred = expected[0][0]
     assert [i["index"] for i in all_items(client, f"predicted={LABELS[pred]}")] == \
         sorted(i for i, v in expected.items() if v[0] == pred)
+    outside = sorted(i for i, v in expected.items() if v[0] not in (0, 1, 2))  # 3, 4: no item's true class
+    assert [i["index"] for i in all_items(client, "predicted=other")] == outside
     mid = sorted(v[1] for v in expected.values())[4]
     assert [i["index"] for i in all_items(client, f"min_prob={mid}")] == sorted(i for i, v in expected.items()
                                                                                if v[1] >= mid - 1e-3)

@@ -302,6 +302,15 @@ def test_a_confusion_cell_sets_the_true_and_predicted_filters(page, scored):
     expect(page.locator("#ds-true-slot input")).to_have_value("tabby")
     expect(page.locator("#ds-pred-slot input")).to_have_value("Egyptian cat")
     assert "true=281" in page.url and "predicted=285" in page.url
+    # The last column: predicted as a class none of the dataset's items has.
+    r = names.index("espresso")
+    page.locator(f'.ds-cm-cell[data-row="{r}"][data-col="{len(names)}"]').click()
+    want = [i["key"] for i in get(f"/api/datasets/photos/items?model={MODEL}&true=967&predicted=other")["items"]]
+    assert len(want) == cm["matrix"][r][len(names)]
+    page.wait_for_function("() => location.hash.includes('predicted=other')")
+    expect(page.locator("#ds-pred-slot input")).to_have_value("Not one of the dataset's classes")
+    page.wait_for_function("(n) => document.querySelectorAll('#ds-grid .ds-card').length === n", arg=len(want))
+    assert keys(page) == want
 
 
 def pick_method(page, method: str) -> None:

@@ -18,7 +18,7 @@ export function readHash(hash = location.hash) {
     ds: p.get("ds") || "",
     models: p.getAll("model").filter(Boolean).slice(0, 4),
     true: /^\d+$/.test(p.get("true") || "") ? p.get("true") : "",
-    predicted: /^\d+$/.test(p.get("predicted") || "") ? p.get("predicted") : "",
+    predicted: /^(\d+|other)$/.test(p.get("predicted") || "") ? p.get("predicted") : "",
     correct: ["true", "false"].includes(p.get("correct")) ? p.get("correct") : "all",
     min: /^\d+(\.\d+)?$/.test(p.get("min") || "") ? p.get("min") : "",
     max: /^\d+(\.\d+)?$/.test(p.get("max") || "") ? p.get("max") : "",

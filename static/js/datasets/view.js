@@ -31,6 +31,9 @@ function keep(overlays) {
   }
 }
 
+// The confusion matrix's last column as a predicted-class filter: a class none of the items has.
+const OTHER = { index: "other", label: "Not one of the dataset's classes" };
+
 export function datasetView(state, datasets, { open, useModel, view }) {
   let q = { ...DEFAULTS };
   let answer = null; // the last items answer
@@ -75,9 +78,9 @@ export function datasetView(state, datasets, { open, useModel, view }) {
     onCell: (t, p) => {
       remember(t);
       if (p) remember(p);
-      set({ true: String(t.index), predicted: p ? String(p.index) : "", correct: p ? "all" : "false" });
+      set({ true: String(t.index), predicted: p ? String(p.index) : "other", correct: "all" });
       trueCombo.set(t);
-      predCombo.set(p);
+      predCombo.set(p || OTHER);
       correct.setValue(q.correct);
       toGrid("smooth");
     },
@@ -324,7 +327,8 @@ export function datasetView(state, datasets, { open, useModel, view }) {
 
   function syncControls() {
     trueCombo.set(q.true !== "" ? { index: Number(q.true), label: labels.get(Number(q.true)) || `class ${q.true}` } : null);
-    predCombo.set(q.predicted !== "" ? { index: Number(q.predicted), label: labels.get(Number(q.predicted)) || `class ${q.predicted}` } : null);
+    predCombo.set(q.predicted === "other" ? OTHER
+      : q.predicted !== "" ? { index: Number(q.predicted), label: labels.get(Number(q.predicted)) || `class ${q.predicted}` } : null);
     correct.setValue(q.correct);
     show.setValue(q.show);
     $("#ds-min").value = q.min;
