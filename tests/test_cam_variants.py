@@ -220,3 +220,27 @@ def test_layer_defaults_and_errors(resnet18, images, method):
         insights.attribute(resnet18, images[:1], method, 208, layer="layer9")
     assert err.value.field == "layer" and "layer9" in str(err.value)
     assert no_hooks_left(resnet18)
+
+
+def test_benchmark_times_ours_against_grad_cam(capsys):
+    from insights import bench_cam
+
+    assert bench_cam.main(["--side", "64", "--repeat", "1", "--methods", "xgrad_cam", "eigen_cam"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == ["method", "grad-cam", "ms", "ours", "ms", "ratio", "corr"]
+    rows = {line.split()[0]: line.split() for line in out[2:]}
+    assert set(rows) == {"xgrad_cam", "eigen_cam", "together:"}
+    for name in ("xgrad_cam", "eigen_cam"):
+        theirs, ours, ratio, corr = (float(v.replace(",", "")) for v in rows[name][1:])
+        assert corr >= 0.999 and ratio == pytest.approx(theirs / ours, rel=0.05)
+    assert rows["together:"][-1] == "-"
+
+
+def test_benchmark_table_format():
+    from insights.bench_cam import format_rows
+
+    table = format_rows([{"method": "score_cam", "theirs_ms": 14644.3, "ours_ms": 11670.7, "corr": 0.9999996},
+                         {"method": "together: a, b", "theirs_ms": 800.0, "ours_ms": 200.0, "corr": None}])
+    lines = table.splitlines()
+    assert lines[1].split() == ["score_cam", "14,644.3", "11,670.7", "1.25", "1.000000"]
+    assert lines[2].split()[-3:] == ["200.0", "4.00", "-"]
