@@ -212,7 +212,7 @@ def serve(argv: list[str] | None = None, prog: str | None = None) -> int | None:
               + "".join(f"; {note}" for note in d.notes), file=sys.stderr, flush=True)
     # waitress would otherwise buffer bodies up to its own 1 GiB default before Flask's limit applies.
     # It answers a longer body with its own 413 in plain text, before reading it (docs/api.md).
-    server = create_server(app, host=args.host, port=args.port, threads=args.threads,
+    server = create_server(app, host=args.host, port=args.port, threads=args.threads, asyncore_use_poll=True,
                            max_request_body_size=int(app.config["MAX_CONTENT_LENGTH"]))
     host = server.effective_host
     host = f"[{host}]" if ":" in str(host) else host

@@ -300,7 +300,9 @@ def serve(models: Sequence[ModelEntry], labels: Sequence[str], datasets: Sequenc
         service = app.extensions["insights"]
         for dataset in datasets:
             service.datasets.add(dataset)
-        server = create_server(app, sockets=[sock], threads=THREADS,
+        # poll(), not select(): a kernel that has opened many files may give the socket a
+        # descriptor above select()'s limit of 1024, and select() then fails on every loop.
+        server = create_server(app, sockets=[sock], threads=THREADS, asyncore_use_poll=True,
                                max_request_body_size=int(app.config["MAX_CONTENT_LENGTH"]))
     except BaseException:
         sock.close()

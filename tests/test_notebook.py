@@ -347,3 +347,30 @@ def test_dashboard_html_and_text(monkeypatch):
     assert repr(dash) == "Insights dashboard at http://127.0.0.1:4321/ (serving)"
     dash.running = False
     assert "<iframe" not in dash._repr_html_()
+
+
+def test_show_answers_when_the_kernel_holds_more_than_1024_files(tmp_path):
+    """A long-lived kernel may hold many descriptors: the server's socket then gets one above
+    select()'s limit of 1024, where select() fails on every loop (seen in the full test suite).
+    The server polls instead, and answers."""
+    import resource
+
+    import insights
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1300:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        assert max(held) > 1024
+        with insights.show(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2)), ["a", "b"],
+                           instance=str(tmp_path / "inst")) as dash:
+            status, _headers, page = get(dash.url)
+            assert status == 200 and b"Insights" in page
+            _, _, models = get(dash.url + "api/models")
+            assert json.loads(models)["models"][0]["num_classes"] == 2
+    finally:
+        for fd in held:
+            os.close(fd)
+        if soft < 1300:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
