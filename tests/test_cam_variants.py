@@ -197,6 +197,29 @@ def test_cam_variants_share_one_forward_and_backward(resnet18):
         torch.testing.assert_close(together, single, rtol=1e-5, atol=1e-6)
 
 
+def test_eigen_cam_takes_activations_without_a_backward_pass(resnet18):
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(8))
+    eigen3 = insights.attribute(resnet18, x, "eigen_cam", 0, layer="layer3")
+    grad4 = insights.attribute(resnet18, x, "grad_cam", [208, 3])
+    rows, handle = count_rows(resnet18)
+    alone, mixed = {}, {}
+    try:
+        only = insights.attribute_many(resnet18, x, [("eigen_cam", {"layer": "layer3"})], 0, info=alone)
+        assert rows == [2]
+        rows.clear()
+        both = insights.attribute_many(resnet18, x, [("eigen_cam", {"layer": "layer3"}), "grad_cam"],
+                                       [208, 3], info=mixed)
+        assert rows == [2]  # layer3's activation comes from Grad-CAM's pass at layer4
+    finally:
+        handle.remove()
+    assert alone["passes"] == {"shared": {"forward": 1, "backward": 0},
+                               "separate": {"forward": 1, "backward": 0}}
+    assert mixed["passes"]["shared"] == {"forward": 1, "backward": 1}
+    torch.testing.assert_close(only[0], eigen3, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(both[0], eigen3, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(both[1], grad4, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", list(ORACLES))
 def test_describes_itself(resnet18, method):
     meta = insights.method_info(method)

@@ -2,8 +2,9 @@
 
 Saliency and input × gradient both need the plain input gradient; Grad-CAM needs a layer's
 activation and gradient, which the same backward pass yields; guided backpropagation and the
-guided half of Guided Grad-CAM need one guided pass. Each method says what it can take from such
-shared passes (:meth:`Method.shared_needs`) and builds its map from them
+guided half of Guided Grad-CAM need one guided pass; Eigen-CAM needs only a layer's activation
+(``"act:<name>"``), which that pass yields too, else one forward pass without a backward. Each
+method says what it can take from such shared passes (:meth:`Method.shared_needs`) and builds its map from them
 (:meth:`Method.from_passes`); methods that cannot share run on their own as usual.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .params import Cost
 from .precision import arithmetic, true_fp32
 from .probe import get_layer
 from .scope import HookScope, model_lock
-from .families.cam import layer_passes
+from .families.cam import layer_activations, layer_passes
 from .families.rules import guided_gradient
 
 
@@ -69,16 +70,22 @@ def attribute_many(model: nn.Module, inputs: torch.Tensor, requests: Sequence[An
             needs.append(m.shared_needs(ctx, p))
         wanted = set().union(*[need for need in needs if need])
         layers = sorted(k[len("layer:"):] for k in wanted if k.startswith("layer:"))
+        acts = sorted(k[len("act:"):] for k in wanted if k.startswith("act:"))
         plain = bool(layers) or "grad" in wanted
+        forward_only = bool(acts) and not plain  # activations alone: no backward pass
         alone = [cost for cost, need in zip(separate, needs) if need is None]
-        shared = Cost(int(plain) + int("guided" in wanted) + sum(c.forward for c in alone),
+        shared = Cost(int(plain or forward_only) + int("guided" in wanted) + sum(c.forward for c in alone),
                       int(plain) + int("guided" in wanted) + sum(c.backward for c in alone))
         ctx.total = max(1, shared.forward * n)
 
         passes: dict[str, Any] = {}
         if plain:
-            passes.update(layer_passes(ctx, {name: get_layer(model, name) for name in layers},
-                                       input_grad="grad" in wanted))
+            hooked = {name: get_layer(model, name) for name in sorted(set(layers) | set(acts))}
+            passes.update(layer_passes(ctx, hooked, input_grad="grad" in wanted))
+            passes.update({"act:" + name: passes["layer:" + name][0] for name in acts})
+        elif forward_only:
+            found = layer_activations(ctx, {name: get_layer(model, name) for name in acts})
+            passes.update({"act:" + name: act for name, act in found.items()})
         if "guided" in wanted:
             passes["guided"] = guided_gradient(ctx, x, t, "guided")
 

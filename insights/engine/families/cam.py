@@ -80,18 +80,20 @@ def activations_and_gradients(model: nn.Module, layers: dict[str, nn.Module], x:
     return (grads[-1] if input_grad else None), pairs
 
 
-def layer_activations(ctx: Context, name: str, module: nn.Module) -> torch.Tensor:
-    """The output of layer ``name`` for every row of ``ctx.inputs`` (its last call), from
+def layer_activations(ctx: Context, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The output of each named layer for every row of ``ctx.inputs`` (its last call), from
     forward passes without autograd in budget-sized chunks (one progress unit per row)."""
-    layers, out = {name: module}, []
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     for s in ctx.chunks(ctx.inputs.shape[0], grad=False):
         seen: dict[str, torch.Tensor] = {}
         with HookScope(ctx.model) as scope, torch.no_grad():
-            scope.forward_hook(module, _keeper(seen, name))
+            for name, module in layers.items():
+                scope.forward_hook(module, _keeper(seen, name))
             ctx.model(ctx.inputs[s])
             _check_seen(layers, seen)
-        out.append(seen[name])
-    return spatial(torch.cat(out), name)
+        for name in layers:
+            out[name].append(seen[name])
+    return {name: torch.cat(parts) for name, parts in out.items()}
 
 
 def spatial(act: torch.Tensor, name: str) -> torch.Tensor:

@@ -52,14 +52,14 @@ class EigenCam(Method):
 
     def run(self, ctx: Context, p: dict) -> torch.Tensor:
         name, module = resolve_layer(ctx, p["layer"])
-        return self._map(ctx, p, layer_activations(ctx, name, module), name)
+        return self._map(ctx, p, layer_activations(ctx, {name: module})[name], name)
 
     def shared_needs(self, ctx, p):
-        return {"layer:" + resolve_layer(ctx, p["layer"])[0]}  # the activation of that pass
+        return {"act:" + resolve_layer(ctx, p["layer"])[0]}  # the activation only
 
     def from_passes(self, ctx, p, passes):
         name = resolve_layer(ctx, p["layer"])[0]
-        return self._map(ctx, p, passes["layer:" + name][0], name)
+        return self._map(ctx, p, passes["act:" + name], name)
 
     def _map(self, ctx: Context, p: dict, act: torch.Tensor, name: str) -> torch.Tensor:
         return upsampled(ctx, principal_projection(spatial(act, name)), p["relu_attributions"])

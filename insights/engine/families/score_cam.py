@@ -16,7 +16,7 @@ from .. import registry
 from ..context import Context
 from ..method import Facts, Method
 from ..params import Cost
-from .cam import LAYER_PARAM, RELU_PARAM, layer_activations, resolve_layer, upsampled
+from .cam import LAYER_PARAM, RELU_PARAM, layer_activations, resolve_layer, spatial, upsampled
 
 
 def channel_masks(act: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
@@ -50,7 +50,7 @@ class ScoreCam(Method):
 
     def run(self, ctx: Context, p: dict) -> torch.Tensor:
         name, module = resolve_layer(ctx, p["layer"])
-        act = layer_activations(ctx, name, module)
+        act = spatial(layer_activations(ctx, {name: module})[name], name)
         x, target = ctx.inputs, ctx.target
         n, channels = act.shape[:2]
         scores = torch.empty(n * channels, device=x.device)  # row r: image r // C, channel r % C
