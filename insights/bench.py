@@ -326,11 +326,16 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(align(lines))
 
 
+NOT_BY_DEFAULT = ("score_cam",)  # one forward per channel: insights.bench_cam times it
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m insights.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--model", default="resnet18", help="a torchvision model name (random weights)")
-    parser.add_argument("--methods", nargs="*", default=None, help="method ids (default: all)")
+    parser.add_argument("--methods", nargs="*", default=None,
+                        help="method ids (default: all but score_cam, whose one forward per channel takes "
+                             "seconds: python -m insights.bench_cam times it against grad-cam)")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per variant")
     parser.add_argument("--stat", default="min", choices=("min", "median"),
                         help="which of the timed runs to show: the fastest (default) or the median")
@@ -361,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2
-    chosen = args.methods or methods()
+    chosen = args.methods or [m for m in methods() if m not in NOT_BY_DEFAULT]
     unknown = [m for m in chosen if m not in registry]
     if unknown:
         print(f"unknown method(s): {', '.join(unknown)}; known: {', '.join(methods())}",
