@@ -5,6 +5,8 @@ the Flask dashboard and ``show`` serves it from a notebook; both import Flask la
 """
 from .engine import (Cancelled, InsightsError, ParamError, UnknownMethod, attribute, attribute_many,
                       method_info, methods)
+# Not ``metrics``: insights/metrics.py (Prometheus) is imported by that name.
+from .engine import evaluate, list_metrics, metric_info
 
 __version__ = "0.1.0"
 
@@ -27,3 +29,4 @@ def __getattr__(name: str):
 
 __all__ = ["attribute", "attribute_many", "methods", "method_info", "create_app", "show", "Cancelled",
            "InsightsError", "ParamError", "UnknownMethod", "__version__"]
+__all__ += ["evaluate", "list_metrics", "metric_info"]

@@ -134,6 +134,8 @@ def logits(model: nn.Module, inputs: torch.Tensor, *, options: EngineOptions | N
 
 
 from .combined import attribute_many  # noqa: E402
+from .metrics import evaluate, list_metrics, metric_info  # noqa: E402
 
 __all__ = ["attribute", "attribute_many", "logits", "methods", "method_info", "registry", "EngineOptions", "Cancelled",
            "InsightsError", "ParamError", "UnknownMethod", "UnsupportedModel"]
+__all__ += ["evaluate", "list_metrics", "metric_info"]
