@@ -236,3 +236,82 @@ def test_every_metric_describes_itself(metric):
     assert names[:3] == ["steps", "baseline", "sigma"]
     assert info["cost"] == {"forward": 2 + 15 * 6, "backward": 0}
     assert insights.metric_info(metric, {"reference": "none"})["cost"]["forward"] == 17
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite0
+
+
+@pytest.fixture(scope="module")
+def cat():
+    """EfficientNet-Lite0, the cat photo (224×224 centre crop, the model's own normalisation),
+    its top class, and each map computed once: Grad-CAM (default layer, the last spatial one,
+    as tests/test_real_model.py picks it) and occlusion (the dashboard's defaults)."""
+    models = pytest.importorskip("insights.models")
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    if models._lite0_check():
+        pytest.skip(models._lite0_check())
+    model = models._efficientnet_lite0().eval()
+    t = TF.to_tensor(Image.fromarray(skimage_data.chelsea()))
+    t = TF.center_crop(TF.resize(t, 224, antialias=True), 224)
+    x = TF.normalize(t, (127 / 255,) * 3, (128 / 255,) * 3).unsqueeze(0)
+    with torch.inference_mode():
+        target = int(model(x).argmax())
+    maps = {"grad_cam": insights.attribute(model, x, "grad_cam", target),
+            "occlusion": insights.attribute(model, x, "occlusion", target)}
+    scores = {}
+    for metric in ("deletion", "insertion"):  # blur, 16 steps, probability: the defaults
+        scores[metric] = {name: insights.evaluate(model, x, a, target, metric,
+                                                  reference="smooth_random" if name == "grad_cam" else "none")
+                          for name, a in maps.items()}
+    return {"model": model, "x": x, "target": target, "maps": maps, "scores": scores}
+
+
+def summary(cat, metric):
+    s = cat["scores"][metric]
+    ref = s["grad_cam"]["reference"]
+    return (f"{metric}: grad_cam {s['grad_cam']['area']:.3f}, occlusion {s['occlusion']['area']:.3f}, "
+            f"smooth random {ref['mean'][0]:.3f} ± {ref['std'][0]:.3f}")
+
+
+def test_lite0_curves_start_at_the_clean_score_and_end_at_the_blurred_one(cat):
+    model, x, target = cat["model"], cat["x"], cat["target"]
+    with torch.inference_mode():
+        clean = model(x).softmax(-1)[0, target].item()
+        blurred = model(engine_metrics.gaussian_blur(x, 11.2)).softmax(-1)[0, target].item()
+    for metric, (first, last) in (("deletion", (clean, blurred)), ("insertion", (blurred, clean))):
+        for out in cat["scores"][metric].values():
+            assert out["scores"][0][0] == pytest.approx(first, abs=1e-5)
+            assert out["scores"][0][-1] == pytest.approx(last, abs=1e-5)
+    assert target == 285 and clean == pytest.approx(0.394, abs=0.01)  # Egyptian cat
+
+
+def test_lite0_grad_cam_inserts_better_than_smooth_random_maps(cat):
+    out = cat["scores"]["insertion"]["grad_cam"]
+    ref = out["reference"]
+    assert out["area"] > ref["mean"][0] + 2 * ref["std"][0], summary(cat, "insertion")
+
+
+@pytest.mark.xfail(strict=True, reason="measured here (blur sigma 11.2, 16 steps, probability of "
+                   "class 285): Grad-CAM 0.369 and occlusion 0.309 against smooth random 0.286 ± "
+                   "0.045; removing the cat's face first raises p(Egyptian cat) from 0.39 to 0.68 "
+                   "(tabby and tiger cat lose more). Issue 16 expected both below the reference.")
+def test_lite0_grad_cam_and_occlusion_delete_better_than_smooth_random_maps(cat):
+    s = cat["scores"]["deletion"]
+    ref = s["grad_cam"]["reference"]["mean"][0]
+    assert s["grad_cam"]["area"] < ref and s["occlusion"]["area"] < ref, summary(cat, "deletion")
+
+
+def test_lite0_figures(cat, capsys):
+    """The numbers the README quotes, within the spread of a rerun on another machine."""
+    d, i = cat["scores"]["deletion"], cat["scores"]["insertion"]
+    assert d["grad_cam"]["area"] == pytest.approx(0.369, abs=0.01)
+    assert d["occlusion"]["area"] == pytest.approx(0.309, abs=0.01)
+    assert d["grad_cam"]["reference"]["mean"][0] == pytest.approx(0.286, abs=0.01)
+    assert i["grad_cam"]["area"] == pytest.approx(0.483, abs=0.01)
+    assert i["occlusion"]["area"] == pytest.approx(0.310, abs=0.01)
+    assert i["grad_cam"]["reference"]["mean"][0] == pytest.approx(0.303, abs=0.01)
+    with capsys.disabled():
+        print("\n" + summary(cat, "deletion") + "\n" + summary(cat, "insertion"))
