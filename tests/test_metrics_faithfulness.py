@@ -294,14 +294,16 @@ def test_lite0_grad_cam_inserts_better_than_smooth_random_maps(cat):
     assert out["area"] > ref["mean"][0] + 2 * ref["std"][0], summary(cat, "insertion")
 
 
-@pytest.mark.xfail(strict=True, reason="measured here (blur sigma 11.2, 16 steps, probability of "
-                   "class 285): Grad-CAM 0.369 and occlusion 0.309 against smooth random 0.286 ± "
-                   "0.045; removing the cat's face first raises p(Egyptian cat) from 0.39 to 0.68 "
-                   "(tabby and tiger cat lose more). Issue 16 expected both below the reference.")
-def test_lite0_grad_cam_and_occlusion_delete_better_than_smooth_random_maps(cat):
+def test_lite0_deleting_the_cats_face_first_raises_its_probability(cat):
+    """Why Grad-CAM and occlusion do not beat the smooth random maps at deletion here (issue 16
+    expected them to; README): removing the face first moves the other cat classes' share of the
+    probability more than the Egyptian cat's, so p(285) rises above where it started, and the
+    area under the curve grows with it."""
     s = cat["scores"]["deletion"]
+    curve = s["grad_cam"]["scores"][0]  # image 0's curve
+    assert max(curve) > curve[0] + 0.2  # 0.39 at the start, 0.68 at 60% removed
     ref = s["grad_cam"]["reference"]["mean"][0]
-    assert s["grad_cam"]["area"] < ref and s["occlusion"]["area"] < ref, summary(cat, "deletion")
+    assert s["grad_cam"]["area"] > ref and s["occlusion"]["area"] > ref, summary(cat, "deletion")
 
 
 def test_lite0_figures(cat, capsys):
