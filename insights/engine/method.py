@@ -118,26 +118,45 @@ class Method:
         }
 
 
-class MethodRegistry:
-    """Maps method ids to Method instances; an object so tests can build their own."""
+class Registry:
+    """Maps ids to one instance of each registered class (methods, metrics); an object so tests
+    can build their own. A subclass says how an unknown id is refused (:meth:`unknown`)."""
+
+    kind = "entry"  # what the error of a second registration calls an entry
 
     def __init__(self):
-        self._methods: dict[str, Method] = {}
+        self._entries: dict = {}
 
-    def register(self, cls: type[Method]) -> type[Method]:
-        if not cls.id or cls.id in self._methods:
-            raise ValueError(f"method id {cls.id!r} is empty or already registered")
-        self._methods[cls.id] = cls()
+    def register(self, cls: type) -> type:
+        if not cls.id or cls.id in self._entries:
+            raise ValueError(f"{self.kind} id {cls.id!r} is empty or already registered")
+        self._entries[cls.id] = cls()
         return cls
 
     def ids(self) -> list[str]:
-        return list(self._methods)
+        return list(self._entries)
 
-    def get(self, name: str) -> Method:
-        method = self._methods.get(name) if isinstance(name, str) else None
-        if method is None:
-            raise UnknownMethod(str(name), self.ids())
-        return method
+    def get(self, name: str):
+        entry = self._entries.get(name) if isinstance(name, str) else None
+        if entry is None:
+            raise self.unknown(name)
+        return entry
+
+    def unknown(self, name) -> Exception:
+        raise NotImplementedError
+
+
+class MethodRegistry(Registry):
+    """The attribution methods by id."""
+
+    kind = "method"
+
+    def __init__(self):
+        super().__init__()
+        self._methods: dict[str, Method] = self._entries  # the same dict (tests add methods to it)
+
+    def unknown(self, name) -> Exception:
+        return UnknownMethod(str(name), self.ids())
 
     def __contains__(self, name: str) -> bool:
         return name in self._methods

@@ -26,6 +26,7 @@ from torch import nn
 from . import seam
 from .context import Context
 from .errors import ParamError, shown
+from .method import Registry
 from .options import EngineOptions
 from .params import Cost, Param
 from .precision import true_fp32
@@ -64,26 +65,13 @@ class Metric:
         raise NotImplementedError
 
 
-class MetricRegistry:
-    """Maps metric ids to Metric instances; an object so tests can build their own."""
+class MetricRegistry(Registry):
+    """The faithfulness metrics by id."""
 
-    def __init__(self):
-        self._metrics: dict[str, Metric] = {}
+    kind = "metric"
 
-    def register(self, cls: type[Metric]) -> type[Metric]:
-        if not cls.id or cls.id in self._metrics:
-            raise ValueError(f"metric id {cls.id!r} is empty or already registered")
-        self._metrics[cls.id] = cls()
-        return cls
-
-    def ids(self) -> list[str]:
-        return list(self._metrics)
-
-    def get(self, name: str) -> Metric:
-        metric = self._metrics.get(name) if isinstance(name, str) else None
-        if metric is None:
-            raise ParamError("metric", f"unknown metric {shown(name)}; known metrics: {', '.join(self.ids())}")
-        return metric
+    def unknown(self, name) -> Exception:
+        return ParamError("metric", f"unknown metric {shown(name)}; known metrics: {', '.join(self.ids())}")
 
 
 registry = MetricRegistry()

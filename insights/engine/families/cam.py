@@ -136,13 +136,11 @@ def layer_passes(ctx: Context, layers: dict[str, nn.Module], input_grad: bool = 
     return passes
 
 
-@registry.register
-class GradCam(Method):
-    id = "grad_cam"
-    label = "Grad-CAM"
-    description = "Weighs the channels of a late convolutional layer by how much the class score " \
-                  "depends on them and upsamples the sum: a coarse map of where the evidence " \
-                  "lies. One backward pass."
+class CamMethod(Method):
+    """What every CAM method of this family shares: a map at one layer (``layer``), upsampled to
+    the input, signed unless ``relu_attributions``; the layer is read with hooks, so the method
+    takes the model exclusively."""
+
     family = "cam"
     output = "cam"
     exclusive = True
@@ -150,6 +148,16 @@ class GradCam(Method):
 
     def signed(self, p: dict) -> bool:
         return not p["relu_attributions"]
+
+
+class LayerGradientCam(CamMethod):
+    """A CAM built from one layer's activation A and the gradient G of the class score with
+    respect to it (both N×C×h×w, from one forward and one backward pass); subclasses state only
+    :meth:`layer_map`. The map is upsampled bilinearly to the input, as Grad-CAM's is."""
+
+    def layer_map(self, act: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The N×1×h×w map at the layer's resolution."""
+        raise NotImplementedError
 
     def cost(self, p: dict, facts: Facts) -> Cost:
         return Cost(1, 1)
@@ -161,6 +169,24 @@ class GradCam(Method):
     def shared_needs(self, ctx, p):
         return {"layer:" + resolve_layer(ctx, p["layer"])[0]}
 
+    def from_passes(self, ctx, p, passes):
+        name = resolve_layer(ctx, p["layer"])[0]
+        act, grad = passes["layer:" + name]
+        return upsampled(ctx, self.layer_map(spatial(act, name), grad), p["relu_attributions"])
+
+
+def position_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum over a layer's positions, kept as N×C×1×1."""
+    return t.sum(dim=(2, 3), keepdim=True)
+
+
+@registry.register
+class GradCam(LayerGradientCam):
+    id = "grad_cam"
+    label = "Grad-CAM"
+    description = "Weighs the channels of a late convolutional layer by how much the class score " \
+                  "depends on them and upsamples the sum: a coarse map of where the evidence " \
+                  "lies. One backward pass."
     def from_passes(self, ctx, p, passes):
         name = resolve_layer(ctx, p["layer"])[0]
         cam = cam_from(*passes["layer:" + name], name, p["relu_attributions"])
@@ -200,44 +226,6 @@ class GuidedGradCam(Method):
         cam = cam_from(*passes["layer:" + name], name, relu=True)
         cam = F.interpolate(cam, size=tuple(ctx.inputs.shape[2:]), mode=p["interpolate_mode"])
         return passes["guided"] * cam
-
-
-class LayerGradientCam(Method):
-    """A CAM built from one layer's activation A and the gradient G of the class score with
-    respect to it (both N×C×h×w, from one forward and one backward pass); subclasses state only
-    :meth:`layer_map`. The map is upsampled bilinearly to the input, as Grad-CAM's is."""
-
-    family = "cam"
-    output = "cam"
-    exclusive = True
-    params = (LAYER_PARAM, RELU_PARAM)
-
-    def layer_map(self, act: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """The N×1×h×w map at the layer's resolution."""
-        raise NotImplementedError
-
-    def signed(self, p: dict) -> bool:
-        return not p["relu_attributions"]
-
-    def cost(self, p: dict, facts: Facts) -> Cost:
-        return Cost(1, 1)
-
-    def run(self, ctx: Context, p: dict) -> torch.Tensor:
-        name, module = resolve_layer(ctx, p["layer"])
-        return self.from_passes(ctx, p, layer_passes(ctx, {name: module}))
-
-    def shared_needs(self, ctx, p):
-        return {"layer:" + resolve_layer(ctx, p["layer"])[0]}
-
-    def from_passes(self, ctx, p, passes):
-        name = resolve_layer(ctx, p["layer"])[0]
-        act, grad = passes["layer:" + name]
-        return upsampled(ctx, self.layer_map(spatial(act, name), grad), p["relu_attributions"])
-
-
-def position_sum(t: torch.Tensor) -> torch.Tensor:
-    """The sum over a layer's positions, kept as N×C×1×1."""
-    return t.sum(dim=(2, 3), keepdim=True)
 
 
 @registry.register

@@ -13,9 +13,9 @@ import torch
 
 from .. import registry
 from ..context import Context
-from ..method import Facts, Method
+from ..method import Facts
 from ..params import Cost
-from .cam import LAYER_PARAM, RELU_PARAM, layer_activations, resolve_layer, spatial, upsampled
+from .cam import CamMethod, layer_activations, resolve_layer, spatial, upsampled
 
 
 def principal_projection(act: torch.Tensor) -> torch.Tensor:
@@ -33,20 +33,12 @@ def principal_projection(act: torch.Tensor) -> torch.Tensor:
 
 
 @registry.register
-class EigenCam(Method):
+class EigenCam(CamMethod):
     id = "eigen_cam"
     label = "Eigen-CAM"
     description = "The first principal component of a late layer's activations: where the " \
                   "layer's strongest pattern lies, with no gradient. The same map for every " \
                   "class. One forward pass."
-    family = "cam"
-    output = "cam"
-    exclusive = True
-    params = (LAYER_PARAM, RELU_PARAM)
-
-    def signed(self, p: dict) -> bool:
-        return not p["relu_attributions"]
-
     def cost(self, p: dict, facts: Facts) -> Cost:
         return Cost(1, 0)
 

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from .. import registry
 from ..context import Context
-from ..method import Facts, Method
+from ..method import Facts
 from ..params import Cost
-from .cam import LAYER_PARAM, RELU_PARAM, layer_activations, resolve_layer, spatial, upsampled
+from .cam import CamMethod, layer_activations, resolve_layer, spatial, upsampled
 
 
 def channel_masks(act: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
@@ -29,20 +29,12 @@ def channel_masks(act: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
 
 
 @registry.register
-class ScoreCam(Method):
+class ScoreCam(CamMethod):
     id = "score_cam"
     label = "Score-CAM"
     description = "Weighs each channel of a late layer by the class score of the input masked " \
                   "with that channel's (upsampled) activation. No gradients, but one forward " \
                   "pass per channel of the layer (512 for a ResNet-18's layer4)."
-    family = "cam"
-    output = "cam"
-    exclusive = True  # the activation is read with a forward hook
-    params = (LAYER_PARAM, RELU_PARAM)
-
-    def signed(self, p: dict) -> bool:
-        return not p["relu_attributions"]
-
     def cost(self, p: dict, facts: Facts) -> Cost:
         """One pass to read the layer plus one per channel; without the model, the least."""
         shape = facts.layer_shape(p["layer"])
