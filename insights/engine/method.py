@@ -10,6 +10,7 @@ from torch import nn
 
 from .errors import ParamError, UnknownMethod
 from .params import Cost, Param
+from .params import validate as validate_params
 from .probe import default_layer, probe
 
 if TYPE_CHECKING:
@@ -89,12 +90,7 @@ class Method:
     def validate(self, given: dict, shape: Sequence[int] | None = None) -> dict:
         """Returns a full parameter dict (defaults filled in, for inputs of ``shape`` (C, H, W)
         where a default depends on it), or raises ParamError."""
-        known = {p.name: p for p in self.params}
-        unknown = sorted(set(given) - set(known))
-        if unknown:
-            raise ParamError(unknown[0], f"is not a parameter of {self.id}; known: {', '.join(known) or 'none'}")
-        return {name: param.coerce(given[name]) if name in given else param.default_for(shape)
-                for name, param in known.items()}
+        return validate_params(self.id, self.params, given, shape)
 
     def info(self, given: dict | None = None, shape: Sequence[int] = (3, 224, 224),
              model: nn.Module | None = None) -> dict:

@@ -29,6 +29,7 @@ from .errors import ParamError, shown
 from .method import Registry
 from .options import EngineOptions
 from .params import Cost, Param
+from .params import validate as validate_params
 from .precision import true_fp32
 from .scope import HookScope, model_lock
 
@@ -44,12 +45,7 @@ class Metric:
 
     def validate(self, given: dict, shape: Sequence[int] | None = None) -> dict:
         """The full parameter dict (defaults filled in for inputs of ``shape``), or ParamError."""
-        known = {p.name: p for p in self.params}
-        unknown = sorted(set(given) - set(known))
-        if unknown:
-            raise ParamError(unknown[0], f"is not a parameter of {self.id}; known: {', '.join(known) or 'none'}")
-        return {name: param.coerce(given[name]) if name in given else param.default_for(shape)
-                for name, param in known.items()}
+        return validate_params(self.id, self.params, given, shape)
 
     def cost(self, p: dict, shape: Sequence[int]) -> Cost:
         """Forward and backward passes per image."""

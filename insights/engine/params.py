@@ -129,3 +129,15 @@ class Cost:
 
     def as_dict(self) -> dict:
         return {"forward": self.forward, "backward": self.backward}
+
+
+def validate(owner: str, params: Sequence[Param], given: dict, shape: Sequence[int] | None = None) -> dict:
+    """The full parameter dict of ``owner`` (a method's or metric's id): ``given`` checked against
+    ``params``, defaults filled in for inputs of ``shape`` (C, H, W) where a default depends on it;
+    ParamError naming an unknown or bad parameter."""
+    known = {p.name: p for p in params}
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ParamError(unknown[0], f"is not a parameter of {owner}; known: {', '.join(known) or 'none'}")
+    return {name: param.coerce(given[name]) if name in given else param.default_for(shape)
+            for name, param in known.items()}
