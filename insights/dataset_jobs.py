@@ -329,9 +329,9 @@ class DatasetWork:
             raise BadParam("model: at most 4 models side by side", "model")
         return seen
 
-    def items(self, dataset: Dataset, args: dict) -> dict:
-        """A page of items with each model's prediction; ``args`` are the query's values (lists
-        for ``model``). Filters and sort apply to the first model."""
+    def matching(self, dataset: Dataset, args: dict) -> tuple[list[str], list[Board], np.ndarray, str]:
+        """The models asked for, their boards, the indices of the items matching the query's
+        filters in its sort order, and the sort (starting the models' first runs)."""
         models = self.models_of(args.get("model") or [])
         boards = [self.board(dataset, m) for m in models]
         for m in models:
@@ -368,6 +368,13 @@ class DatasetWork:
             picked = -picked if sort.startswith("-") else picked
             picked = np.where(np.isnan(picked), np.inf, picked)  # unscored items last
             order = order[np.argsort(picked, kind="stable")]
+        return models, boards, order, sort
+
+    def items(self, dataset: Dataset, args: dict) -> dict:
+        """A page of items with each model's prediction; ``args`` are the query's values (lists
+        for ``model``). Filters and sort apply to the first model."""
+        models, boards, order, sort = self.matching(dataset, args)
+        n = len(dataset)
         per_page = as_int(args.get("per_page") or 48, "per_page", 1, MAX_PER_PAGE)
         pages = max(1, math.ceil(len(order) / per_page))
         page = as_int(args.get("page") or 1, "page", 1, 10 ** 9)
@@ -500,19 +507,14 @@ class DatasetWork:
                 for k, v in query.items()}
         if isinstance(args.get("model"), str):
             args["model"] = [args["model"]]
-        listed = self.items(dataset, {**args, "per_page": MAX_PER_PAGE, "page": 1, "sort": "index"})
-        if listed["total"] == 0:
+        _models, _boards, order, _sort = self.matching(dataset, {**args, "sort": "index"})
+        if not len(order):
             raise BadParam("no item matches the filter", "filter")
         limit = int(self.service.settings.get("BATCH_MAX_ITEMS") or 1000)
-        if listed["total"] > limit:
-            raise ServiceError(f"{listed['total']} items match the filter, more than one batch may cover ({limit}, "
+        if len(order) > limit:
+            raise ServiceError(f"{len(order)} items match the filter, more than one batch may cover ({limit}, "
                                "BATCH_MAX_ITEMS); narrow it", "filter", code="over_budget")
-        picked = []
-        for page in range(1, listed["pages"] + 1):
-            got = listed if page == 1 else self.items(dataset, {**args, "per_page": MAX_PER_PAGE, "page": page,
-                                                                 "sort": "index"})
-            picked += [e["index"] for e in got["items"]]
-        return picked
+        return order.tolist()
 
     def explain(self, dataset: Dataset, body: dict, client: str):
         """Admits a batch explanation of the selected items as one job (its ticket)."""
