@@ -36,6 +36,7 @@ CHUNK = 32  # items per prediction job
 MAX_PER_PAGE = 200
 SORTS = ("index", "confidence", "-confidence", "loss", "-loss")
 THUMB_SIZES = (96, 160, 256)
+THUMB_CACHE_BYTES = 64 * 1024 * 1024  # thumbnails kept in memory, least recently used dropped
 CONFUSION_MAX_CLASSES = 50
 FILTERS = {"true", "predicted", "correct", "min_prob", "max_prob", "model"}  # a batch's filter keys
 
@@ -230,6 +231,7 @@ class DatasetWork:
         self._closed = False
         self._thumbs: "OrderedDict[tuple, bytes]" = OrderedDict()
         self._thumbs_lock = threading.Lock()
+        self._thumb_bytes = 0  # the bytes of the thumbnails kept
         # One model's run at a time: runs of several models would take turns chunk by chunk, and
         # with more models than MAX_LOADED_MODELS each turn would load its model again.
         self.one_at_a_time = threading.Semaphore(1)
@@ -467,9 +469,11 @@ class DatasetWork:
                 return self._thumbs[key]
         data = image_bytes(dataset.image(i, max_side=2 * size), size)  # a JPEG decodes reduced
         with self._thumbs_lock:
-            self._thumbs[key] = data
-            while sum(len(v) for v in self._thumbs.values()) > 64 * 1024 * 1024:
-                self._thumbs.popitem(last=False)
+            if key not in self._thumbs:  # (another request may have made it meanwhile)
+                self._thumbs[key] = data
+                self._thumb_bytes += len(data)
+            while self._thumb_bytes > THUMB_CACHE_BYTES:
+                self._thumb_bytes -= len(self._thumbs.popitem(last=False)[1])
         return data
 
     def store_item(self, dataset: Dataset, index: Any) -> dict:
@@ -723,13 +727,16 @@ def run_batch(service, dataset: Dataset, indices: list[int], name: str, method_i
                 continue
             row["image"] = record["id"]
             stored.append((row, record, t))
-        if stored:  # the chunk's scores in one pass (from the cache where the images were seen)
-            x = torch.cat([load_inputs(service, spec, record["id"])[0] for _row, record, _t in stored])
+        # The stored copies' inputs, read once: for the chunk's scores in one pass (from the cache
+        # where the images were seen) and for the explanations.
+        inputs = [load_inputs(service, spec, record["id"]) for _row, record, _t in stored]
+        if stored:
+            x = torch.cat([x for x, _view in inputs])
             chunk_logits = scores(service, name, model, [_Scored(record["id"]) for _row, record, _t in stored],
                                   x.to(service.models.device))
             del x
         pending: set[str] = set()  # result ids this chunk computes (a picture listed twice: once)
-        for (row, record, t), logits in zip(stored, chunk_logits if stored else []):
+        for (row, record, t), logits, loaded in zip(stored, chunk_logits if stored else [], inputs):
             probs = torch.softmax(logits, dim=0)
             top = int(probs.argmax())
             row["prediction"] = {"index": top, "label": spec.labels[top], "prob": float(probs[top])}
@@ -748,7 +755,9 @@ def run_batch(service, dataset: Dataset, indices: list[int], name: str, method_i
                 row["cached"] = True
                 continue
             pending.add(rid)
-            todo.append((row, ExplainTask(service, name, record, method_id, params, row["target"], rid, info)))
+            task = ExplainTask(service, name, record, method_id, params, row["target"], rid, info)
+            task.loaded = loaded
+            todo.append((row, task))
         done_before = per * start
         for k in range(0, len(todo), step):
             group = todo[k:k + step]

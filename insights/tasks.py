@@ -174,6 +174,7 @@ class ExplainTask(Task):
         self.image_id = record["id"]
         self.spec = service.models.spec(name)
         self.view: Image.Image | None = None  # the model's crop of the image, loaded in compute
+        self.loaded: tuple | None = None  # (input, view) a caller that has them already hands over (a batch)
         if engine.registry.get(method_id).batchable(params):
             self.batch_key = ("explain", name, method_id, canonical_json(params))
 
@@ -203,7 +204,8 @@ class ExplainTask(Task):
         model = service.models.get(first.name)
         rows = []
         for i in todo:
-            row, tasks[i].view = load_inputs(service, tasks[i].spec, tasks[i].image_id)
+            row, tasks[i].view = tasks[i].loaded or load_inputs(service, tasks[i].spec, tasks[i].image_id)
+            tasks[i].loaded = None
             rows.append(row)
         x = torch.cat(rows).to(service.models.device)
         del rows
