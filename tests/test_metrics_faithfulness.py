@@ -232,6 +232,15 @@ def test_unknown_metric_and_bad_target_are_refused(model, ones):
 def test_every_metric_describes_itself(metric):
     info = insights.metric_info(metric)
     assert info["id"] == metric and info["better"] in ("lower", "higher")
+    assert info["label"] and info["description"] and isinstance(info["needs_method"], bool)
+    assert info["cost"]["forward"] >= 1
+    for param in info["params"]:  # each one a form field: a type, a default and help
+        assert {"name", "type", "default", "help"} <= set(param) and param["help"]
+
+
+@pytest.mark.parametrize("metric", ["deletion", "insertion"])
+def test_curve_metrics_cost_one_pass_per_step_and_map(metric):
+    info = insights.metric_info(metric)
     names = [p["name"] for p in info["params"]]
     assert names[:3] == ["steps", "baseline", "sigma"]
     assert info["cost"] == {"forward": 2 + 15 * 6, "backward": 0}

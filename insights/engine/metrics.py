@@ -17,6 +17,7 @@ area that flatters it (0.21 against Grad-CAM's 0.39 on EfficientNet-Lite0 in iss
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Any, Callable, Sequence
 
 import torch
@@ -26,7 +27,7 @@ from torch import nn
 from . import seam
 from .context import Context
 from .errors import ParamError, shown
-from .method import Registry
+from .method import Facts, Registry
 from .options import EngineOptions
 from .params import Cost, Param
 from .params import validate as validate_params
@@ -42,20 +43,28 @@ class Metric:
     description: str = ""
     better: str = "lower"  # which way a better map moves the score: lower | higher
     params: tuple[Param, ...] = ()
+    # True for metrics that re-run the explanation (``method=`` and ``method_params=`` in
+    # evaluate, in ``p["method"]`` and ``p["method_params"]`` for run). Such a metric runs
+    # without the model lock and takes it only around its own passes (:func:`model_access`),
+    # since the method it re-runs takes the lock itself (exclusively, if it installs hooks).
+    needs_method: bool = False
 
     def validate(self, given: dict, shape: Sequence[int] | None = None) -> dict:
         """The full parameter dict (defaults filled in for inputs of ``shape``), or ParamError."""
         return validate_params(self.id, self.params, given, shape)
 
-    def cost(self, p: dict, shape: Sequence[int]) -> Cost:
-        """Forward and backward passes per image."""
+    def cost(self, p: dict, shape: Sequence[int], method_cost: Cost | None = None) -> Cost:
+        """Forward and backward passes per image; ``method_cost`` is the re-run method's cost
+        per image (for metrics that need a method; None when it is not known)."""
         return Cost(1, 0)
 
-    def info(self, given: dict | None = None, shape: Sequence[int] = (3, 224, 224)) -> dict:
+    def info(self, given: dict | None = None, shape: Sequence[int] = (3, 224, 224),
+             method_cost: Cost | None = None) -> dict:
         p = self.validate(given or {}, shape)
         return {"id": self.id, "label": self.label, "description": self.description,
-                "better": self.better, "params": [param.schema(shape) for param in self.params],
-                "cost": self.cost(p, shape).as_dict()}
+                "better": self.better, "needs_method": self.needs_method,
+                "params": [param.schema(shape) for param in self.params],
+                "cost": self.cost(p, shape, method_cost).as_dict()}
 
     def run(self, ctx: Context, attribution: torch.Tensor, p: dict) -> dict:
         raise NotImplementedError
@@ -143,6 +152,73 @@ def check_attribution(attribution: Any, x: torch.Tensor) -> torch.Tensor:
     return importance
 
 
+@contextmanager
+def model_access(model: nn.Module):
+    """The model for a metric's own passes: shared with other readers, in eval mode (a model in
+    training mode is switched for the duration, under the exclusive lock, and restored)."""
+    with model_lock(model, exclusive=model.training):
+        if model.training:
+            with HookScope(model):
+                yield model
+        else:
+            yield model
+
+
+def rerun(ctx: Context, p: dict, inputs: torch.Tensor, model: nn.Module | None = None,
+          target: torch.Tensor | None = None) -> torch.Tensor:
+    """The map of ``p["method"]`` with ``p["method_params"]`` at ``inputs`` (rows × C×H×W) for
+    ``model`` (default: the metric's own, or e.g. a randomised copy) and ``target`` (default: the
+    metric's targets, repeated when ``inputs`` holds several rows per image, row ``r`` belonging
+    to image ``r % N``). The call's passes count towards ``ctx``'s progress (the method's cost
+    per row, scaled to what the method reports), ``ctx``'s cancel stops it, and it runs under
+    ``ctx``'s memory budget and options. Call it without holding the model lock."""
+    from . import attribute
+    from . import registry as methods
+
+    model = ctx.model if model is None else model
+    rows, n = inputs.shape[0], ctx.inputs.shape[0]
+    if target is None:
+        if rows % n:
+            raise ValueError(f"rerun: {rows} rows are not a whole number of copies of {n} images")
+        target = ctx.target.repeat(rows // n)
+    shape = tuple(inputs.shape[1:])
+    share = methods.get(p["method"]).cost(p["method_params"], Facts(shape, model, inputs[:1])).forward * rows
+    start = ctx.done
+
+    def forward(done: int, total: int) -> None:
+        ctx.advance(max(0, start + share * done // max(total, 1) - ctx.done))
+
+    out = attribute(model, inputs, p["method"], target, progress=forward, cancel=ctx.cancel,
+                    memory_budget=ctx.memory_budget, options=ctx.options, **p["method_params"])
+    ctx.advance(max(0, start + share - ctx.done))  # a method may report fewer units than its cost
+    return out
+
+
+def check_method(metric: Metric, method: Any, method_params: Any,
+                 shape: Sequence[int] | None) -> tuple[str, dict] | None:
+    """For a metric that re-runs a method: the method's id and its full parameter dict for
+    inputs of ``shape``, or ParamError naming ``method`` or the bad parameter. None for a metric
+    that does not (which then refuses a method)."""
+    from . import registry as methods
+
+    if not metric.needs_method:
+        if method is not None:
+            raise ParamError("method", f"{metric.id} does not re-run a method")
+        if method_params:
+            raise ParamError("method_params", f"{metric.id} does not re-run a method")
+        return None
+    if method is None:
+        raise ParamError("method", f"{metric.id} re-runs the explanation: name its method, one of "
+                                   f"{', '.join(methods.ids())}")
+    if not isinstance(method, str) or method not in methods:
+        raise ParamError("method", f"unknown method {shown(method)}; known methods: {', '.join(methods.ids())}")
+    if method_params is None:
+        method_params = {}
+    if not isinstance(method_params, dict):
+        raise ParamError("method_params", f"must be a dict of {method}'s parameters, got {shown(method_params)}")
+    return method, methods.get(method).validate(method_params, shape)
+
+
 # --------------------------------------------------------------------------- deletion / insertion
 
 
@@ -176,7 +252,7 @@ class CurveMetric(Metric):
     def maps(self, p: dict) -> int:
         return 1 + (p["reference_seeds"] if p["reference"] != "none" else 0)
 
-    def cost(self, p: dict, shape: Sequence[int]) -> Cost:
+    def cost(self, p: dict, shape: Sequence[int], method_cost: Cost | None = None) -> Cost:
         # The clean image and the full baseline are shared by all maps of an image.
         return Cost(2 + (p["steps"] - 1) * self.maps(p), 0)
 
@@ -270,14 +346,27 @@ def list_metrics() -> list[str]:
     return registry.ids()
 
 
-def metric_info(metric: str, params: dict | None = None, shape: Sequence[int] = (3, 224, 224)) -> dict:
-    """Describes a metric: id, label, description, which way is better, the parameter schema and
-    the cost (forward passes per image) for ``params`` on an input of ``shape`` (C, H, W)."""
-    return registry.get(metric).info(params, shape)
+def metric_info(metric: str, params: dict | None = None, shape: Sequence[int] = (3, 224, 224),
+                method: str | None = None, method_params: dict | None = None,
+                model: nn.Module | None = None) -> dict:
+    """Describes a metric: id, label, description, which way is better, whether it re-runs a
+    method (``needs_method``), the parameter schema and the cost (forward and backward passes per
+    image) for ``params`` on an input of ``shape`` (C, H, W); for a metric that re-runs a method,
+    with that ``method``'s cost for ``method_params`` (and ``model``, see :func:`method_info`)."""
+    from . import method_info
+
+    m = registry.get(metric)
+    checked = check_method(m, method, method_params, shape) if method is not None else None
+    method_cost = None
+    if checked is not None:
+        c = method_info(checked[0], method_params or {}, shape, model)["cost"]
+        method_cost = Cost(c["forward"], c["backward"])
+    return m.info(params, shape, method_cost)
 
 
 def evaluate(model: nn.Module, inputs: torch.Tensor, attribution: torch.Tensor, target: Any,
-             metric: str, *, progress: Callable[[int, int], Any] | None = None, cancel: Any = None,
+             metric: str, *, method: str | None = None, method_params: dict | None = None,
+             progress: Callable[[int, int], Any] | None = None, cancel: Any = None,
              memory_budget: int | None = None, options: EngineOptions | None = None, **params) -> dict:
     """Scores ``attribution`` (N×K×H×W, e.g. from :func:`insights.attribute`) for ``model`` at
     ``inputs`` (normalised, N×C×H×W) and ``target`` with ``metric`` (see :func:`list_metrics`).
@@ -285,21 +374,36 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, attribution: torch.Tensor, 
     Deletion and insertion answer ``fractions`` (of pixels changed, 0 to 1), ``scores`` (one
     curve per image), ``areas`` (trapezoid under each curve) and their mean ``area``, ``better``
     ("lower" or "higher"), the ``params`` used, and unless ``reference="none"``, ``reference``:
-    the areas of smooth random maps on the same images, their mean and spread. ``progress``,
+    the areas of smooth random maps on the same images, their mean and spread. Metrics that
+    re-run the explanation (``needs_method`` in :func:`metric_info`, e.g. ``sensitivity_max``)
+    take the ``method`` id that made ``attribution`` and its ``method_params``. ``progress``,
     ``cancel`` and ``memory_budget`` work as in :func:`insights.attribute`."""
-    from . import _check_call, input_shape  # the engine's own checks (it imports this module)
+    from . import _check_call, check_supported, input_shape  # (the engine imports this module)
+    from . import registry as methods
 
     m = registry.get(metric)
-    p = m.validate(params, input_shape(inputs))
+    shape = input_shape(inputs)
+    p = m.validate(params, shape)
+    checked = check_method(m, method, method_params, shape)
+    if checked is not None:
+        check_supported(methods.get(checked[0]), model)
+        p["method"], p["method_params"] = checked
     x, t = _check_call(model, inputs, target)
     check_attribution(attribution, x)
-    cost = m.cost(p, tuple(x.shape[1:]))
+    method_cost = None
+    if checked is not None:
+        method_cost = methods.get(checked[0]).cost(checked[1], Facts(tuple(x.shape[1:]), model, x[:1]))
+    cost = m.cost(p, tuple(x.shape[1:]), method_cost)
     ctx = Context(model=model, inputs=x, target=t, total=max(1, cost.forward * x.shape[0]),
                   progress=progress, cancel=cancel, memory_budget=memory_budget,
                   options=options or EngineOptions())
-    with model_lock(model, exclusive=model.training), true_fp32(x.device):
+    with true_fp32(x.device):
         ctx.check()
-        if model.training:
-            with HookScope(model):  # eval mode for the call, restored afterwards
-                return m.run(ctx, attribution, p)
-        return m.run(ctx, attribution, p)
+        if m.needs_method:  # the method takes the lock itself; the metric around its own passes
+            return m.run(ctx, attribution, p)
+        with model_access(model):
+            return m.run(ctx, attribution, p)
+
+
+# The other metrics register themselves into ``registry`` when imported, in the order listed.
+from . import metrics_sensitivity  # noqa: E402,F401

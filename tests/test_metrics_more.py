@@ -1,0 +1,233 @@
+"""The metrics beyond deletion/insertion (insights/engine/metrics_*.py) and the mechanism that
+re-runs a method for a metric: max-sensitivity equals Captum's given the same perturbations,
+re-running a hook method (Grad-CAM) on the model being scored does not deadlock, progress and
+cancel reach through the nested call, and bad methods are refused by name."""
+from __future__ import annotations
+
+import importlib
+import itertools
+import threading
+
+import pytest
+import torch
+from captum.attr import IntegratedGradients as CaptumIG
+from captum.attr import Saliency as CaptumSaliency
+from captum.metrics import sensitivity_max as captum_sensitivity_max
+
+import insights
+from conftest import leaf
+from insights import Cancelled, ParamError
+
+sensitivity = importlib.import_module("insights.engine.metrics_sensitivity")
+
+TARGETS = [3, 7]
+
+
+def finishes(fn, seconds=60):
+    """Runs fn in a thread and returns its result; fails (instead of hanging) after ``seconds``."""
+    box = {}
+
+    def work():
+        try:
+            box["out"] = fn()
+        except BaseException as err:  # handed to the test below
+            box["err"] = err
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s (a deadlock?)"
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
+
+
+def noise(shape, k, radius, seed):
+    """The k perturbations the metric draws: k × N×C×H×W."""
+    return torch.stack(list(itertools.islice(sensitivity.ball_noise(shape, radius, seed), k)))
+
+
+# --------------------------------------------------------------------------- the method mechanism
+
+
+def test_sensitivity_max_reruns_grad_cam_on_the_scored_model(small_cnn, images):
+    """Grad-CAM takes the model's lock exclusively (it hooks a layer); re-run inside evaluate it
+    must neither deadlock nor leave a hook behind, and the score is the largest relative change
+    of the map over the same perturbations, computed here by hand."""
+    cam = insights.attribute(small_cnn, images, "grad_cam", TARGETS)
+    out = finishes(lambda: insights.evaluate(small_cnn, images, cam, TARGETS, "sensitivity_max",
+                                             method="grad_cam", n_perturb_samples=3,
+                                             perturb_radius=0.5, seed=4))
+    deltas = noise(images.shape, 3, 0.5, 4)
+    by_hand = []
+    for i in range(2):
+        moved = [float((insights.attribute(small_cnn, images[i:i + 1] + deltas[j, i:i + 1], "grad_cam",
+                                           TARGETS[i]) - cam[i]).norm() / cam[i].norm()) for j in range(3)]
+        by_hand.append(moved)
+    assert torch.tensor(out["samples"]) == pytest.approx(torch.tensor(by_hand), rel=1e-4)
+    assert out["values"] == pytest.approx([max(m) for m in by_hand], rel=1e-4)
+    assert out["value"] == pytest.approx(sum(max(m) for m in by_hand) / 2, rel=1e-4)
+    assert min(out["values"]) > 1e-3  # radius 0.5 moves the map: the check means something
+    assert out["params"]["method"] == "grad_cam" and out["params"]["method_params"]["layer"] is None
+    assert out["better"] == "lower"
+    assert not any(m._forward_hooks or m._backward_hooks for m in small_cnn.modules())
+
+
+def test_a_concurrent_reader_does_not_block_the_rerun(small_cnn, images):
+    """Two evaluations re-running Grad-CAM from two threads both finish."""
+    cam = insights.attribute(small_cnn, images, "grad_cam", TARGETS)
+    results = []
+
+    def one():
+        results.append(insights.evaluate(small_cnn, images, cam, TARGETS, "sensitivity_max",
+                                         method="grad_cam", n_perturb_samples=4, memory_budget=1))
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert len(results) == 2 and results[0] == results[1]
+
+
+def test_a_model_in_training_mode_is_scored_in_eval_mode_and_restored(small_cnn, images):
+    sal = insights.attribute(small_cnn, images, "saliency", TARGETS)
+    expected = insights.evaluate(small_cnn, images, sal, TARGETS, "sensitivity_max",
+                                 method="saliency", n_perturb_samples=2)
+    small_cnn.train()
+    got = finishes(lambda: insights.evaluate(small_cnn, images, sal, TARGETS, "sensitivity_max",
+                                             method="saliency", n_perturb_samples=2))
+    assert got["values"] == pytest.approx(expected["values"], rel=1e-6)
+    assert small_cnn.training and small_cnn.bn1.training
+
+
+def test_progress_counts_the_reruns_passes(small_cnn, images):
+    seen = []
+    insights.evaluate(small_cnn, images, insights.attribute(small_cnn, images, "integrated_gradients",
+                                                            TARGETS, n_steps=4),
+                      TARGETS, "sensitivity_max", method="integrated_gradients",
+                      method_params={"n_steps": 4}, n_perturb_samples=3, memory_budget=1,
+                      progress=lambda done, total: seen.append((done, total)))
+    info = insights.metric_info("sensitivity_max", {"n_perturb_samples": 3}, shape=(3, 64, 64),
+                                method="integrated_gradients", method_params={"n_steps": 4})
+    method_cost = insights.method_info("integrated_gradients", {"n_steps": 4}, shape=(3, 64, 64))["cost"]
+    assert info["needs_method"] is True
+    assert info["cost"] == {"forward": 3 * method_cost["forward"], "backward": 3 * method_cost["backward"]}
+    total = 2 * info["cost"]["forward"]
+    assert {t for _, t in seen} == {total} and seen[-1] == (total, total)
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and len(done) > 3  # reported batch by batch, never backwards
+
+
+def test_cancel_reaches_into_the_rerun(small_cnn, images):
+    cam = insights.attribute(small_cnn, images, "grad_cam", TARGETS)
+    stop = threading.Event()
+    calls = []
+
+    def progress(done, total):
+        calls.append(done)
+        if done >= 2:
+            stop.set()
+
+    with pytest.raises(Cancelled):
+        finishes(lambda: insights.evaluate(small_cnn, images, cam, TARGETS, "sensitivity_max",
+                                           method="grad_cam", memory_budget=1, progress=progress,
+                                           cancel=stop))
+    total = insights.metric_info("sensitivity_max", method="grad_cam")["cost"]["forward"] * 2
+    assert 2 <= max(calls) < total
+    with pytest.raises(Cancelled):
+        insights.evaluate(small_cnn, images, cam, TARGETS, "sensitivity_max", method="grad_cam",
+                          cancel=lambda: True)
+    assert not any(m._forward_hooks or m._backward_hooks for m in small_cnn.modules())
+    # the lock was released: a writer gets the model at once
+    finishes(lambda: insights.attribute(small_cnn, images, "grad_cam", TARGETS), seconds=20)
+
+
+@pytest.mark.parametrize("kwargs,field,message", [
+    ({}, "method", "name its method, one of saliency"),
+    ({"method": "lime_v2"}, "method", "unknown method 'lime_v2'; known methods: saliency"),
+    ({"method": 3}, "method", "unknown method 3"),
+    ({"method": "integrated_gradients", "method_params": {"n_steps": 0}}, "n_steps", "at least 1"),
+    ({"method": "saliency", "method_params": {"window": 3}}, "window", "not a parameter of saliency"),
+    ({"method": "saliency", "method_params": [1]}, "method_params", "must be a dict"),
+    ({"method": "saliency", "n_perturb_samples": 0}, "n_perturb_samples", "at least 1"),
+    ({"method": "saliency", "perturb_radius": -1}, "perturb_radius", "at least 0"),
+])
+def test_bad_methods_are_refused_by_name(small_cnn, images, kwargs, field, message):
+    sal = insights.attribute(small_cnn, images, "saliency", TARGETS)
+    with pytest.raises(ParamError, match=message) as err:
+        insights.evaluate(small_cnn, images, sal, TARGETS, "sensitivity_max", **kwargs)
+    assert err.value.field == field
+
+
+def test_a_metric_that_does_not_rerun_refuses_a_method(small_cnn, images):
+    sal = insights.attribute(small_cnn, images, "saliency", TARGETS)
+    with pytest.raises(ParamError, match="deletion does not re-run a method") as err:
+        insights.evaluate(small_cnn, images, sal, TARGETS, "deletion", method="saliency")
+    assert err.value.field == "method"
+    with pytest.raises(ParamError, match="deletion does not re-run a method") as err:
+        insights.metric_info("deletion", method="saliency")
+    assert insights.metric_info("deletion")["needs_method"] is False
+
+
+def test_a_map_of_another_shape_is_refused(small_cnn, images):
+    cam = insights.attribute(small_cnn, images, "grad_cam", TARGETS)  # N×1×H×W
+    with pytest.raises(ParamError, match="not the shape of saliency's maps") as err:
+        insights.evaluate(small_cnn, images, cam, TARGETS, "sensitivity_max", method="saliency",
+                          n_perturb_samples=1)
+    assert err.value.field == "attribution"
+
+
+# --------------------------------------------------------------------------- max-sensitivity
+
+
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients"])
+def test_sensitivity_max_equals_captums(small_cnn, images, method):
+    """Captum's sensitivity_max fed our perturbations (in its image-major row order) and its own
+    explanation (Saliency, IG), against ours re-running our saliency / IG."""
+    k, radius, seed = 5, 0.05, 11
+    ours_params = {"n_steps": 8, "integration": "gausslegendre"} if method != "saliency" else {}
+    ours_map = insights.attribute(small_cnn, images, method, TARGETS, **ours_params)
+    ours = insights.evaluate(small_cnn, images, ours_map, TARGETS, "sensitivity_max", method=method,
+                             method_params=ours_params, n_perturb_samples=k, perturb_radius=radius,
+                             seed=seed)
+    deltas = noise(images.shape, k, radius, seed).transpose(0, 1).flatten(0, 1)  # row i k + j
+
+    def perturb(expanded):
+        return expanded + deltas
+
+    if method == "saliency":
+        def explain(x, target):  # Captum hands the clean inputs as a 1-tuple
+            one = isinstance(x, tuple)
+            out = CaptumSaliency(small_cnn).attribute(leaf(x[0] if one else x), target=target, abs=True)
+            return (out,) if one else out
+    else:
+        def explain(x, target):
+            return CaptumIG(small_cnn).attribute(x, target=target, n_steps=8, method="gausslegendre")
+    theirs = captum_sensitivity_max(explain, images, perturb_func=perturb, n_perturb_samples=k,
+                                    target=torch.tensor(TARGETS))
+    assert ours["values"] == pytest.approx(theirs.tolist(), rel=1e-4)
+    assert min(ours["values"]) > 1e-3
+
+
+def test_a_constant_map_does_not_move():
+    """Saliency of a linear model is its weight, wherever the input is: sensitivity 0."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4)).eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    sal = insights.attribute(model, x, "saliency", [0, 1], abs=False)
+    out = insights.evaluate(model, x, sal, [0, 1], "sensitivity_max", method="saliency",
+                            method_params={"abs": False}, perturb_radius=1.0)
+    assert out["values"] == [0.0, 0.0]
+
+
+def test_a_zero_map_is_divided_by_one_like_captum():
+    """A model with a dead input: saliency is 0 at x and everywhere, so 0/1 = 0."""
+    class Dead(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(x.shape[0], 2) + 0 * x.sum()
+
+    x = torch.ones(1, 1, 4, 4)
+    out = insights.evaluate(Dead(), x, torch.zeros(1, 1, 4, 4), 0, "sensitivity_max",
+                            method="saliency", n_perturb_samples=2)
+    assert out["values"] == [0.0]
