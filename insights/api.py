@@ -161,7 +161,8 @@ def index():
     return jsonify({"version": __version__, "limits": {k: cfg.get(k) for k in LIMIT_SETTINGS},
                     "endpoints": {"models": url_for("api.models"), "methods": url_for("api.methods"),
                                   "samples": url_for("api.samples"), "images": url_for("api.upload"),
-                                  "predict": url_for("api.predict"), "explain": url_for("api.explain")}})
+                                  "predict": url_for("api.predict"), "explain": url_for("api.explain"),
+                                  "metrics": url_for("api.metrics")}})
 
 
 @bp.get("/models")
@@ -178,6 +179,13 @@ def methods():
     if model is not None:
         service().models.spec(model)  # an unknown model is a 400 naming it
     return jsonify({"methods": service().method_list(model)})
+
+
+@bp.get("/metrics")
+def metrics():
+    """Every faithfulness metric and check's self-description (parameters, cost, which way is
+    better); with ``model``, the defaults for its input size."""
+    return jsonify({"metrics": service().metric_list(request.args.get("model"))})
 
 
 @bp.get("/models/<name>/labels")
@@ -315,6 +323,24 @@ def delete_result(rid: str):
         raise Forbidden("deleting a result needs an access token, and this server has none: only a request "
                         "from the server's own machine may delete one here", "result")
     return jsonify({"deleted": service().delete_result(rid)})
+
+
+@bp.get("/results/<rid>/quality")
+def result_quality(rid: str):
+    """The stored measurements of a result's map, oldest first."""
+    return jsonify({"quality": service().quality_list(rid)})
+
+
+@bp.post("/results/<rid>/quality")
+@write
+def measure(rid: str):
+    """Measures a result's map with a metric: answers a stored measurement, makes a cheap one
+    now, or queues a costly one as a job whose result is the measurement."""
+    data = body()
+    answer = service().quality(rid, data.get("metric"), data.get("params"), client_id())
+    if answer.job is None:
+        return jsonify({"status": answer.status, "cached": answer.cached, "quality": answer.result})
+    return queued(Ticket(answer.job, answer.cancel_token))
 
 
 def loopback(addr: str | None) -> bool:

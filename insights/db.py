@@ -10,7 +10,8 @@ an older Insights looks, so it refuses a newer index rather than misread it).
 
 Schema versions: 0, the first (images and results); 1, bytes and last use per row, the image's
 format, the keyed-id secret in a table ``keys``; 2, a table ``meta`` holding the schema version
-and the secret (``keys`` goes); 3, a table ``predictions`` of dataset items' scores per model. A fresh index is made at :data:`SCHEMA_VERSION` directly; an older
+and the secret (``keys`` goes); 3, a table ``predictions`` of dataset items' scores per model; 4, a table ``quality`` of a
+result's measurements (faithfulness metrics, sanity and box checks). A fresh index is made at :data:`SCHEMA_VERSION` directly; an older
 SQLite index is upgraded in place, in one transaction, when a store opens it.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 INDEX_FILE = "index.sqlite3"  # the embedded index, in the store's folder
 BUSY_TIMEOUT_S = 30  # SQLite: how long a writer waits for another's lock
 CONNECT_TIMEOUT_S = 5  # PostgreSQL: a server that does not answer a new connection within this is down
@@ -84,6 +85,17 @@ predictions = sa.Table(
     sa.Column("true_prob", sa.Float),  # the true class's probability; null without one
     sa.Column("error", sa.Text),  # why the item could not be scored (an image that does not decode)
     sa.Column("created", sa.Text, nullable=False),
+)
+
+# A measurement of a stored result's map (a faithfulness metric, the sanity or the box check):
+# kept with the result, deleted with it, its bytes counted in the result's own.
+quality = sa.Table(
+    "quality", metadata,
+    sa.Column("result_id", sa.Text, primary_key=True),
+    sa.Column("key", sa.Text, primary_key=True),  # a digest of the metric and its parameters
+    sa.Column("metric", sa.Text, nullable=False),
+    sa.Column("created", sa.Text, nullable=False),
+    sa.Column("answer", sa.Text, nullable=False),  # the measurement served, JSON
 )
 
 # --------------------------------------------------------------------------- engines
@@ -241,6 +253,8 @@ def prepare(engine: sa.Engine, upgrade_to_1: Callable[[sa.Connection], None]) ->
                     _upgrade_to_2(conn)
                 if version < 3:
                     predictions.create(conn)
+                if version < 4:
+                    quality.create(conn)
             if version != SCHEMA_VERSION:
                 _set_version(conn)
             secret = conn.execute(sa.select(meta.c.value).where(meta.c.name == "secret")).scalar_one()

@@ -9,6 +9,7 @@ costly ones, and cheap ones that did not finish in time, are answered with the q
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -24,8 +25,8 @@ from .engine.errors import shown
 from .errors import BadParam, Busy, Conflict, Forbidden, NotFound, ServiceError, as_int
 from .jobs import Job, JobBackend, JobRunner, Ticket
 from .models import LogitsCache, ModelRegistry, ModelUnavailable
-from .store import Store
-from .tasks import ExplainTask, PredictTask, Task
+from .store import Store, canonical_json
+from .tasks import ExplainTask, PredictTask, QualityTask, Task, jsonable
 
 SAMPLES = {"chelsea": "Chelsea the cat", "coffee": "A cup of coffee", "astronaut": "Astronaut Eileen Collins",
            "rocket": "A rocket on the launch pad"}
@@ -356,6 +357,67 @@ class Service:
                 return Explained("done", result=self.store.result(rid))
         else:
             answer = self.jobs.admit(task, client, key=rid, total=passes)
+        return Explained("queued", job=answer.job, cancel_token=answer.cancel_token)
+
+    # -- quality: measurements of a stored result ------------------------------------------------
+
+    def metric_list(self, model: str | None = None) -> list[dict]:
+        """Every metric's self-description (defaults for the model's input size when given)."""
+        shape = self.input_shape(self.model_name(model)) if model else (3, 224, 224)
+        return [{"needs_method": False, **engine.metric_info(m, shape=shape)} for m in engine.list_metrics()]
+
+    def quality_list(self, rid: str) -> list[dict]:
+        """The stored measurements of a result, oldest first."""
+        self.result(rid)
+        return self.store.quality(rid)
+
+    def plan_quality(self, meta: dict, metric_id: Any, params: Any) -> tuple[dict, str, int]:
+        """A metric's checked parameters for a stored result, the measurement's key and its
+        forward passes, or the 400 that says what is wrong (an unknown metric, a bad
+        parameter, more forward passes than ``MAX_PASSES``)."""
+        registry = engine.metrics.registry
+        if not isinstance(metric_id, str) or metric_id not in registry.ids():
+            raise BadParam(f"unknown metric {shown(metric_id)}; known metrics: {', '.join(registry.ids())}",
+                           "metric")
+        given = params or {}
+        if not isinstance(given, dict):
+            raise BadParam("params must be a JSON object of parameter values", "params")
+        metric = registry.get(metric_id)
+        for param in metric.params:
+            if param.type == "tensor" and given.get(param.name) is not None:
+                raise BadParam(f"{param.name}: is a tensor parameter, only settable from Python", param.name)
+        name = self.model_name(meta["model"])
+        shape = self.input_shape(name)
+        p = metric.validate(given, shape)
+        extra = {}
+        if getattr(metric, "needs_method", False):
+            method = engine.registry.get(meta["method"])
+            extra = {"method": meta["method"], "method_params": method.validate(meta["params"], shape),
+                     "model": self.models.peek(name)}
+        passes = int(engine.metric_info(metric_id, p, shape, **extra)["cost"]["forward"])
+        limit = self.settings["MAX_PASSES"]
+        if passes > limit:
+            raise ServiceError(f"these parameters need {passes} forward passes, more than the limit of "
+                               f"{limit} (MAX_PASSES); use fewer steps or samples", "params", code="over_budget")
+        key = hashlib.sha256(canonical_json({"metric": metric_id, "params": jsonable(p)}).encode()).hexdigest()
+        return p, key, passes
+
+    def quality(self, rid: str, metric_id: Any, params: Any, client: str = LOCAL) -> Explained:
+        """A stored measurement of a result's map, one made now, or a queued job for a costly
+        one; the job's answer is the measurement, kept with the result."""
+        meta = self.result(rid)
+        p, key, passes = self.plan_quality(meta, metric_id, params)
+        stored = self.store.quality_entry(rid, key)
+        if stored is not None:
+            return Explained("done", cached=True, result=stored)
+        task = QualityTask(self, rid, metric_id, p, key)
+        job_key = f"quality:{rid}:{key}"
+        if passes <= self.settings.get("INLINE_MAX_PASSES", 64):
+            answer = self.run_inline(task, client, key=job_key, total=max(1, passes))
+            if not isinstance(answer, Ticket):
+                return Explained("done", result=answer)
+        else:
+            answer = self.jobs.admit(task, client, key=job_key, total=passes)
         return Explained("queued", job=answer.job, cancel_token=answer.cancel_token)
 
 

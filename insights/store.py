@@ -545,21 +545,23 @@ class Store:
             raise StoreFull(f"{needed} bytes cannot be stored within the quota of {self.max_bytes} bytes "
                             "(STORE_MAX_BYTES), even with every other image and result removed")
 
-    def _next_victim(self, conn: sa.Connection, protect: str | None) -> tuple[str, str, int] | None:
+    def _next_victim(self, conn: sa.Connection, protect: str | None,
+                     keep: str | None = None) -> tuple[str, str, int] | None:
         unused = ~sa.exists().where(results.c.image_id == images.c.id)
         row = conn.execute(sa.select(images.c.id, images.c.bytes)
                            .where(images.c.id.is_distinct_from(protect), unused)
                            .order_by(images.c.accessed, images.c.created).limit(1)).first()
         if row is not None:
             return "image", row.id, int(row.bytes)
-        row = conn.execute(sa.select(results.c.id, results.c.bytes)
+        row = conn.execute(sa.select(results.c.id, results.c.bytes).where(results.c.id.is_distinct_from(keep))
                            .order_by(results.c.accessed, results.c.created).limit(1)).first()
         return ("result", row.id, int(row.bytes)) if row is not None else None
 
-    def _make_room(self, needed: int, protect: str | None = None) -> None:
+    def _make_room(self, needed: int, protect: str | None = None, keep: str | None = None) -> None:
         """Evicts until ``needed`` more bytes fit the quota, or raises :class:`StoreFull` having
-        evicted nothing. ``protect``: an image that stays (the one a new result is made from).
-        Runs in the caller's write transaction: the bytes it counts are every node's."""
+        evicted nothing. ``protect``: an image that stays (the one a new result is made from);
+        ``keep``: a result that stays (the one a measurement is added to). Runs in the caller's
+        write transaction: the bytes it counts are every node's."""
         if self.max_bytes is None:
             return
         with self._writing() as write:
@@ -568,7 +570,7 @@ class Store:
                 return
             self._check_fits(needed, protect)
             while total + needed > self.max_bytes:
-                victim = self._next_victim(write.conn, protect)
+                victim = self._next_victim(write.conn, protect, keep)
                 if victim is None:  # cannot happen after the check above; never write past the quota
                     raise StoreFull(f"the store cannot make room for {needed} bytes (STORE_MAX_BYTES)")
                 kind, key, size = victim
@@ -792,6 +794,7 @@ class Store:
                 _fsync_dir(folder)
                 write.on_failure(_rename_back(gone, self.result_dir(rid)))
             write.conn.execute(results.delete().where(results.c.id == rid))
+            write.conn.execute(db.quality.delete().where(db.quality.c.result_id == rid))
             write.after_commit(_remove(gone))
         return True
 
@@ -800,6 +803,54 @@ class Store:
             rows = conn.execute(sa.select(results.c.meta).where(results.c.image_id == image_id)
                                 .order_by(results.c.created.desc())).scalars().all()
         return [json.loads(m) for m in rows]
+
+    # -- measurements of a result (quality: faithfulness metrics, sanity and box checks) -------
+
+    def result_image(self, rid: str) -> str | None:
+        """The id of the image a stored result was made from (never served), or None."""
+        if not is_id(rid):
+            return None
+        with self._reading() as conn:
+            return conn.execute(sa.select(results.c.image_id).where(results.c.id == rid)).scalar()
+
+    def quality(self, rid: str) -> list[dict]:
+        """The stored measurements of a result, oldest first (none for an unknown id)."""
+        if not is_id(rid):
+            return []
+        q = db.quality
+        with self._reading() as conn:
+            rows = conn.execute(sa.select(q.c.answer).where(q.c.result_id == rid)
+                                .order_by(q.c.created, q.c.key)).scalars().all()
+        return [json.loads(row) for row in rows]
+
+    def quality_entry(self, rid: str, key: str) -> dict | None:
+        """One stored measurement of a result by its key, or None."""
+        q = db.quality
+        with self._reading() as conn:
+            row = conn.execute(sa.select(q.c.answer).where(q.c.result_id == rid, q.c.key == key)).scalar()
+        return None if row is None else json.loads(row)
+
+    def put_quality(self, rid: str, entry: dict) -> dict:
+        """Keeps a measurement (``entry["key"]``, ``entry["metric"]``) with the result ``rid``;
+        its bytes count in the result's, within the quota (:class:`StoreFull` when it cannot fit;
+        other results may be evicted, never this one). :class:`Missing` when the result is gone;
+        a measurement stored meanwhile (by another node) is answered instead."""
+        data = json.dumps(entry)
+        size = len(data.encode())
+        self._check_fits(size)
+        self._before_write()
+        with self._writing() as write:
+            row = write.conn.execute(sa.select(results.c.bytes).where(results.c.id == rid)).first()
+            if row is None:
+                raise Missing(f"no result with id {shown(rid)}", "result")
+            self._make_room(size, keep=rid)
+            if db.insert_once(write.conn, db.quality, {"result_id": rid, "key": entry["key"],
+                                                       "metric": entry["metric"], "created": entry["created"],
+                                                       "answer": data}):
+                write.conn.execute(results.update().where(results.c.id == rid)
+                                   .values(bytes=results.c.bytes + size))
+                return entry
+        return self.quality_entry(rid, entry["key"]) or entry
 
     # -- dataset predictions (insights/dataset_jobs.py) ---------------------------------------
 

@@ -7,6 +7,7 @@ requests that wait, on the worker for queued jobs. No Flask here: a task gets th
 """
 from __future__ import annotations
 
+import base64
 import json
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from PIL import Image
 
 from . import engine, imaging
 from .engine.errors import shown
+from .errors import NotFound
 from .store import canonical_json, utc_now
 
 
@@ -256,3 +258,91 @@ class ExplainTask(Task):
                       "overlay": f"/api/results/{rid}/overlay.png", "npy": f"/api/results/{rid}/attribution.npy",
                       "share": f"/r/{rid}"},
         }
+
+
+def quality_answer(answer: dict, signed: bool) -> dict:
+    """An engine metric's answer as JSON values: tensors become lists, except a sanity check's
+    stage maps (``maps``, N×S×1×H×W), which become PNG data URLs in the encoding of a result's
+    map (first image) under ``stages[i]["map"]`` and ``["encoding"]``."""
+    out = {}
+    for key, value in answer.items():
+        if key == "maps" and isinstance(value, torch.Tensor):
+            continue
+        out[key] = value.tolist() if isinstance(value, torch.Tensor) else value
+    maps = answer.get("maps")
+    if isinstance(maps, torch.Tensor) and isinstance(out.get("stages"), list):
+        stages = []
+        for stage, plane in zip(out["stages"], maps[0].detach().cpu().float().numpy()):
+            png, enc = imaging.encode_map(plane, signed)
+            stages.append({**stage, "map": "data:image/png;base64," + base64.b64encode(png).decode(),
+                           "encoding": {"zero": enc["zero"], "scale": enc["scale"]}})
+        out["stages"], out["signed"] = stages, signed
+    return jsonable(out)
+
+
+class QualityTask(Task):
+    """One measurement of a stored result's map (a faithfulness metric, the sanity or the box
+    check): the result's image is loaded and preprocessed again, its stored map read back, and
+    the metric run on the model; ``finish`` keeps the answer with the result and returns it."""
+
+    kind = "quality"
+
+    def __init__(self, service, rid: str, metric: str, params: dict, key: str):
+        self.service, self.rid, self.metric, self.params, self.key = service, rid, metric, params, key
+        self.meta = service.result(rid)
+        self.name = self.meta["model"]
+        self.spec = service.models.spec(self.name)
+
+    def to_payload(self) -> dict:
+        return {"kind": self.kind, "result": self.rid, "metric": self.metric, "params": jsonable(self.params),
+                "key": self.key}
+
+    @classmethod
+    def from_payload(cls, service, payload: dict) -> "QualityTask":
+        """The metric's parameters are checked again (JSON lists become its tuples)."""
+        meta = service.result(payload["result"])
+        params = engine.metrics.registry.get(payload["metric"]).validate(payload["params"],
+                                                                          service.input_shape(meta["model"]))
+        return cls(service, payload["result"], payload["metric"], params, payload["key"])
+
+    def method_args(self) -> dict:
+        """``method`` and ``method_params`` for a metric that re-runs the result's method."""
+        if not getattr(engine.metrics.registry.get(self.metric), "needs_method", False):
+            return {}
+        method = engine.registry.get(self.meta["method"])
+        params = method.validate(self.meta["params"], self.service.input_shape(self.name))
+        if "layer" in params and not params["layer"] and self.meta.get("layer"):
+            params["layer"] = self.meta["layer"]  # the layer the result's map was made at
+        return {"method": self.meta["method"], "method_params": params}
+
+    @classmethod
+    def compute(cls, tasks: list["QualityTask"], jobs: list) -> list:
+        out = []
+        for task, job in zip(tasks, jobs):
+            service = task.service
+            if service.store.quality_entry(task.rid, task.key) is not None:
+                out.append(None)  # an identical job finished first
+                continue
+            image_id = service.store.result_image(task.rid)
+            if image_id is None or service.store.image(image_id) is None:
+                raise NotFound(f"the image of result {shown(task.rid)} is no longer stored", "result")
+            x = load_inputs(service, task.spec, image_id)[0].to(service.models.device)
+            attr = torch.from_numpy(service.store.attribution(task.rid)).to(x.device)
+            model = service.models.get(task.name)
+            start = time.perf_counter()
+            answer = engine.evaluate(model, x, attr, task.meta["target"], task.metric, progress=job.progress,
+                                     cancel=job.cancel, **task.method_args(), **service.engine_settings(),
+                                     **task.params)
+            out.append((answer, time.perf_counter() - start))
+        return out
+
+    def finish(self, computed: tuple | None) -> dict:
+        """Keeps the measurement with the result (may raise StoreFull, 507); answers it."""
+        if computed is None:
+            return self.service.store.quality_entry(self.rid, self.key)
+        answer, elapsed = computed
+        m = engine.metrics.registry.get(self.metric)
+        entry = {"key": self.key, "result": self.rid, "metric": self.metric, "label": m.label,
+                 "better": m.better, "params": jsonable(self.params), "created": utc_now(),
+                 "elapsed_s": round(elapsed, 4), "answer": quality_answer(answer, bool(self.meta["signed"]))}
+        return self.service.store.put_quality(self.rid, entry)

@@ -36,6 +36,9 @@ def fuzz_app(tmp_path, extra_methods):
                       "MAX_PASSES": 5000, "MAX_CONTENT_LENGTH": 200_000, "MAX_IMAGE_PIXELS": 250_000,
                       "RATE_LIMIT_PER_MIN": 10 ** 9, "MAX_JOBS_PER_CLIENT": 10 ** 6, "MAX_QUEUED_JOBS": 10 ** 6,
                       "INLINE_TIMEOUT_S": 60})
+    # A read records an item's last use once a minute (Store.TOUCH_EVERY): in a fuzz run longer than
+    # that, a refused request that reads the image would write that row, which is not its doing.
+    app.extensions["insights"].store.TOUCH_EVERY = float("inf")
     yield app
     app.extensions["insights"].jobs.shutdown()
 
@@ -80,6 +83,28 @@ def test_every_parameter_of_every_method_survives_hostile_values(fuzz_app):
     print(f"fuzz of method parameters: {f.count} requests, answers {sorted(f.statuses.items())}")
     assert f.count > 1200
     assert f.statuses.get(400, 0) > 1000  # most are refused, each with its message
+
+
+def test_every_parameter_of_every_metric_survives_hostile_values(fuzz_app):
+    f = Fuzzer(fuzz_app)
+    image = upload(f.client, png((40, 40))).json["id"]
+    rid = f.send("POST", "/api/explain", raw_json({"model": "tiny", "image": image, "method": "saliency",
+                                                   "target": 1})).json["result"]["id"]
+    metrics = f.send("GET", "/api/metrics?model=tiny").json["metrics"]
+    for m in metrics:
+        for param in m["params"]:
+            values = LISTS + SCALARS if param["type"] == "int_list" else SCALARS
+            for value in values:
+                f.send("POST", f"/api/results/{rid}/quality",
+                       raw_json({"metric": m["id"], "params": {param["name"]: value}}))
+    for value in SCALARS + WEIRD_IDS:
+        f.send("POST", f"/api/results/{rid}/quality", raw_json({"metric": value}))
+        f.send("POST", f"/api/results/{rid}/quality", raw_json({"metric": "deletion", "params": value}))
+    for weird in WEIRD_IDS:
+        f.send("GET", f"/api/results/{weird}/quality")
+        f.send("POST", f"/api/results/{weird}/quality", raw_json({"metric": "deletion"}))
+    print(f"fuzz of metric parameters: {f.count} requests, answers {sorted(f.statuses.items())}")
+    assert f.statuses.get(400, 0) > 200 and f.statuses.get(404, 0) >= len(WEIRD_IDS)
 
 
 def test_every_field_of_every_endpoint_survives_hostile_values(fuzz_app):

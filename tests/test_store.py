@@ -352,8 +352,9 @@ def test_an_index_of_the_first_schema_is_upgraded_and_keeps_serving(tmp_path, im
                   if n != "index.sqlite3")
     store = Store(root)
     with closing(sqlite3.connect(os.path.join(root, "index.sqlite3"))) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION == 4
         assert db.execute("SELECT 1 FROM sqlite_master WHERE name = 'predictions'").fetchall()
+        assert db.execute("SELECT 1 FROM sqlite_master WHERE name = 'quality'").fetchall()
     assert store.total_bytes() == on_disk  # bytes counted from the files once, at the upgrade
     meta = store.result(rid)
     assert meta["image"] == {"width": 6, "height": 4} and meta["target"] == 3  # the link is gone
@@ -429,9 +430,10 @@ def test_an_index_of_schema_1_is_upgraded_keeping_its_secret_ids_and_bytes(tmp_p
                   if n != "index.sqlite3")
     store = Store(root)
     with closing(sqlite3.connect(os.path.join(root, "index.sqlite3"))) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3  # an older Insights refuses it
-        assert dict(db.execute("SELECT name, value FROM meta")) == {"schema_version": "3", "secret": secret.hex()}
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 4  # an older Insights refuses it
+        assert dict(db.execute("SELECT name, value FROM meta")) == {"schema_version": "4", "secret": secret.hex()}
         assert db.execute("SELECT 1 FROM sqlite_master WHERE name = 'predictions'").fetchall()
+        assert db.execute("SELECT 1 FROM sqlite_master WHERE name = 'quality'").fetchall()
         assert not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'keys'").fetchall()
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert secret_of(store) == secret
@@ -448,9 +450,9 @@ def test_an_index_of_schema_1_is_upgraded_keeping_its_secret_ids_and_bytes(tmp_p
 
 def test_an_index_newer_than_this_version_is_refused(store):
     with closing(sqlite3.connect(os.path.join(store.root, "index.sqlite3"))) as db:
-        db.execute("UPDATE meta SET value = '4' WHERE name = 'schema_version'")
+        db.execute("UPDATE meta SET value = '5' WHERE name = 'schema_version'")
         db.commit()
-    with pytest.raises(RuntimeError, match="schema 4, newer than this version of Insights reads"):
+    with pytest.raises(RuntimeError, match="schema 5, newer than this version of Insights reads"):
         Store(store.root)
 
 

@@ -91,7 +91,7 @@ def test_a_fresh_index_has_the_current_schema_and_one_secret_for_every_node(node
     a, b = nodes(), nodes()
     with a.engine.connect() as conn:
         stored = dict(conn.execute(sa.select(db_module.meta.c.name, db_module.meta.c.value)).all())
-    assert stored["schema_version"] == str(db_module.SCHEMA_VERSION) == "3" and len(stored["secret"]) == 64
+    assert stored["schema_version"] == str(db_module.SCHEMA_VERSION) == "4" and len(stored["secret"]) == 64
     assert a._secret == b._secret == bytes.fromhex(stored["secret"])
     assert (database is None) == os.path.isfile(os.path.join(a.root, "index.sqlite3"))
     iid = a.put_image(picture(0))["id"]
