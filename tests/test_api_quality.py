@@ -156,3 +156,17 @@ def test_an_unknown_result_is_a_404(client):
     for r in (client.post("/api/results/" + "a" * 64 + "/quality", json={"metric": "deletion"}),
               client.get("/api/results/" + "a" * 64 + "/quality"), client.get("/api/results/nope/quality")):
         assert r.status_code == 404 and r.json["error"]["field"] == "result"
+
+
+def test_a_metric_that_re_runs_the_method_gets_the_results_method_and_parameters(client, app, image_id):
+    rid = explained(client, image_id, method="integrated_gradients", params={"n_steps": 4})["id"]
+    params = {"n_perturb_samples": 3, "seed": 5}
+    described = {m["id"]: m for m in client.get("/api/metrics").json["metrics"]}["sensitivity_max"]
+    assert described["needs_method"] is True
+    r = client.post(f"/api/results/{rid}/quality", json={"metric": "sensitivity_max", "params": params})
+    assert r.status_code in (200, 202), r.json
+    q = r.json["quality"] if r.status_code == 200 else wait_job(client, r.json["job"]["id"])["result"]
+    want = direct(app, rid, "sensitivity_max", method="integrated_gradients", method_params={"n_steps": 4},
+                  **params)
+    assert q["metric"] == "sensitivity_max" and q["better"] == "lower"
+    assert q["answer"]["value"] == pytest.approx(want["value"], rel=1e-5)
