@@ -29,6 +29,8 @@ from .families import gradient  # noqa: E402,F401
 from .families import rules  # noqa: E402,F401
 from .families import cam  # noqa: E402,F401
 from .families import perturbation  # noqa: E402,F401
+from .families import lrp  # noqa: E402,F401
+from .families import surrogate  # noqa: E402,F401
 
 
 def methods() -> list[str]:
@@ -85,7 +87,8 @@ def check_supported(m, model: nn.Module) -> None:
 def attribute(model: nn.Module, inputs: torch.Tensor, method: str, target: Any, *,
               progress: Callable[[int, int], Any] | None = None, cancel: Any = None,
               memory_budget: int | None = None, info: dict | None = None,
-              options: EngineOptions | None = None, **params) -> torch.Tensor:
+              options: EngineOptions | None = None,
+              partial: Callable[[torch.Tensor, float], Any] | None = None, **params) -> torch.Tensor:
     """Attribution map of ``method`` for ``model`` at ``inputs`` (already normalised, N×C×H×W).
 
     ``target`` is a class index or one per row. Returns N×C×H×W for pixel methods and N×1×H×W
@@ -94,7 +97,11 @@ def attribute(model: nn.Module, inputs: torch.Tensor, method: str, target: Any, 
     :class:`Cancelled`. ``memory_budget`` caps the bytes of activations per batch. ``info``, if
     given, is filled with details of the call (e.g. the layer Grad-CAM chose, the cost, and in
     ``info["fast_paths"]`` which fast paths ran and why others did not). ``options``
-    (:class:`EngineOptions`, default all on) switches fast paths off."""
+    (:class:`EngineOptions`, default all on) switches fast paths off. ``partial(map, fraction)``,
+    if given, is called by methods that can approximate their map before the end (occlusion and
+    feature ablation on patches score their windows coarse to fine for it) with a whole-image
+    approximation (N×C×H×W) and the share of the work done, at most every quarter second; the
+    returned map is the same as without it."""
     m = registry.get(method)
     p = m.validate(params, input_shape(inputs))
     check_supported(m, model)
@@ -102,7 +109,8 @@ def attribute(model: nn.Module, inputs: torch.Tensor, method: str, target: Any, 
     cost = m.cost(p, Facts(tuple(x.shape[1:]), model, x[:1]))
     ctx = Context(model=model, inputs=x, target=t, total=max(1, cost.forward * x.shape[0]),
                   progress=progress, cancel=cancel, memory_budget=memory_budget,
-                  info=info if info is not None else {}, options=options or EngineOptions())
+                  info=info if info is not None else {}, options=options or EngineOptions(),
+                  partial=partial)
     # Every method runs in full fp32 (no TF32 on CUDA) unless the caller opted into bf16: with
     # TF32 convolutions, DeepLift's maps of a random ResNet-18 missed the score difference by
     # 2.5%, IG drifted 2e-4 from Captum's fp32 maps and occlusion up to 3e-2 (H200).

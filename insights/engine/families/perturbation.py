@@ -1,4 +1,4 @@
-"""Perturbation methods: occlusion and feature ablation.
+"""Perturbation methods: occlusion and feature ablation (on patches, superpixels or a given mask).
 
 Both replace part of the image by a baseline and measure how much the target score drops:
 ``f(x) - f(x with the part replaced)``. They need no gradients, only forward passes, which run
@@ -17,13 +17,14 @@ from typing import Sequence
 
 import torch
 
-from .. import registry
+from .. import progressive, registry
 from ..context import Context
 from ..errors import ParamError
 from ..params import Cost, Param
 from ..passes import add_rows, expand_baseline
 from ..precision import PRECISION_PARAM
 from ..method import Facts, Method
+from ..superpixels import feature_count, feature_masks, segment_params
 
 BASELINES_PARAM = Param("baselines", "float", 0.0, "Value that replaces the occluded pixels, in "
                         "normalised input units (0 is the dataset mean). Python callers may pass "
@@ -109,21 +110,39 @@ def occlude(ctx: Context, windows: Sequence[int], strides: Sequence[int], baseli
     cl = torch.channels_last
     base = expand_baseline(baselines, x).contiguous(memory_format=cl)
     x = x.contiguous(memory_format=cl)
-    diffs = torch.empty(total * n, device=x.device)  # row r: window r // n, sample r % n
+    diffs = torch.zeros(total * n, device=x.device)  # row r: window r // n, sample r % n
     every_channel = bool(masks[0].all())  # windows through all channels (the usual case)
+    # A caller that takes partial maps gets the windows coarse to fine, one stage after another
+    # (progressive.py); otherwise they run in row-major order, in as few chunks as fit.
+    if ctx.partial is not None:
+        order, stages = progressive.coarse_to_fine(counts)
+        order = order.to(x.device)
+    else:
+        order, stages = None, [total]
+    scored = torch.zeros(total, dtype=torch.bool, device=x.device)
     with ctx.scorer() as score:
         clean = score(x, target, pad=False)  # one row per image, not a chunk: never padded
         ctx.advance(n)
-        for s in ctx.chunks(total * n, grad=False):
-            rows = torch.arange(s.start, s.stop, device=x.device)
-            window, sample = rows // n, rows % n
-            kc, rest = window // (counts[1] * counts[2]), window % (counts[1] * counts[2])
-            kh, kw = rest // counts[2], rest % counts[2]
-            if x.device.type == "cpu":
-                batch = _paste_windows(x, base, sample, (kc, kh, kw), windows, strides)
-            else:  # one kernel for the whole batch (row-by-row copies would be launch-bound)
-                batch = _masked_batch(x, base, sample, masks, (kc, kh, kw), every_channel)
-            diffs[s] = clean[sample] - score(batch, target[sample])
+        first = 0  # the stage's first place in the order
+        for stage in stages:
+            for s in ctx.chunks(stage * n, grad=False):
+                rows = torch.arange(first * n + s.start, first * n + s.stop, device=x.device)
+                window, sample = rows // n, rows % n
+                if order is not None:
+                    window = order[window]
+                kc, rest = window // (counts[1] * counts[2]), window % (counts[1] * counts[2])
+                kh, kw = rest // counts[2], rest % counts[2]
+                if x.device.type == "cpu":
+                    batch = _paste_windows(x, base, sample, (kc, kh, kw), windows, strides)
+                else:  # one kernel for the whole batch (row-by-row copies would be launch-bound)
+                    batch = _masked_batch(x, base, sample, masks, (kc, kh, kw), every_channel)
+                diffs[window * n + sample] = clean[sample] - score(batch, target[sample])
+                scored[window] = True
+                # Partial maps from the end of the first stage on (it spans the whole image).
+                if (first or s.stop == stage * n) and ctx.wants_partial() and not bool(scored.all()):
+                    ctx.publish(progressive.partial_map(diffs.view(total, n).t().reshape(n, *counts),
+                                                        scored.view(*counts), masks))
+            first += stage
 
     # The map is separable: sum over windows of diff × (mask_c ⊗ mask_h ⊗ mask_w), divided by
     # the number of windows covering each element, itself an outer product of per-axis counts.
@@ -202,14 +221,11 @@ def ablate_features(ctx: Context, mask: torch.Tensor, baselines) -> torch.Tensor
 class FeatureAblation(PerturbationMethod):
     id = "feature_ablation"
     label = "Feature ablation"
-    description = "Replaces each square patch (or each feature of a given mask) by the baseline " \
-                  "and records the score drop for all its pixels. One forward pass per patch."
+    description = "Replaces each square patch or superpixel (or each feature of a given mask) " \
+                  "by the baseline and records the score drop for all its pixels. One forward " \
+                  "pass per feature."
     params = (
-        Param("patch_size", "int", 16, "Side of the square patches (shared by all channels; by "
-              "default a fourteenth of the shorter side).", min=1, max=4096,
-              scaled=lambda s: _part(min(s[1], s[2]), 14)),
-        Param("feature_mask", "tensor", None, "Python only: an integer tensor broadcastable to "
-              "the input; elements with the same value form one feature. Replaces the patch grid."),
+        *segment_params("grid"),
         BASELINES_PARAM,
         PRECISION_PARAM,
     )
@@ -217,11 +233,17 @@ class FeatureAblation(PerturbationMethod):
     def cost(self, p: dict, facts: Facts) -> Cost:
         if p["feature_mask"] is not None:
             return Cost(int(torch.unique(p["feature_mask"]).numel()) + 1, 0)
-        return Cost(math.prod(math.ceil(d / p["patch_size"]) for d in facts.shape[1:]) + 1, 0)
+        return Cost(feature_count(p, facts.shape) + 1, 0)
 
     def run(self, ctx: Context, p: dict) -> torch.Tensor:
         if p["feature_mask"] is not None:
             return ablate_features(ctx, p["feature_mask"], p["baselines"])
+        if p["segmentation"] == "slic":
+            masks = feature_masks(ctx.inputs, p)
+            # The cost counted n_segments superpixels; SLIC finds about as many: the progress
+            # total becomes the passes actually made.
+            ctx.total += ctx.inputs.shape[0] * (int(masks.max()) + 1 - p["n_segments"])
+            return ablate_features(ctx, masks, p["baselines"])
         # A grid of non-overlapping patches through all channels is occlusion with the window
         # equal to its stride; clipped border patches are the grid's partial cells.
         c, h, w = ctx.inputs.shape[1:]
