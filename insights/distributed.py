@@ -582,6 +582,8 @@ class RemoteJob(Job):
             first = progress.get("first_t")
             self._first = (float(first), int(progress.get("first_done") or 0)) if first else None
             self.version = int(row["version"]) + int(progress.get("v") or 0)
+            partial = progress.get("partial")
+            self.partial = json.loads(partial) if partial else None
         return self
 
     def refresh(self) -> "RemoteJob":
@@ -889,7 +891,7 @@ class CeleryBackend:
         try:
             pipe = self.redis.pipeline(transaction=False)
             if progress.pop("restart", False):
-                pipe.hdel(key, "first_t", "first_done")
+                pipe.hdel(key, "first_t", "first_done", "partial")
             if progress:
                 pipe.hset(key, mapping=progress)
             pipe.hincrby(key, "v", 1)

@@ -69,6 +69,7 @@ class Job:
         self.done = 0
         self.total = int(total)
         self.result: Any = None  # the finished answer: a result id, or a JSON object (predictions)
+        self.partial: dict | None = None  # the latest partial map a progressive method published
         self.error: dict | None = None
         self.error_status: int | None = None  # the HTTP status of the error
         self.exception: BaseException | None = None
@@ -95,6 +96,11 @@ class Job:
             if self._first is None:
                 self._first = (clock(), int(done))
             self._set(done=int(done), total=int(total))
+
+    def publish(self, partial: dict) -> None:
+        """Shows a partial answer (a whole-image approximation of the map, see
+        :func:`insights.tasks.partial_payload`) until the final one."""
+        self._set(partial=partial)
 
     # -- read by request threads ----------------------------------------------------------------
 
@@ -131,7 +137,7 @@ class Job:
                     "eta_s": eta, "elapsed_s": round(elapsed, 3),
                     "result_id": self.result if isinstance(self.result, str) else None,
                     "result": self.result if isinstance(self.result, dict) else None,
-                    "error": self.error, "version": self.version}
+                    "error": self.error, "partial": self.partial, "version": self.version}
 
 
 @dataclass(frozen=True)

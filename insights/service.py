@@ -351,7 +351,11 @@ class Service:
         if stored is not None:
             return Explained("done", cached=True, result=stored)
         task = ExplainTask(self, name, record, method_id, p, target, rid, info)
-        if passes <= self.settings.get("INLINE_MAX_PASSES", 64):
+        # A method that shows a preview first (a path method with many steps) runs as a job, so
+        # the page can show the preview while the requested map is computed.
+        method = engine.registry.get(method_id)
+        previewed = getattr(method, "preview", None) is not None and method.preview(p) is not None
+        if passes <= self.settings.get("INLINE_MAX_PASSES", 64) and not previewed:
             answer = self.run_inline(task, client, key=rid, total=passes)
             if not isinstance(answer, Ticket):
                 return Explained("done", result=self.store.result(rid))

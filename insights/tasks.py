@@ -144,6 +144,7 @@ class Computed:
     batch_size: int
     cost: dict  # passes per image, as the engine counted them for this model
     completeness: dict | None = None  # {"delta", "kind", "threshold"}, or None (docs/api.md)
+    preview: dict | None = None  # a path method's preview: {"params", "passes", "share"}, or None
 
 
 COMPLETENESS_THRESHOLD = 0.05  # above this relative delta, an "exact" map is flagged unreliable
@@ -159,6 +160,16 @@ def completeness(details: dict, row: int) -> dict | None:
     if "uncovered" in details:  # DeepLift: the model's modules its rules do not cover
         out["uncovered"] = list(details["uncovered"])
     return out
+
+
+def partial_payload(approx: torch.Tensor, signed: bool, fraction: float, kind: str) -> dict:
+    """A partial map (C×H×W) as a job shows it: a PNG data URL in a result map's encoding
+    (``map``, ``encoding``), the share of the work done (``fraction``) and its ``kind``
+    ("refining" or "preview", see :func:`insights.attribute`)."""
+    png, enc = imaging.encode_map(approx.cpu().numpy(), signed)
+    return {"kind": kind, "fraction": round(float(fraction), 4),
+            "map": "data:image/png;base64," + base64.b64encode(png).decode(),
+            "encoding": {"zero": enc["zero"], "scale": enc["scale"]}}
 
 
 class ExplainTask(Task):
@@ -221,15 +232,22 @@ class ExplainTask(Task):
 
             def cancel():
                 return all(j.cancel.is_set() for j in run)
+        # One job alone may show partial maps (a batch's jobs would each need their own row).
+        publish = getattr(run[0], "publish", None) if len(run) == 1 else None
+        signed = engine.registry.get(first.method_id).signed(first.params)
+        partial = ((lambda approx, fraction, kind: publish(partial_payload(approx[0], signed, fraction, kind)))
+                   if publish else None)
         details: dict = {}
         start = time.perf_counter()
         attr = engine.attribute(model, x, first.method_id, [tasks[i].target for i in todo], progress=progress,
-                                cancel=cancel, info=details, **service.engine_settings(), **first.params)
+                                cancel=cancel, info=details, partial=partial, **service.engine_settings(),
+                                **first.params)
         elapsed = time.perf_counter() - start
         arr = attr.detach().cpu().float().numpy()
         for row, i in enumerate(todo):
             out[i] = Computed(arr[row:row + 1], logits[row], elapsed, details.get("layer"), len(todo),
-                              details.get("cost") or first.info.get("cost"), completeness(details, row))
+                              details.get("cost") or first.info.get("cost"), completeness(details, row),
+                              details.get("preview"))
         return out
 
     def finish(self, computed: "Computed | None") -> str:
@@ -251,7 +269,7 @@ class ExplainTask(Task):
             "image": {"width": record["width"], "height": record["height"]},
             "elapsed_s": round(c.elapsed, 4), "batch_size": c.batch_size, "created": utc_now(),
             "output": self.info["output"], "signed": bool(self.info["signed"]), "layer": c.layer,
-            "cost": c.cost, "completeness": c.completeness, "predictions": top_predictions(c.logits, spec.labels, 5),
+            "cost": c.cost, "preview": c.preview, "completeness": c.completeness, "predictions": top_predictions(c.logits, spec.labels, 5),
             "range": {"min": enc["min"], "max": enc["max"]}, "encoding": {"zero": enc["zero"], "scale": enc["scale"]},
             "size": [int(arr.shape[-2]), int(arr.shape[-1])], "shape": list(arr.shape),
             "links": {"input": f"/api/results/{rid}/input.png", "map": f"/api/results/{rid}/map.png",

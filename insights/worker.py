@@ -124,6 +124,11 @@ class WorkerJob:
         self.backend.notify(self.id, **fields)
 
 
+    def publish(self, partial: dict) -> None:
+        """A partial map for the web nodes (Redis; the method publishes at most a few a second)."""
+        self.backend.notify(self.id, partial=json.dumps(partial))
+
+
 class Runtime:
     """What a worker process keeps between tasks: the app's service (its models stay loaded), the
     job backend, and two threads: the heartbeat of the runs going on, and the janitor."""

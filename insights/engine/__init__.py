@@ -88,7 +88,7 @@ def attribute(model: nn.Module, inputs: torch.Tensor, method: str, target: Any, 
               progress: Callable[[int, int], Any] | None = None, cancel: Any = None,
               memory_budget: int | None = None, info: dict | None = None,
               options: EngineOptions | None = None,
-              partial: Callable[[torch.Tensor, float], Any] | None = None, **params) -> torch.Tensor:
+              partial: Callable[[torch.Tensor, float, str], Any] | None = None, **params) -> torch.Tensor:
     """Attribution map of ``method`` for ``model`` at ``inputs`` (already normalised, N×C×H×W).
 
     ``target`` is a class index or one per row. Returns N×C×H×W for pixel methods and N×1×H×W
@@ -97,11 +97,13 @@ def attribute(model: nn.Module, inputs: torch.Tensor, method: str, target: Any, 
     :class:`Cancelled`. ``memory_budget`` caps the bytes of activations per batch. ``info``, if
     given, is filled with details of the call (e.g. the layer Grad-CAM chose, the cost, and in
     ``info["fast_paths"]`` which fast paths ran and why others did not). ``options``
-    (:class:`EngineOptions`, default all on) switches fast paths off. ``partial(map, fraction)``,
-    if given, is called by methods that can approximate their map before the end (occlusion and
-    feature ablation on patches score their windows coarse to fine for it) with a whole-image
-    approximation (N×C×H×W) and the share of the work done, at most every quarter second; the
-    returned map is the same as without it."""
+    (:class:`EngineOptions`, default all on) switches fast paths off. ``partial(map, fraction,
+    kind)``, if given, is called by methods that can show their map before the end with a
+    whole-image approximation (N×C×H×W), the share of the work done and its kind: occlusion and
+    feature ablation on patches score their windows coarse to fine and publish what they have
+    ("refining", at most every quarter second); integrated gradients and gradient SHAP with 20 or
+    more steps (samples) first compute a preview with a tenth of them ("preview", its cost in
+    ``info["preview"]``). The returned map is the same as without it."""
     m = registry.get(method)
     p = m.validate(params, input_shape(inputs))
     check_supported(m, model)

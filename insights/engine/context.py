@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -37,6 +38,12 @@ class Context:
     info: dict = field(default_factory=dict)
     options: EngineOptions = EngineOptions()
     done: int = 0
+    # partial(map, fraction, kind): called with a whole-image approximation of the map (N×C×H×W),
+    # the share of the work done and what it is ("refining": occlusion's windows scored so far;
+    # "preview": a path method's map with a tenth of its steps), by methods that can make one.
+    partial: Callable[[torch.Tensor, float, str], Any] | None = None
+    partial_every_s: float = 0.25  # at most one partial map per this many seconds, after the first
+    _last_partial: float | None = None
 
     @property
     def device(self) -> torch.device:
@@ -60,6 +67,22 @@ class Context:
         if self.progress is not None:
             self.progress(self.done, self.total)
         self.check()
+
+    # -- partial maps ---------------------------------------------------------------------
+
+    def wants_partial(self) -> bool:
+        """Whether a partial map would be taken now (asked for, and the last one old enough)."""
+        if self.partial is None:
+            return False
+        return self._last_partial is None or time.monotonic() - self._last_partial >= self.partial_every_s
+
+    def publish(self, approximation: torch.Tensor, pending: int = 0, kind: str = "refining") -> None:
+        """Hands a whole-image approximation of the map to the caller's ``partial``, with the
+        share of the work done (counting ``pending`` units done but not yet reported)."""
+        if self.partial is not None:
+            self._last_partial = time.monotonic()
+            fraction = min(1.0, (self.done + pending) / max(1, self.total))
+            self.partial(approximation.detach().float(), fraction, kind)
 
     # -- chunking -----------------------------------------------------------------------
 

@@ -37,6 +37,9 @@ NOISE_PARAMS = (
 )
 
 
+PREVIEW_FROM = 20  # path methods with at least this many steps (samples) show a preview first
+
+
 class GradientMethod(Method):
     """A method that maps a batch to attributions with gradients; gains the noise tunnel."""
 
@@ -84,8 +87,21 @@ class GradientMethod(Method):
         """The baseline rows the map's sum is measured against (see :func:`record_completeness`)."""
         return baseline_rows(p["baselines"], x, x.shape[0])
 
+    def preview(self, p: dict) -> dict | None:
+        """Cheaper parameters for a first look at the map while the requested one is computed
+        (a tenth of the steps or samples), or None when the method has no such knob or is cheap."""
+        return None
+
     def run(self, ctx: Context, p: dict) -> torch.Tensor:
         if p.get("nt_type", "none") == "none":
+            cheap = self.preview(p) if ctx.partial is not None else None
+            if cheap is not None:
+                # The preview's passes count in the call's progress and in info["preview"].
+                extra, full = self.passes(cheap) * ctx.inputs.shape[0], self.passes(p) * ctx.inputs.shape[0]
+                ctx.total += extra
+                ctx.info["preview"] = {"params": {k: cheap[k] for k in cheap if cheap[k] != p[k]},
+                                       "passes": self.passes(cheap), "share": round(extra / (extra + full), 4)}
+                ctx.publish(self.compute(ctx, ctx.inputs, ctx.target, cheap), kind="preview")
             out = self.compute(ctx, ctx.inputs, ctx.target, p)
             if self.completeness:
                 record_completeness(ctx, out, self.completeness_baseline(ctx.inputs, p), self.completeness)
@@ -294,6 +310,9 @@ class IntegratedGradients(GradientMethod):
     def passes(self, p):
         return p["n_steps"]
 
+    def preview(self, p):
+        return {**p, "n_steps": max(4, p["n_steps"] // 10)} if p["n_steps"] >= PREVIEW_FROM else None
+
     def compute(self, ctx, x, target, p):
         # IG(x) = (x - base) × ∫₀¹ ∇f(base + α (x - base)) dα, by the chosen quadrature.
         base = baseline_rows(p["baselines"], x, ctx.inputs.shape[0])
@@ -322,6 +341,9 @@ class GradientShap(GradientMethod):
 
     def passes(self, p):
         return p["n_samples"]
+
+    def preview(self, p):
+        return {**p, "n_samples": max(2, p["n_samples"] // 10)} if p["n_samples"] >= PREVIEW_FROM else None
 
     def _distribution(self, value: Any, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(value, torch.Tensor):

@@ -141,7 +141,7 @@ def occlude(ctx: Context, windows: Sequence[int], strides: Sequence[int], baseli
                 # Partial maps from the end of the first stage on (it spans the whole image).
                 if (first or s.stop == stage * n) and ctx.wants_partial() and not bool(scored.all()):
                     ctx.publish(progressive.partial_map(diffs.view(total, n).t().reshape(n, *counts),
-                                                        scored.view(*counts), masks))
+                                                        scored.view(*counts), masks), s.stop - s.start)
             first += stage
 
     # The map is separable: sum over windows of diff × (mask_c ⊗ mask_h ⊗ mask_w), divided by
