@@ -8,6 +8,7 @@ requests that wait, on the worker for queued jobs. No Flask here: a task gets th
 from __future__ import annotations
 
 import base64
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -162,6 +163,13 @@ def completeness(details: dict, row: int) -> dict | None:
     return out
 
 
+def view_url(view: Image.Image) -> str:
+    """The model's crop of an image as a JPEG data URL (quality 85: a partial map's backdrop)."""
+    out = io.BytesIO()
+    view.convert("RGB").save(out, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+
+
 def partial_payload(approx: torch.Tensor, signed: bool, fraction: float, kind: str) -> dict:
     """A partial map (C×H×W) as a job shows it: a PNG data URL in a result map's encoding
     (``map``, ``encoding``), the share of the work done (``fraction``) and its ``kind``
@@ -234,9 +242,13 @@ class ExplainTask(Task):
                 return all(j.cancel.is_set() for j in run)
         # One job alone may show partial maps (a batch's jobs would each need their own row).
         publish = getattr(run[0], "publish", None) if len(run) == 1 else None
-        signed = engine.registry.get(first.method_id).signed(first.params)
-        partial = ((lambda approx, fraction, kind: publish(partial_payload(approx[0], signed, fraction, kind)))
-                   if publish else None)
+        partial = None
+        if publish is not None:
+            signed = engine.registry.get(first.method_id).signed(first.params)
+            view = view_url(tasks[todo[0]].view)  # the model's crop, once: the map is drawn over it
+
+            def partial(approx, fraction, kind):
+                publish({**partial_payload(approx[0], signed, fraction, kind), "input": view})
         details: dict = {}
         start = time.perf_counter()
         attr = engine.attribute(model, x, first.method_id, [tasks[i].target for i in todo], progress=progress,

@@ -122,6 +122,8 @@ def test_an_occlusion_job_shows_its_partial_map_and_stores_the_unchanged_final_o
     assert head == "data:image/png;base64"
     png = base64.b64decode(data)
     assert Image.open(io.BytesIO(png)).size == (32, 32)
+    view = Image.open(io.BytesIO(base64.b64decode(partial["input"].split(",", 1)[1])))
+    assert view.format == "JPEG" and view.size == (32, 32)
     approx = imaging.decode_map(png, partial["encoding"])
     service = app.extensions["insights"]
     rid = final["result_id"]

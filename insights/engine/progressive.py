@@ -8,9 +8,9 @@ further stage halves that spacing, and the last stage takes the rest. The final 
 from the same differences as in row-by-row order, so only the order of the passes changes.
 
 A partial map is made from the positions scored so far: where they cover a pixel, the mean of
-their differences (as the final map does with all of them); where none covers it yet, a mean of
-the scored differences weighted by a Gaussian of the distance to each window's centre, so the
-first map already has a value at every pixel.
+their differences (as the final map does with all of them); where none covers it yet, the
+difference of the nearest window of the last complete stage (a coarser grid of tiles), so the
+first map, made when the first stage is complete, already has a value at every pixel.
 """
 from __future__ import annotations
 
@@ -50,6 +50,11 @@ def coarse_to_fine(counts: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
     return order, [s for s in sizes if s]
 
 
+def stage_positions(counts: Sequence[int], stage: int) -> list[torch.Tensor]:
+    """Per axis, the positions scored once stage ``stage`` is complete (a product set)."""
+    return [torch.nonzero(axis_levels(c) <= stage).flatten() for c in counts]
+
+
 def window_centres(mask: torch.Tensor) -> torch.Tensor:
     """The centre of each window (K×size boolean mask along one axis), in elements."""
     index = torch.arange(mask.shape[1], dtype=torch.float32, device=mask.device)
@@ -57,29 +62,28 @@ def window_centres(mask: torch.Tensor) -> torch.Tensor:
     return (m * index).sum(1) / m.sum(1)
 
 
-def falloff(mask: torch.Tensor, width: float) -> torch.Tensor:
-    """K×size weights exp(-d² / 2 width²), d the distance of each element to window k's centre."""
-    index = torch.arange(mask.shape[1], dtype=torch.float32, device=mask.device)
-    d = index.view(1, -1) - window_centres(mask).view(-1, 1)
-    return torch.exp(-d ** 2 / (2 * max(width, 1.0) ** 2))
+def nearest_map(diffs: torch.Tensor, masks: Sequence[torch.Tensor], positions: Sequence[torch.Tensor]) -> torch.Tensor:
+    """N×C×H×W: each element takes the difference of the window, among the product set
+    ``positions`` (per-axis position indices, all scored), whose centre is nearest along each
+    axis: tiles like the final map's, on the coarser grid scored so far."""
+    picks = []
+    for mask, chosen in zip(masks, positions):
+        chosen = chosen.to(mask.device)
+        centres = window_centres(mask)[chosen]
+        index = torch.arange(mask.shape[1], dtype=torch.float32, device=mask.device)
+        picks.append(chosen[(index.view(-1, 1) - centres.view(1, -1)).abs().argmin(1)])
+    ic, ih, iw = picks
+    return diffs[:, ic][:, :, ih][:, :, :, iw]
 
 
-def partial_map(diffs: torch.Tensor, scored: torch.Tensor, masks: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The map from the windows scored so far. ``diffs``: N×Kc×Kh×Kw differences (any value
-    where not scored), ``scored``: Kc×Kh×Kw booleans, ``masks``: the per-axis window masks.
-    Covered elements get the mean difference of the scored windows covering them; the others a
-    Gaussian-weighted mean (width: the spacing of the scored windows along each axis)."""
+def partial_map(diffs: torch.Tensor, scored: torch.Tensor, masks: Sequence[torch.Tensor],
+                coarse: torch.Tensor) -> torch.Tensor:
+    """The map from the windows scored so far. ``diffs``: N×Kc×Kh×Kw differences (zero where not
+    scored), ``scored``: Kc×Kh×Kw booleans, ``masks``: the per-axis window masks, ``coarse``: the
+    :func:`nearest_map` of the last complete stage. Elements covered by scored windows get their
+    mean difference (as the final map does with all windows); the others the coarse map's value."""
     e = scored.to(diffs.dtype)
-    d = diffs * e
     mc, mh, mw = (m.to(diffs.dtype) for m in masks)
-    summed = torch.einsum("nabc,ai,bj,ck->nijk", d, mc, mh, mw)
+    summed = torch.einsum("nabc,ai,bj,ck->nijk", diffs * e, mc, mh, mw)
     covered = torch.einsum("abc,ai,bj,ck->ijk", e, mc, mh, mw)
-    if bool((covered > 0).all()):
-        return summed / covered
-    seen = [max(1, int(scored.any(dim=tuple(j for j in range(3) if j != axis)).sum())) for axis in range(3)]
-    widths = [m.shape[1] / n for m, n in zip(masks, seen)]  # the scored windows' spacing
-    gc, gh, gw = (falloff(m, w).to(diffs.dtype) for m, w in zip(masks, widths))
-    near = torch.einsum("nabc,ai,bj,ck->nijk", d, gc, gh, gw)
-    weight = torch.einsum("abc,ai,bj,ck->ijk", e, gc, gh, gw)
-    filled = near / weight.clamp_min(torch.finfo(diffs.dtype).tiny)
-    return torch.where(covered > 0, summed / covered.clamp_min(1), filled)
+    return torch.where(covered > 0, summed / covered.clamp_min(1), coarse)

@@ -124,7 +124,8 @@ def occlude(ctx: Context, windows: Sequence[int], strides: Sequence[int], baseli
         clean = score(x, target, pad=False)  # one row per image, not a chunk: never padded
         ctx.advance(n)
         first = 0  # the stage's first place in the order
-        for stage in stages:
+        coarse = None  # the nearest-window map of the last complete stage
+        for level, stage in enumerate(stages):
             for s in ctx.chunks(stage * n, grad=False):
                 rows = torch.arange(first * n + s.start, first * n + s.stop, device=x.device)
                 window, sample = rows // n, rows % n
@@ -138,10 +139,15 @@ def occlude(ctx: Context, windows: Sequence[int], strides: Sequence[int], baseli
                     batch = _masked_batch(x, base, sample, masks, (kc, kh, kw), every_channel)
                 diffs[window * n + sample] = clean[sample] - score(batch, target[sample])
                 scored[window] = True
+                if order is None or bool(scored.all()):
+                    continue
+                so_far = diffs.view(total, n).t().reshape(n, *counts)
+                if s.stop == stage * n:  # the stage is complete: its grid fills what is not covered
+                    coarse = progressive.nearest_map(so_far, masks, progressive.stage_positions(counts, level))
                 # Partial maps from the end of the first stage on (it spans the whole image).
-                if (first or s.stop == stage * n) and ctx.wants_partial() and not bool(scored.all()):
-                    ctx.publish(progressive.partial_map(diffs.view(total, n).t().reshape(n, *counts),
-                                                        scored.view(*counts), masks), s.stop - s.start)
+                if coarse is not None and ctx.wants_partial():
+                    ctx.publish(progressive.partial_map(so_far, scored.view(*counts), masks, coarse),
+                                s.stop - s.start)
             first += stage
 
     # The map is separable: sum over windows of diff × (mask_c ⊗ mask_h ⊗ mask_w), divided by

@@ -3,11 +3,13 @@ import { explainToResult } from "../api.js";
 import { $, showJobIn, toast } from "../ui.js";
 import { clearErrors, placeError } from "./errors.js";
 
-/** Wires Explain (and Ctrl+Enter) and the job box; `explained(meta, imageId)` shows each new result. */
-export function runPanel(state, { explained }) {
+/** Wires Explain (and Ctrl+Enter) and the job box; `explained(meta, imageId)` shows each new result,
+ * `partial` (partial.js), if given, a job's partial map while it runs. */
+export function runPanel(state, { explained, partial = null }) {
   const button = $("#run");
   const box = $("#job");
   let cancelJob = null; // cancels the running job for this page (explainToResult's onJob gives it)
+  let last = null; // the job's latest state
 
   /** Enables Explain and Compare when everything is chosen (Explain also waits for a run). */
   function refresh() {
@@ -24,7 +26,11 @@ export function runPanel(state, { explained }) {
   }
 
   function showJob(j) {
+    last = j;
     showJobIn(box, "job", j, (pct) => `Running · ${pct}%`);
+    if (!partial || !j.partial || j.status !== "running") return;
+    $("#stage-busy-text").textContent = partial.words(j);
+    partial.update(j).catch(() => {}); // a partial map that does not load is skipped; the result follows
   }
 
   async function run() {
@@ -38,6 +44,8 @@ export function runPanel(state, { explained }) {
     const body = { model: state.model, image: state.image.id, method: state.method.id, target: state.target.index, params };
     setBusy(true, `Running ${state.method.label}…`);
     box.hidden = true;
+    last = null;
+    if (partial) partial.clear();
     try {
       performance.mark("insights:explain-start");
       const meta = await explainToResult(body, {
@@ -57,9 +65,11 @@ export function runPanel(state, { explained }) {
         $("#job-status").textContent = "Cancelled";
         $("#job-eta").textContent = "";
         $("#job-cancel").hidden = true;
+        if (partial) partial.cancelled(last);
         toast("Explanation cancelled");
       } else {
         box.hidden = true;
+        if (partial) partial.clear();
         placeError(state, e);
       }
     } finally {
