@@ -19,6 +19,7 @@ from conftest import leaf
 from insights import Cancelled, ParamError
 
 sensitivity = importlib.import_module("insights.engine.metrics_sensitivity")
+engine_metrics = importlib.import_module("insights.engine.metrics")
 
 TARGETS = [3, 7]
 
@@ -231,3 +232,116 @@ def test_a_zero_map_is_divided_by_one_like_captum():
     out = insights.evaluate(Dead(), x, torch.zeros(1, 1, 4, 4), 0, "sensitivity_max",
                             method="saliency", n_perturb_samples=2)
     assert out["values"] == [0.0]
+
+
+# --------------------------------------------------------------------------- ROAD
+
+
+road = importlib.import_module("insights.engine.metrics_road")
+SIDE, REGION = 16, 8
+
+
+class RegionSum(torch.nn.Module):
+    """Logit 0 is the sum of the top-left REGION×REGION block over all channels; logit 1 is 0."""
+
+    def forward(self, x):
+        s = x[:, :, :REGION, :REGION].sum(dim=(1, 2, 3))
+        return torch.stack([s, torch.zeros_like(s)], 1)
+
+
+def region_image():
+    """Ones on the region, zeros elsewhere: filling the region from outside gives zeros."""
+    x = torch.zeros(1, 3, SIDE, SIDE)
+    x[:, :, :REGION, :REGION] = 1.0
+    return x
+
+
+def test_imputation_keeps_a_constant_image_constant():
+    x = torch.full((2, 3, 20, 24), 0.7)
+    missing = torch.rand(2, 1, 20, 24, generator=torch.Generator().manual_seed(0)) < 0.8
+    assert torch.allclose(road.impute(x, missing), x, atol=1e-6)
+
+
+def test_imputation_reproduces_a_linear_ramp_inside():
+    """The weights are symmetric, so a linear function is its neighbours' mean away from the
+    border: removing a block inside the image gives the ramp back."""
+    i, j = torch.meshgrid(torch.arange(24.0), torch.arange(32.0), indexing="ij")
+    x = torch.stack([0.3 * i - 0.2 * j + 1, 0.05 * i, -0.1 * j]).unsqueeze(0)
+    missing = torch.zeros(1, 1, 24, 32, dtype=torch.bool)
+    missing[..., 3:20, 5:29] = True
+    out = road.impute(x.masked_fill(missing, 9.0), missing)
+    assert (out - x).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("shape,kind", [((33, 40), "pixels"), ((64, 64), "smooth"), ((64, 64), "most")])
+def test_imputation_equals_the_exact_sparse_solve(shape, kind):
+    """Against pytorch-grad-cam's NoisyLinearImputer with noise 0 (scipy's spsolve on the same
+    system; test-only), including border pixels and odd sizes."""
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, *shape, generator=g)
+    if kind == "pixels":
+        missing = torch.rand(shape, generator=g) < 0.5
+    else:
+        smooth = engine_metrics.smooth_random_maps(1, 5, shape, seed=1)[0]
+        missing = smooth > smooth.flatten().quantile(0.1 if kind == "most" else 0.6)
+    exact = NoisyLinearImputer(noise=0)(x, (~missing).float())
+    ours = road.impute(x.unsqueeze(0), missing.view(1, 1, *shape))[0]
+    assert (ours - exact).abs().max() < 1e-4
+    assert torch.equal(ours[:, ~missing], x[:, ~missing])
+
+
+def test_road_morf_drops_the_region_first_and_lerf_keeps_it():
+    model, x = RegionSum().eval(), region_image()
+    a = region_image()  # the region ranked first
+    kw = dict(steps=4, noise=0.0, score="logit", reference="none")
+    morf = insights.evaluate(model, x, a, 0, "road_morf", **kw)
+    assert morf["fractions"] == [0, 0.25, 0.5, 0.75]
+    assert morf["scores"][0] == pytest.approx([192, 0, 0, 0], abs=1e-3)
+    assert morf["area"] == pytest.approx((192 + 0) / 2 * 0.25 / 0.75, abs=1e-3)  # mean height
+    lerf = insights.evaluate(model, x, a, 0, "road_lerf", **kw)
+    assert lerf["scores"][0] == pytest.approx([192] * 4, abs=1e-3)  # the rest filled from the region
+    assert lerf["better"] == "higher" and morf["better"] == "lower"
+    # ranking the region last swaps them
+    flipped = insights.evaluate(model, x, -a, 0, "road_lerf", **kw)
+    assert flipped["scores"][0] == pytest.approx([192, 0, 0, 0], abs=1e-3)
+
+
+def test_road_noise_is_seeded_gaussian_on_the_filled_pixels_only():
+    """With the region removed (fraction 1/4, one row per step), the logit is the sum of the
+    noise drawn for the region's pixels: row r's noise is the r-th draw of the seed's generator."""
+    model, x = RegionSum().eval(), region_image()
+    out = insights.evaluate(model, x, region_image(), 0, "road_morf", steps=4, noise=0.5, seed=9,
+                            score="logit", reference="none")
+    g = torch.Generator().manual_seed(9)
+    draws = [torch.randn(3, SIDE, SIDE, generator=g) for _ in range(3)]  # steps 1, 2, 3
+    expected = [192] + [0.5 * float(d[:, :REGION, :REGION].sum()) for d in draws]
+    assert out["scores"][0] == pytest.approx(expected, abs=1e-3)
+    again = insights.evaluate(model, x, region_image(), 0, "road_morf", steps=4, noise=0.5, seed=9,
+                              score="logit", reference="none", memory_budget=1)
+    assert again["scores"] == out["scores"]  # the same, one row per batch
+
+
+def test_road_reference_progress_and_cancel(small_cnn, images):
+    sal = insights.attribute(small_cnn, images, "saliency", TARGETS)
+    seen = []
+    out = insights.evaluate(small_cnn, images, sal, TARGETS, "road_lerf", steps=3, reference_seeds=2,
+                            memory_budget=1, progress=lambda d, t: seen.append((d, t)))
+    total = 2 * insights.metric_info("road_lerf", {"steps": 3, "reference_seeds": 2})["cost"]["forward"]
+    assert total == 2 * (1 + 2 * 3) and seen[-1] == (total, total) and len(seen) == total
+    ref = out["reference"]
+    assert ref["seeds"] == [0, 1] and len(ref["areas"]) == 2 and len(ref["areas"][0]) == 2
+    assert out["scores"][0][0] == pytest.approx(float(small_cnn(images).detach().softmax(-1)[0, 3]), rel=1e-5)
+    stop = threading.Event()
+    with pytest.raises(Cancelled):
+        insights.evaluate(small_cnn, images, sal, TARGETS, "road_morf", memory_budget=1, cancel=stop,
+                          progress=lambda d, t: stop.set() if d >= 3 else None)
+
+
+@pytest.mark.parametrize("params,field", [({"steps": 1}, "steps"), ({"noise": -0.1}, "noise"),
+                                          ({"baseline": "blur"}, "baseline"), ({"score": "rank"}, "score")])
+def test_road_refuses_bad_parameters_by_name(params, field):
+    with pytest.raises(ParamError) as err:
+        insights.evaluate(RegionSum(), region_image(), region_image(), 0, "road_morf", **params)
+    assert err.value.field == field

@@ -406,5 +406,6 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, attribution: torch.Tensor, 
 
 
 # The other metrics register themselves into ``registry`` when imported, in the order listed.
+from . import metrics_road  # noqa: E402,F401
 from . import metrics_sensitivity  # noqa: E402,F401
 from . import checks  # noqa: E402,F401
