@@ -345,3 +345,80 @@ def test_road_refuses_bad_parameters_by_name(params, field):
     with pytest.raises(ParamError) as err:
         insights.evaluate(RegionSum(), region_image(), region_image(), 0, "road_morf", **params)
     assert err.value.field == field
+
+
+# --------------------------------------------------------------------------- infidelity
+
+
+def gaussians(shape, k, std, seed):
+    """The k perturbations infidelity draws: k × N×C×H×W."""
+    return torch.stack(list(itertools.islice(sensitivity.gaussian_noise(shape, std, seed), k)))
+
+
+@pytest.mark.parametrize("method,normalize,score", [
+    ("saliency", True, "logit"), ("saliency", False, "probability"),
+    ("integrated_gradients", False, "logit"), ("integrated_gradients", True, "probability")])
+def test_infidelity_equals_captums(small_cnn, images, method, normalize, score):
+    from captum.metrics import infidelity as captum_infidelity
+
+    k, std, seed = 6, 0.1, 5
+    a = insights.attribute(small_cnn, images, method, TARGETS)
+    ours = insights.evaluate(small_cnn, images, a, TARGETS, "infidelity", n_perturb_samples=k,
+                             noise=std, normalize=normalize, score=score, seed=seed)
+    deltas = gaussians(images.shape, k, std, seed).transpose(0, 1).flatten(0, 1)  # row i k + j
+
+    def perturb(expanded):
+        return deltas, expanded - deltas
+
+    def forward(x):
+        out = small_cnn(x)
+        return out.softmax(-1) if score == "probability" else out
+
+    theirs = captum_infidelity(forward, perturb, images, a, target=torch.tensor(TARGETS),
+                               n_perturb_samples=k, normalize=normalize)
+    assert ours["values"] == pytest.approx(theirs.tolist(), rel=1e-4)
+    assert min(ours["values"]) > 0
+
+
+def test_infidelity_of_the_exact_gradient_of_a_linear_model_is_zero():
+    """For a linear score, f(x) - f(x - I) is the weight times I: the gradient predicts it
+    exactly, and twice the gradient only after normalising."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4)).eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    grad = insights.attribute(model, x, "saliency", [0, 1], abs=False)
+    kw = dict(n_perturb_samples=4, noise=0.5, score="logit")
+    exact = insights.evaluate(model, x, grad, [0, 1], "infidelity", normalize=False, **kw)
+    assert max(exact["values"]) < 1e-8
+    doubled = insights.evaluate(model, x, 2 * grad, [0, 1], "infidelity", normalize=False, **kw)
+    deltas = gaussians(x.shape, 4, 0.5, 0)
+    by_hand = ((grad.unsqueeze(0) * deltas).flatten(2).sum(2) ** 2).mean(0)  # (2a·I - a·I)²
+    assert doubled["values"] == pytest.approx(by_hand.tolist(), rel=1e-4)
+    fitted = insights.evaluate(model, x, 2 * grad, [0, 1], "infidelity", normalize=True, **kw)
+    assert max(fitted["values"]) < 1e-8 and fitted["beta"] == pytest.approx([0.5, 0.5], rel=1e-4)
+
+
+def test_infidelity_takes_a_cam_map_for_every_channel(small_cnn, images):
+    cam = insights.attribute(small_cnn, images, "grad_cam", TARGETS)
+    kw = dict(n_perturb_samples=3, noise=0.1)
+    one = insights.evaluate(small_cnn, images, cam, TARGETS, "infidelity", **kw)
+    three = insights.evaluate(small_cnn, images, cam.expand(-1, 3, -1, -1), TARGETS, "infidelity", **kw)
+    assert one["values"] == pytest.approx(three["values"], rel=1e-5)
+    with pytest.raises(ParamError, match="has 2 channels") as err:
+        insights.evaluate(small_cnn, images, cam.expand(-1, 2, -1, -1), TARGETS, "infidelity")
+    assert err.value.field == "attribution"
+
+
+def test_infidelity_progress_cancel_and_refusals(small_cnn, images):
+    sal = insights.attribute(small_cnn, images, "saliency", TARGETS)
+    seen = []
+    insights.evaluate(small_cnn, images, sal, TARGETS, "infidelity", n_perturb_samples=4,
+                      memory_budget=1, progress=lambda d, t: seen.append((d, t)))
+    total = 2 * insights.metric_info("infidelity", {"n_perturb_samples": 4})["cost"]["forward"]
+    assert total == 2 * 5 and seen == [(d, total) for d in range(1, total + 1)]
+    with pytest.raises(Cancelled):
+        insights.evaluate(small_cnn, images, sal, TARGETS, "infidelity", cancel=lambda: True)
+    for params, field in (({"n_perturb_samples": 0}, "n_perturb_samples"), ({"noise": "loud"}, "noise"),
+                          ({"normalize": "maybe"}, "normalize"), ({"method": "saliency"}, "method")):
+        with pytest.raises(ParamError) as err:
+            insights.evaluate(small_cnn, images, sal, TARGETS, "infidelity", **params)
+        assert err.value.field == field
