@@ -66,6 +66,40 @@ def _public_base() -> dict:
     return {"public_base": current_app.config.get("PUBLIC_URL")}
 
 
+def stored_quality(store: Store, result_id: str) -> list[dict]:
+    """The newest stored measurement of each metric of a result (Store.quality keeps them all,
+    oldest first); the page shows one per metric."""
+    newest: dict[str, dict] = {}
+    for q in store.quality(result_id):
+        newest[q["metric"]] = q
+    return list(newest.values())
+
+
+def _first(value):
+    """The first image's entry of a per-image list, or the value itself."""
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def quality_words(q: dict) -> str:
+    """One line for a measurement, shown where the page script does not run: its main figure."""
+    a = q.get("answer") or {}
+    label = q.get("label") or q.get("metric")
+    if "areas" in a:
+        ref = a.get("reference")
+        tail = f" vs random {ref['mean'][0]:.3g} ± {ref['std'][0]:.3g}" if ref else ""
+        return f"{label}: area {_first(a['areas']):.3g}{tail} ({q.get('better')} is better)"
+    if "energies" in a:
+        hit = _first(a.get("hits"))
+        return (f"{label}: {100 * _first(a['energies']):.1f}% of the positive attribution in the box "
+                f"(a uniform map: {100 * _first(a['chance']):.1f}%), the peak {'inside' if hit else 'outside'}")
+    if "stages" in a:
+        if _first(a.get("flagged")):
+            return f"{label}: flagged, the map barely changes when the model is randomised"
+        return f"{label}: passed, the map changes when the model is randomised"
+    value = _first(a.get("values", a.get("value")))
+    return f"{label}: {value:.3g}" if isinstance(value, (int, float)) else str(label)
+
+
 @bp.get("/")
 def index():
     """The dashboard."""
@@ -80,6 +114,7 @@ def share(result_id: str):
         return render_template("404.html", path=request.path), 404
     words = _describe(meta)
     path = f"/r/{meta['id']}"
+    quality = stored_quality(_store(), meta["id"])
     return render_template(
         "share.html",
         meta=meta,
@@ -91,4 +126,6 @@ def share(result_id: str):
         og_url=public_url(path),
         canonical=public_url(path) or url_for("pages.share", result_id=meta["id"]),
         overlay=overlay.describe(),
+        quality=quality,
+        quality_words=[quality_words(q) for q in quality],
     )

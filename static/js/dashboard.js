@@ -4,9 +4,12 @@ import { api } from "./api.js";
 import { datasetView } from "./datasets/view.js";
 import { comparePanel } from "./dashboard/compare.js";
 import { clearErrors, stepError } from "./dashboard/errors.js";
+import { boxTool } from "./dashboard/boxcheck.js";
 import { methodPanel } from "./dashboard/methods.js";
 import { defaultModel, modelPanel } from "./dashboard/models.js";
 import { resultView } from "./dashboard/result.js";
+import { qualityPanel } from "./dashboard/quality.js";
+import { partialView } from "./dashboard/partial.js";
 import { runPanel } from "./dashboard/run.js";
 import { createState } from "./dashboard/state.js";
 import { targetPanel } from "./dashboard/target.js";
@@ -30,10 +33,13 @@ async function start() {
     stepError("run", `The dashboard could not load its settings: ${plainError(e)}`);
     return;
   }
-  const result = resultView(state);
-  const run = runPanel(state, { explained: (meta, imageId) => result.show(meta, imageId) });
+  let quality = null;
+  const result = resultView(state, { shown: (meta) => quality.open(meta), cleared: () => quality.close() });
+  const box = boxTool($("#box-slot"));
+  quality = qualityPanel(state, { store: result.store, box });
+  const run = runPanel(state, { explained: (meta, imageId) => result.show(meta, imageId), partial: partialView(result.store) });
   const target = targetPanel(state, { changed: run.refresh });
-  const compare = comparePanel(state, { store: result.store, refresh: run.refresh });
+  const compare = comparePanel(state, { store: result.store, refresh: run.refresh, box });
   /** A new image is in state.image: predict, with `preset` (or the top guess) as the target. */
   const loaded = async (preset = null) => {
     state.target = preset;

@@ -5,6 +5,22 @@ import { loadOverlay, overlayUrl } from "./overlay.js";
 import { colormapFor, effectiveSign, loadResult } from "./render.js";
 import { $, copyText, h, plainError, toast } from "./ui.js";
 import { ViewStore, bindCanvas, colorBar, viewControls } from "./viewer.js";
+import { qualityCard, sanityStrip } from "./quality-view.js";
+
+/** The stored quality measurements (embedded by the server) as cards, and the sanity strip. */
+function showQuality(meta, store) {
+  const data = document.getElementById("quality-data");
+  if (!data) return;
+  const list = JSON.parse(data.textContent);
+  const cards = list.filter((q) => q.metric !== "sanity_check").map(qualityCard);
+  $("#share-quality-cards").replaceChildren(...cards);
+  const sanity = list.find((q) => q.metric === "sanity_check");
+  if (sanity) {
+    $("#share-sanity").replaceChildren(sanityStrip(sanity, meta, store).root);
+    $("#share-sanity").hidden = false;
+  }
+  $("#share-quality-list").hidden = true; // the cards say it all, with the curves
+}
 
 async function start() {
   const id = $("#share").dataset.result;
@@ -35,6 +51,7 @@ async function start() {
       controls.setSwatch(colormapFor(a, view));
     });
     store.subscribe((v) => ($("#download-png").href = overlayUrl(meta, v)));
+    showQuality(meta, store);
     document.body.dataset.ready = "true";
   } catch (e) {
     $("#view-slot").replaceChildren(h("p.field-error", { role: "alert", text: `The map could not be loaded: ${plainError(e)}` }));

@@ -16,8 +16,9 @@ function describeParams(params) {
   return entries.map(([k, v]) => `${k}=${Array.isArray(v) ? v.join("×") : v === null ? "auto" : v}`).join(", ");
 }
 
-/** The result view; its `store` holds the view settings every canvas on the page follows. */
-export function resultView(state) {
+/** The result view; its `store` holds the view settings every canvas on the page follows.
+ * `hooks.shown(meta)` runs when a result is shown, `hooks.cleared()` when it is put away. */
+export function resultView(state, hooks = {}) {
   const store = new ViewStore();
   const bar = colorBar();
   const controls = viewControls(store);
@@ -50,6 +51,7 @@ export function resultView(state) {
     $("#completeness-warning")?.remove();
     $("#hero-side").hidden = true;
     $("#hero-actions").hidden = true;
+    if (hooks.cleared) hooks.cleared();
   }
 
   /** Shows the current image; a result of another image is put away. */
@@ -109,6 +111,7 @@ export function resultView(state) {
     $("#download-npy").href = meta.links.npy;
     $("#download-npy").setAttribute("download", `${meta.method}-${meta.id.slice(0, 8)}.npy`);
     updateDownload();
+    if (hooks.shown) hooks.shown(meta);
   }
 
   async function share() {

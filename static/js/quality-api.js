@@ -1,0 +1,52 @@
+// The quality endpoints (docs/api.md, "Quality"): the metrics and their schemas, a result's stored
+// measurements, and a measurement, inline or as a job followed with the house job helpers.
+import { ApiError, followSubmitted } from "./api.js";
+
+async function call(method, url, body) {
+  const init = { method, headers: { Accept: "application/json", "X-Requested-With": "insights" } };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  let res;
+  try {
+    res = await fetch(url, init);
+  } catch (e) {
+    throw new ApiError(0, { error: { message: "Could not reach the server. Is it still running?" } });
+  }
+  let data = null;
+  try {
+    data = await res.json();
+  } catch (e) {
+    data = null;
+  }
+  if (!res.ok) throw new ApiError(res.status, data, Number(res.headers.get("Retry-After")) || null);
+  return { status: res.status, data };
+}
+
+let metricList = null;
+
+/** GET /api/metrics, once per page. */
+export function metrics() {
+  if (!metricList) metricList = call("GET", "/api/metrics").then((r) => r.data.metrics).catch((e) => {
+    metricList = null;
+    throw e;
+  });
+  return metricList;
+}
+
+const base = (rid) => `/api/results/${encodeURIComponent(rid)}/quality`;
+
+/** The stored measurements of a result, oldest first. */
+export const storedQuality = (rid) => call("GET", base(rid)).then((r) => r.data.quality || []);
+
+/**
+ * Measures `metric` on the stored result `rid`: resolves with Q (`cached` set when it was stored).
+ * Queued work is followed like an explanation: hooks {onJob(job, cancel), onProgress(job)}.
+ */
+export async function measure(rid, metric, params = {}, hooks = {}) {
+  const r = await call("POST", base(rid), { metric, params });
+  if (r.status === 200) return { ...r.data.quality, cached: !!r.data.cached };
+  const final = await followSubmitted(r.data.job, hooks);
+  return { ...final.result, cached: false };
+}

@@ -1,0 +1,277 @@
+"""The Quality panel in a real browser (Debian chromium) against the real app and efficientnet_lite0:
+faithfulness curves, the sanity strip, the box check drawn with the mouse, scores in the compare
+grid, cancel, and the stored measurements on the share page. Every number the page shows is
+checked against the API's answer for the same result.
+
+One page is shared by the tests of this module (they build on each other's stored measurements,
+as a person would); screenshots go to artifacts/screenshots/quality-*.png.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import os
+import threading
+
+import pytest
+from PIL import Image
+from werkzeug.serving import make_server
+
+from playwright.sync_api import sync_playwright
+
+from insights.app import create_app
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHOTS = os.path.join(ROOT, "artifacts", "screenshots")
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update"]
+SLOW = 120_000  # ms: a measurement on two shared cores
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The real app on a free loopback port, its model warmed up."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    app = create_app({"INSTANCE_PATH": str(tmp_path_factory.mktemp("instance"))})
+    httpd = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_port}"
+    app.config["PUBLIC_URL"] = base
+    warm = app.test_client()
+    image = warm.post("/api/samples/coffee").get_json()["id"]
+    # Loads the model (a busy machine may queue it: 202, which loads it all the same).
+    assert warm.post("/api/explain", json={"model": "efficientnet_lite0", "image": image, "method": "saliency",
+                                            "target": 967}).status_code in (200, 202)
+    yield base
+    httpd.shutdown()
+    app.extensions["insights"].jobs.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def chelsea_b64(tmp_path_factory) -> str:
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("img") / "chelsea.png"
+    Image.fromarray(data.chelsea()).save(path)
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+@pytest.fixture(scope="module")
+def page(browser, server, chelsea_b64):
+    """The dashboard with a Grad-CAM of chelsea shown; fails on any script error or CSP refusal."""
+    ctx = browser.new_context(viewport={"width": 1440, "height": 900}, base_url=server)
+    page = ctx.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: "Content Security Policy" in m.text and errors.append(m.text))
+    page.goto("/")
+    page.wait_for_selector("body[data-ready=true]")
+    page.evaluate("""(b64) => {
+      const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+      const dt = new DataTransfer();
+      dt.items.add(new File([bytes], 'chelsea.png', { type: 'image/png' }));
+      document.querySelector('#dropzone').dispatchEvent(new DragEvent('drop', { dataTransfer: dt, bubbles: true, cancelable: true }));
+    }""", chelsea_b64)
+    page.wait_for_function("() => document.querySelectorAll('#predictions button.pred').length >= 5", timeout=30_000)
+    page.click("label[for=method-grad_cam]")
+    page.click("#run")
+    page.wait_for_function("() => document.querySelector('#overlay').dataset.painted", timeout=60_000)
+    page.wait_for_selector("#quality:not([hidden])")
+    page.errors = errors
+    page.rid = page.evaluate("document.querySelector('#overlay').dataset.painted")
+    yield page
+    ctx.close()
+    assert errors == [], errors
+
+
+def shot(page, name: str, **kw) -> None:
+    os.makedirs(SHOTS, exist_ok=True)
+    page.screenshot(path=os.path.join(SHOTS, f"quality-{name}.png"), **kw)
+
+
+def shown(text: str, value: float) -> None:
+    """`text` is `value` written to three significant figures (as the page writes every score)."""
+    assert math.isclose(float(text), value, rel_tol=6e-3, abs_tol=1e-9), (text, value)
+
+
+def wait_for(page, selector: str) -> None:
+    """Waits for `selector`, failing at once with the panel's error message if one shows instead."""
+    page.wait_for_function("""(sel) => document.querySelector(sel) || !document.querySelector('#q-error').hidden""",
+                           arg=selector, timeout=SLOW)
+    assert page.locator("#q-error").is_hidden(), page.locator("#q-error").inner_text()
+
+
+def stored(page, rid: str | None = None) -> dict:
+    """The newest stored measurement of each metric (GET …/quality), by metric id."""
+    answer = page.request.get(f"/api/results/{rid or page.rid}/quality").json()["quality"]
+    return {q["metric"]: q for q in answer}
+
+
+def test_measure_faithfulness_draws_both_curves_with_the_apis_areas(page):
+    page.click("#q-measure")
+    wait_for(page, "#q-cards .qcard[data-metric=insertion]")
+    qs = stored(page)
+    for metric in ("deletion", "insertion"):
+        q = qs[metric]
+        card = page.locator(f"#q-cards .qcard[data-metric={metric}]")
+        shown(card.locator(".q-value").inner_text(), q["answer"]["area"])
+        ref = q["answer"]["reference"]
+        compare = card.locator(".q-compare").inner_text()
+        low, _, spread = compare.removeprefix("vs random ").partition(" ± ")
+        shown(low, ref["mean"][0])
+        shown(spread, ref["std"][0])
+        gain = (ref["mean"][0] - q["answer"]["area"]) * (1 if q["better"] == "lower" else -1)
+        expected = ("No better than a random map" if abs(gain) <= ref["std"][0]
+                    else "Better than a random map" if gain > 0 else "Worse than a random map")
+        assert card.locator(".q-verdict").inner_text() == expected
+        # One curve for the map with a point per step, and the random maps' mean curve.
+        path = card.locator("path.q-curve-map").get_attribute("d")
+        assert path.count("L") == len(q["answer"]["fractions"]) - 1
+        assert card.locator("circle.q-dot").count() == len(q["answer"]["fractions"])
+        assert card.locator("path.q-curve-ref").count() == 1
+    assert page.locator("#q-job").is_hidden()
+    page.locator("#quality").screenshot(path=os.path.join(SHOTS, "quality-panel.png"))
+
+
+def test_sanity_strip_shows_each_stage_with_its_spearman(page):
+    page.click("#q-sanity-run")
+    wait_for(page, "#q-sanity .sanity-stage:not(.original)")
+    q = stored(page)["sanity_check"]
+    stages = q["answer"]["stages"]
+    figures = page.locator("#q-sanity .sanity-stage")
+    assert figures.count() == 1 + len(stages)
+    for i, stage in enumerate(stages):
+        fig = figures.nth(i + 1)
+        shown(fig.locator(".sanity-rho").inner_text().removeprefix("ρ "), stage["spearman"][0])
+        assert fig.locator(".sanity-blocks").inner_text().startswith("+ ")
+        assert stage["blocks"][-1] in fig.locator(".sanity-blocks").inner_text()
+    # Each stage's map is drawn on its canvas like the main map.
+    page.wait_for_function("() => [...document.querySelectorAll('#q-sanity canvas')].every((c) => c.dataset.painted)")
+    # Flagged when the map at stage flag_after still correlates above the threshold.
+    a = q["answer"]
+    flagged = stages[a["flag_after"] - 1]["spearman"][0] > a["threshold"]
+    assert a["flagged"] == [flagged]
+    assert page.locator("#q-sanity .sanity-warning").count() == (1 if flagged else 0)
+    assert page.locator("#q-sanity .sanity-ok").count() == (0 if flagged else 1)
+    page.locator("#q-sanity").screenshot(path=os.path.join(SHOTS, "quality-sanity.png"))
+
+
+def test_a_box_drawn_with_the_mouse_is_measured_here_and_on_every_compare_card(page):
+    for box in page.locator("#compare-method-list input").all():
+        box.set_checked(box.get_attribute("value") in ("saliency", "grad_cam"), force=True)
+    page.click("#compare-run")
+    page.wait_for_function("() => document.querySelectorAll('#compare-grid .card-scores dd[data-score=insertion]').length === 2",
+                           timeout=SLOW)
+    page.locator("#hero").scroll_into_view_if_needed()
+    page.click("#box-toggle")
+    stage = page.locator("#canvas-stage").bounding_box()
+    x, y, w, h = stage["x"], stage["y"], stage["width"], stage["height"]
+    page.mouse.move(x + 0.2 * w, y + 0.15 * h)
+    page.mouse.down()
+    page.mouse.move(x + 0.5 * w, y + 0.4 * h, steps=5)
+    page.mouse.move(x + 0.75 * w, y + 0.7 * h, steps=5)
+    page.mouse.up()
+    corners = [int(page.input_value(f"#box-{k}")) for k in ("x0", "y0", "x1", "y1")]
+    assert corners == [pytest.approx(v, abs=2) for v in (0.2 * 224, 0.15 * 224, 0.75 * 224, 0.7 * 224)]
+    assert page.get_attribute("#box-toggle", "aria-pressed") == "false"  # one box, then back to viewing
+    shot(page, "box", clip={"x": x - 20, "y": y - 20, "width": w + 40, "height": h + 40})
+    wait_for(page, "#q-cards .qcard[data-metric=pointing]")
+    card = page.locator("#q-cards .qcard[data-metric=pointing]")
+    q = stored(page)["pointing"]
+    assert q["params"]["box"] == corners
+    assert card.locator(".q-value").inner_text() == f"{100 * q['answer']['energies'][0]:.1f}%"
+    assert card.locator(".q-compare").inner_text() == f"vs {100 * q['answer']['chance']:.1f}% for a uniform map"
+    assert card.locator(".q-verdict").inner_text().startswith("Hit" if q["answer"]["hits"][0] else "Miss")
+
+    # Every compare card gets the same box (same input size) and its own pointing score.
+    page.wait_for_function("() => document.querySelectorAll('#compare-grid .card-scores dd[data-score=pointing]').length === 2",
+                           timeout=SLOW)
+    cards = page.locator("#compare-grid .ccard")
+    for i in range(2):
+        rid = cards.nth(i).locator("a.card-link").get_attribute("href").rsplit("/", 1)[1]
+        answer = stored(page, rid)
+        dd = cards.nth(i).locator(".card-scores dd")
+        shown(dd.nth(0).inner_text(), answer["deletion"]["answer"]["area"])
+        shown(dd.nth(1).inner_text(), answer["insertion"]["answer"]["area"])
+        point = answer["pointing"]
+        assert point["params"]["box"] == corners
+        assert dd.nth(2).inner_text() == f"{100 * point['answer']['energies'][0]:.1f}% {'hit' if point['answer']['hits'][0] else 'miss'}"
+
+    # Ranking: best deletion (lowest area) first, then best insertion (highest) first.
+    page.select_option("#compare-sort", "deletion")
+    values = [float(v) for v in page.eval_on_selector_all("#compare-grid .card-scores dd[data-score=deletion]", "e => e.map(d => d.dataset.value)")]
+    assert values == sorted(values)
+    assert page.locator("#compare-grid .card-rank").all_inner_texts() == ["#1", "#2"]
+    assert "lower" in page.locator("#compare-why").inner_text()
+    page.select_option("#compare-sort", "insertion")
+    values = [float(v) for v in page.eval_on_selector_all("#compare-grid .card-scores dd[data-score=insertion]", "e => e.map(d => d.dataset.value)")]
+    assert values == sorted(values, reverse=True)
+    page.locator("#compare").screenshot(path=os.path.join(SHOTS, "quality-compare.png"))
+
+    # The keyboard moves the box too: four pixels right per press, then measured again.
+    page.focus(".box-rect")
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowRight")
+    page.wait_for_function(f"() => Number(document.querySelector('#box-x0').value) === {corners[0] + 8}")
+
+
+def test_a_long_measurement_shows_progress_and_can_be_cancelled(page):
+    page.click("#q-more summary")
+    page.select_option("#q-metric", "deletion")
+    page.fill("#param-q-deletion-steps", "96")  # 96 × 17 forward passes: long enough to cancel
+    page.fill("#param-q-deletion-reference_seeds", "16")
+    page.click("#q-other-run")
+    page.wait_for_function("() => Number(document.querySelector('#q-job-progress').getAttribute('aria-valuenow')) > 0",
+                           timeout=SLOW)
+    assert page.locator("#q-job-status").inner_text().startswith("Deletion · ")
+    shot(page, "job-running")
+    page.click("#q-job-cancel")
+    page.wait_for_selector("#q-job[data-status=cancelled]", timeout=30_000)
+    assert page.locator("#q-job-status").inner_text() == "Cancelled"
+    assert not page.locator("#q-job-cancel").is_visible()
+    assert stored(page)["deletion"]["params"].get("steps") != 96  # nothing stored for it
+
+
+def test_the_share_page_shows_the_stored_measurements(page, browser, server):
+    qs = stored(page)
+    other = browser.new_context(viewport={"width": 1440, "height": 900}).new_page()
+    try:
+        other.goto(f"{server}/r/{page.rid}")
+        other.wait_for_selector("body[data-ready=true]")
+        for metric in ("deletion", "insertion"):
+            card = other.locator(f"#share-quality-cards .qcard[data-metric={metric}]")
+            shown(card.locator(".q-value").inner_text(), qs[metric]["answer"]["area"])
+            assert card.locator("path.q-curve-map").count() == 1
+        assert other.locator("#share-quality-cards .qcard[data-metric=pointing] .q-value").inner_text() == \
+            f"{100 * qs['pointing']['answer']['energies'][0]:.1f}%"
+        assert other.locator("#share-sanity .sanity-stage").count() == 1 + len(qs["sanity_check"]["answer"]["stages"])
+        other.locator("#share-quality").scroll_into_view_if_needed()
+        shot(other, "share", full_page=True)
+    finally:
+        other.context.close()
+
+
+def test_phone_width_stacks_the_panel(page):
+    page.locator("#q-more summary").click()  # closes the other metrics' form
+    page.locator("#quality").scroll_into_view_if_needed()
+    shot(page, "desktop")  # 1440×900, as a person sees it
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.locator("#quality").scroll_into_view_if_needed()
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, f"the page scrolls sideways at phone width ({width} px)"
+    cards = page.locator("#q-cards .qcard")
+    boxes = [cards.nth(i).bounding_box() for i in range(cards.count())]
+    assert all(b["x"] >= 0 and b["x"] + b["width"] <= 390 for b in boxes)
+    shot(page, "phone")
+    page.locator("#quality").screenshot(path=os.path.join(SHOTS, "quality-phone-panel.png"))
+    page.set_viewport_size({"width": 1440, "height": 900})
