@@ -180,7 +180,8 @@ def reinitialise(modules: Sequence[nn.Module], seed: int) -> None:
 
 
 def average_ranks(values: torch.Tensor) -> torch.Tensor:
-    """The 1-based ranks of a vector (float64), tied values sharing the average of their ranks."""
+    """The 1-based ranks of a vector (as float64), tied values sharing the average of their ranks.
+    The values are sorted in their own dtype (float32 maps sort twice as fast as float64)."""
     ordered, order = torch.sort(values, stable=True)
     _, group, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
     last = counts.cumsum(0).double()
@@ -194,8 +195,8 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman's rank correlation of two maps (flattened): the Pearson correlation of their
     average ranks, as ``scipy.stats.spearmanr``. Where a map is constant the correlation is
     undefined; it is then 1 when both are (they order the pixels alike: not at all), else 0."""
-    ra = average_ranks(a.flatten().double().nan_to_num())
-    rb = average_ranks(b.flatten().double().nan_to_num())
+    ra = average_ranks(a.flatten().nan_to_num())
+    rb = average_ranks(b.flatten().nan_to_num())
     da, db = ra - ra.mean(), rb - rb.mean()
     na, nb = da.norm(), db.norm()
     if na == 0 or nb == 0:
