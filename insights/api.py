@@ -162,7 +162,7 @@ def index():
                     "endpoints": {"models": url_for("api.models"), "methods": url_for("api.methods"),
                                   "samples": url_for("api.samples"), "images": url_for("api.upload"),
                                   "predict": url_for("api.predict"), "explain": url_for("api.explain"),
-                                  "metrics": url_for("api.metrics")}})
+                                  "metrics": url_for("api.metric_list")}})
 
 
 @bp.get("/models")
@@ -182,7 +182,7 @@ def methods():
 
 
 @bp.get("/metrics")
-def metrics():
+def metric_list():
     """Every faithfulness metric and check's self-description (parameters, cost, which way is
     better); with ``model``, the defaults for its input size."""
     return jsonify({"metrics": service().metric_list(request.args.get("model"))})
@@ -394,6 +394,15 @@ def result_overlay(rid: str):
         return revalidated(b"", "image/png", etag)  # answered 304 without rendering
     out = overlay.render_result(view, heat, meta["encoding"], opts)
     return revalidated(imaging.png_bytes(out), "image/png", etag)
+
+
+@bp.get("/results/<rid>/card.png")
+def result_card(rid: str):
+    """The result's link-preview card (1200×630): input and overlay side by side, with the class,
+    its probability, the method and the model; made once and kept with the result."""
+    meta = service().result(rid)
+    data = service().result_card(rid, meta)
+    return revalidated(data, "image/png", digest(data))
 
 
 @bp.get("/colormaps/<name>.png")

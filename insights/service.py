@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from . import engine, imaging
+from . import card, engine, imaging
 from .admission import Slot, Slots
 from .dataset_jobs import DatasetWork
 from .datasets import DatasetRegistry
@@ -165,6 +165,17 @@ class Service:
         if meta is None:
             raise NotFound(f"no result with id {shown(rid)}", "result")
         return meta
+
+    def result_card(self, rid: str, meta: dict) -> bytes:
+        """The result's link-preview card (see insights/card.py), made once and kept with it."""
+        def make() -> bytes:
+            method = engine.registry.get(meta["method"]).label if meta["method"] in engine.methods() else meta["method"]
+            names = self.models.names()
+            model = self.models.info(meta["model"]).get("label") if meta["model"] in names else None
+            return card.render(meta, self.store.result_file(rid, "input.png"), self.store.result_file(rid, "map.png"),
+                               method, model or meta["model"])
+
+        return self.store.derived_file(rid, "card.png", make)
 
     def delete_result(self, rid: str) -> str:
         """Deletes a stored result (files and index row); its links answer 404 from then on."""

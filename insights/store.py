@@ -763,6 +763,40 @@ class Store:
         except FileNotFoundError:
             raise Missing(f"no result with id {shown(rid)}", "result") from None
 
+    def derived_file(self, rid: str, name: str, make: Callable[[], bytes]) -> bytes:
+        """A file made from a result once (its link-preview card), kept in its folder: the
+        stored one, or ``make()``'s, written to a temporary name, renamed into place under the
+        write lock while the result's row is there, its bytes counted in the result's (within
+        the quota). A read-only store, a result gone meanwhile or a quota with no room answers
+        the made file without keeping it."""
+        try:
+            return self.result_file(rid, name)
+        except Missing:
+            pass
+        data = make()
+        folder = self.result_dir(rid)
+        if self.read_only or not os.path.isdir(folder):
+            return data
+        tmp = write_temp(folder, data)
+        try:
+            with self._writing() as write:
+                if write.conn.execute(sa.select(results.c.id).where(results.c.id == rid)).first() is None:
+                    return data  # deleted meanwhile: its folder is going
+                final = os.path.join(folder, name)
+                if os.path.exists(final):  # made meanwhile by another request or node
+                    return self.result_file(rid, name)
+                try:
+                    self._make_room(len(data), keep=rid)
+                except StoreFull:
+                    return data  # served, not kept: the quota has no room for it
+                os.replace(tmp, final)
+                write.on_failure(_remove(final))
+                write.conn.execute(results.update().where(results.c.id == rid)
+                                   .values(bytes=results.c.bytes + len(data)))
+        finally:
+            _unlink(tmp)
+        return data
+
     def attribution_file(self, rid: str) -> bytes:
         """The stored full map (compact .npz, or the .npy of a result stored before it)."""
         try:
