@@ -229,6 +229,7 @@ export function sanityStrip(q, meta, store) {
       h("p", { text: `It may show the image, not the model: with ${decisive ? decisive.blocks.join(", ") : "the top blocks"} random, the map still ranks pixels like the original (Spearman ρ ${decisive ? num(decisive.spearman[0]) : "–"}, above ${num(a.threshold)}).` }))
     : h("p.q-verdict.tone-ok.sanity-ok", { text: `The map changes as the model is randomised from the output down, as a faithful map should (ρ ${decisive ? num(decisive.spearman[0]) : "–"} at stage ${a.flag_after}, threshold ${num(a.threshold)}).` });
   const root = h("div.sanity", { "data-flagged": String(flagged) },
+    h("h3.control-label", { text: "Sanity check" }),
     warning,
     h("div.sanity-strip", { role: "list", "aria-label": "Maps as the model's blocks are randomised" }, frames.map((f) => {
       f.fig.setAttribute("role", "listitem");

@@ -255,16 +255,25 @@ def test_the_share_page_shows_the_stored_measurements(page, browser, server):
         assert other.locator("#share-quality-cards .qcard[data-metric=pointing] .q-value").inner_text() == \
             f"{100 * qs['pointing']['answer']['energies'][0]:.1f}%"
         assert other.locator("#share-sanity .sanity-stage").count() == 1 + len(qs["sanity_check"]["answer"]["stages"])
-        other.locator("#share-quality").scroll_into_view_if_needed()
-        shot(other, "share", full_page=True)
+        other.evaluate("window.scrollTo(0, document.querySelector('#share-quality').getBoundingClientRect().top + scrollY - 80)")
+        shot(other, "share")
     finally:
         other.context.close()
 
 
-def test_phone_width_stacks_the_panel(page):
+LABELS = """() => Array.from(document.querySelectorAll(
+    '#quality :is(input, select, button, [tabindex]), #canvas-stage :is(button, [tabindex]), #compare :is(select, button)'))
+  .filter((el) => !el.closest('[hidden]'))
+  .filter((el) => !(el.getAttribute('aria-label') || el.getAttribute('aria-labelledby') || (el.labels && el.labels.length)
+                    || (el.tagName === 'BUTTON' && el.textContent.trim())))
+  .map((el) => el.outerHTML.slice(0, 120))"""
+
+
+def test_every_control_is_labelled_and_the_panel_stacks_at_phone_width(page):
     page.locator("#q-more summary").click()  # closes the other metrics' form
-    page.locator("#quality").scroll_into_view_if_needed()
-    shot(page, "desktop")  # 1440×900, as a person sees it
+    assert page.evaluate(LABELS) == []
+    page.evaluate("window.scrollTo(0, document.querySelector('#quality').getBoundingClientRect().top + scrollY - 300)")
+    shot(page, "desktop")  # 1440×900, as a person sees it: the image above, the panel below
     page.set_viewport_size({"width": 390, "height": 844})
     page.locator("#quality").scroll_into_view_if_needed()
     width = page.evaluate("document.documentElement.scrollWidth")

@@ -70,6 +70,10 @@ export function qualityPanel(state, { store, box }) {
         if (e.cancelled) {
           show({ status: "cancelled", done: 0, total: 0 });
           toast(`${words} cancelled`);
+          // The word stays a moment, then the box goes (unless another measurement took it).
+          setTimeout(() => {
+            if (jobBox.dataset.status === "cancelled") jobBox.hidden = true;
+          }, 4000);
         } else {
           jobBox.hidden = true;
           showError(error, `${words}: ${plainError(e)}`);
