@@ -422,3 +422,26 @@ def test_infidelity_progress_cancel_and_refusals(small_cnn, images):
         with pytest.raises(ParamError) as err:
             insights.evaluate(small_cnn, images, sal, TARGETS, "infidelity", **params)
         assert err.value.field == field
+
+
+# --------------------------------------------------------------------------- registry-wide
+
+
+@pytest.mark.parametrize("metric", ["deletion", "road_morf", "infidelity"])
+def test_gradient_methods_still_work_after_a_metric(small_cnn, metric):
+    """A metric's forward passes may build the model's traced twin; built in inference mode, its
+    folded weights broke every later gradient through it ("Inference tensors cannot be saved for
+    backward")."""
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    sal = insights.attribute(small_cnn, x, "saliency", 3)
+    params = {"n_perturb_samples": 2} if metric == "infidelity" else {"steps": 2, "reference": "none"}
+    insights.evaluate(small_cnn, x, sal, 3, metric, **params)
+    ig = insights.attribute(small_cnn, x, "integrated_gradients", 3, n_steps=4)
+    assert torch.isfinite(ig).all() and ig.abs().sum() > 0
+
+
+def test_the_metrics_are_listed_in_order():
+    assert insights.list_metrics()[:6] == ["deletion", "insertion", "road_morf", "road_lerf",
+                                           "infidelity", "sensitivity_max"]
+    needs = {m: insights.metric_info(m)["needs_method"] for m in insights.list_metrics()[:6]}
+    assert [m for m, n in needs.items() if n] == ["sensitivity_max"]

@@ -277,7 +277,7 @@ class CurveMetric(Metric):
                 out = out.softmax(-1)
             return out.gather(1, target.view(-1, 1)).view(-1)
 
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference mode: the twin seam.logits may build must serve autograd later
             for s in ctx.chunks(2 * n, grad=False):  # the clean images and the full baselines
                 rows = torch.arange(s.start, s.stop, device=x.device)
                 image, empty = rows % n, rows // n == 1

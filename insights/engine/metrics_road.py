@@ -141,7 +141,7 @@ class RoadMetric(Metric):
                 out = out.softmax(-1)
             return out.gather(1, target.view(-1, 1)).view(-1)
 
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference mode: the twin seam.logits may build must serve autograd later
             for s in ctx.chunks(n, grad=False):  # fraction 0: the clean images, for every map
                 scores[s, :, 0] = measure(x[s], ctx.target[s]).unsqueeze(1)
             inner = (steps - 1) * maps * n  # row r: step 1 + r // (maps n), map, image

@@ -83,7 +83,7 @@ class Infidelity(Metric):
         # Δf = f(x) − f(x − I) (Captum's convention: the perturbation is subtracted).
         sums = torch.zeros(4, n, dtype=torch.float64)
         noise = gaussian_noise(x.shape, p["noise"], p["seed"])
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference mode: the twin seam.logits may build must serve autograd later
             clean = torch.empty(n, device=x.device)
             for s in ctx.chunks(n, grad=False):
                 clean[s] = measure(x[s], ctx.target[s])
