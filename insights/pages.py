@@ -25,7 +25,7 @@ def _describe(meta: dict) -> dict:
         method_label = method
     title = f"{label} — {method_label} on {meta.get('model', '')}"
     top = (meta.get("predictions") or [{}])[0]
-    description = f"Why {meta.get('model', 'the model')} sees “{label}”: a {method_label} attribution map."
+    description = f"Why {meta.get('model', 'the model')} sees “{label}”: the {method_label} attribution map."
     if top.get("label"):
         description += f" Top prediction: {top['label']} ({100 * float(top.get('prob', 0)):.1f}%)."
     return {"label": label, "method_label": method_label, "title": title, "description": description}
@@ -122,7 +122,7 @@ def share(result_id: str):
         params=shown_params(meta.get("params") or {}),
         # Link previews need absolute addresses, so without PUBLIC_URL the card has no image and
         # no og:url (title and description only); the canonical link is then relative.
-        og_image=public_url(f"/api/results/{meta['id']}/overlay.png"),
+        og_image=public_url(f"/api/results/{meta['id']}/card.png"),  # 1200×630, insights/card.py
         og_url=public_url(path),
         canonical=public_url(path) or url_for("pages.share", result_id=meta["id"]),
         overlay=overlay.describe(),

@@ -61,8 +61,8 @@ class Controls(HTMLParser):
             self.ids.add(a["id"])
         if tag == "label" and a.get("for"):
             self.label_for.add(a["for"])
-        if tag == "meta" and a.get("property"):
-            self.meta[a["property"]] = a.get("content")
+        if tag == "meta" and (a.get("property") or a.get("name")):
+            self.meta[a.get("property") or a["name"]] = a.get("content")
         if tag in ("input", "select", "textarea") or a.get("role") in ("button", "combobox", "radiogroup", "tablist"):
             self.controls.append((tag, a, ""))
         if tag == "button":
@@ -109,10 +109,16 @@ def test_share_page_renders_result_with_opengraph_tags(app, client):
     assert res.status_code == 200
     html = res.get_data(as_text=True)
     page = parse(html)
-    assert page.meta["og:image"] == f"https://insights.example.com/api/results/{meta['id']}/overlay.png"
+    card = f"https://insights.example.com/api/results/{meta['id']}/card.png"
+    assert page.meta["og:image"] == page.meta["twitter:image"] == card
+    assert (page.meta["og:image:width"], page.meta["og:image:height"]) == ("1200", "630")
+    assert page.meta["twitter:card"] == "summary_large_image"
     assert page.meta["og:url"] == f"https://insights.example.com/r/{meta['id']}"
     assert page.meta["og:title"] == "tabby — Saliency on efficientnet_lite0"
     assert "tabby" in page.meta["og:description"] and "62.0%" in page.meta["og:description"]
+    assert "the Saliency attribution map." in page.meta["og:description"]
+    card_png = client.get(card.replace("https://insights.example.com", ""))
+    assert card_png.status_code == 200 and card_png.data[:8] == b"\x89PNG\r\n\x1a\n"
     assert re.search(r'id="fact-model">efficientnet_lite0<', html)
     assert re.search(r'id="fact-method">saliency<', html)
     assert re.search(r'id="fact-class">tabby \(#281\)<', html)
