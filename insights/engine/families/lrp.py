@@ -17,7 +17,10 @@ layers needs no hook:
   scale and shift), and the rule applies to the folded convolution.
 
 With the epsilon rule everywhere (the default, as Captum assigns it), the maps equal Captum's
-``LRP``; Captum has no batch-norm folding nor residual rule. Leaves LRP has no rule for are
+``LRP``; Captum has no batch-norm folding nor residual rule. The gamma rule keeps Captum's form
+(bias unchanged): with non-negative inputs (after a ReLU) z' ≥ y and the scale stays in (0, 1],
+but a layer fed signed values (a residual sum without a ReLU, as in EfficientNet-Lite's
+blocks) can have z' near zero where y is not, and its relevances blow up. Leaves LRP has no rule for are
 refused by name (:func:`check_layers`); parameter-free modules from outside torch (a user's
 identity wrapper) run with their plain gradient and are named in ``info["lrp"]``. Operations
 applied as functions inside ``forward`` (``F.gelu``, ``torch.sigmoid``) are not seen and keep
@@ -202,7 +205,9 @@ class LRP(GradientMethod):
         Param("rule", "choice", "epsilon", "epsilon: every layer shares relevance in proportion "
               "to its contributions (Captum's default); gamma: convolutions and linear layers "
               "favour positive contributions by gamma; composite: gamma on convolutions, "
-              "epsilon on linear layers.", choices=RULES),
+              "epsilon on linear layers. Gamma assumes non-negative layer inputs (ReLU "
+              "networks such as VGG and ResNet); where blocks end without a ReLU "
+              "(EfficientNet-Lite) its relevances blow up: use epsilon there.", choices=RULES),
         Param("epsilon", "float", 1e-9, "Added to each layer's output (with its sign) before "
               "dividing: larger values absorb weak, noisy contributions.", min=0.0, max=1e3),
         Param("gamma", "float", 0.25, "How much the gamma rule favours positive weights "
