@@ -335,6 +335,11 @@ def test_the_maps_are_the_method_on_a_copy_randomised_block_by_block(cnn, images
         checks.reinitialise([model.get_submodule(n) for n in names], 3 * 64 + k)
         want = insights.attribute(model, images, "grad_cam", [0, 1]).sum(1)
         assert torch.allclose(out["maps"][:, k, 0], want, atol=1e-6)
+    original = insights.attribute(cnn, images, "grad_cam", [0, 1]).sum(1).abs()
+    for k in range(2):  # absolute values of the channel-summed maps, ranked as scipy does
+        for i in range(2):
+            want = stats.spearmanr(original[i].flatten(), out["maps"][i, k, 0].abs().flatten()).statistic
+            assert out["stages"][k]["spearman"][i] == pytest.approx(want, abs=1e-12)
 
 
 def test_the_users_model_and_the_global_rng_are_untouched(cnn, images):

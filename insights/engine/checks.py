@@ -191,17 +191,23 @@ def average_ranks(values: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
+def _centred_ranks(values: torch.Tensor) -> torch.Tensor:
+    ranks = average_ranks(values.flatten().nan_to_num())
+    return ranks - ranks.mean()
+
+
+def _correlation(da: torch.Tensor, db: torch.Tensor) -> float:
+    na, nb = da.norm(), db.norm()
+    if na == 0 or nb == 0:  # a constant map: see spearman
+        return 1.0 if na == nb else 0.0
+    return float((da @ db) / (na * nb))
+
+
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman's rank correlation of two maps (flattened): the Pearson correlation of their
     average ranks, as ``scipy.stats.spearmanr``. Where a map is constant the correlation is
     undefined; it is then 1 when both are (they order the pixels alike: not at all), else 0."""
-    ra = average_ranks(a.flatten().nan_to_num())
-    rb = average_ranks(b.flatten().nan_to_num())
-    da, db = ra - ra.mean(), rb - rb.mean()
-    na, nb = da.norm(), db.norm()
-    if na == 0 or nb == 0:
-        return 1.0 if na == nb else 0.0
-    return float((da @ db) / (na * nb))
+    return _correlation(_centred_ranks(a), _centred_ranks(b))
 
 
 SANITY_PARAMS = (
@@ -287,7 +293,9 @@ class SanityCheck(Metric):
             maps[:, k, 0] = rerun(ctx, p, x, model=randomised).sum(1).float().cpu()
         if ctx.done < ctx.total:  # a model with fewer blocks than asked ends early
             ctx.advance(ctx.total - ctx.done)
-        rho = [[spearman(original[i], maps[i, k, 0].abs()) for i in range(n)] for k in range(len(blocks))]
+        first = [_centred_ranks(original[i]) for i in range(n)]  # ranked once for all stages
+        rho = [[_correlation(first[i], _centred_ranks(maps[i, k, 0].abs())) for i in range(n)]
+               for k in range(len(blocks))]
         decides = min(p["flag_after"], len(blocks))
         stages, so_far = [], []
         for k, names in enumerate(blocks):
