@@ -17,7 +17,7 @@ import torch
 from . import seam
 from .context import Context
 from .errors import ParamError
-from .metrics import CURVE_PARAMS, Metric, registry, rerun
+from .metrics import Metric, registry, rerun
 from .params import Cost, Param
 
 SEED = Param("seed", "int", 0, "Seed of the random perturbations (the same seed gives the same "
@@ -57,7 +57,9 @@ class Infidelity(Metric):
         Param("normalize", "bool", True, "Scale the map by the factor that fits the score changes "
               "best before comparing (Captum's normalize), so that maps of different scales "
               "(a CAM, a gradient) can be compared; off, the map's own scale counts."),
-        next(p for p in CURVE_PARAMS if p.name == "score"),
+        Param("score", "choice", "logit", "What is measured: the target's logit (what Captum's "
+              "infidelity sees when given the model), or its softmax probability.",
+              choices=("logit", "probability")),
         SEED,
     )
 
