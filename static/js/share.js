@@ -20,6 +20,26 @@ function showQuality(meta, store) {
     $("#share-sanity").hidden = false;
   }
   $("#share-quality-list").hidden = true; // the cards say it all, with the curves
+  const point = list.find((q) => q.metric === "pointing");
+  if (point && Array.isArray(point.params.box) && meta.size) showBox(point.params.box, meta.size);
+}
+
+/** The box of the stored box check, outlined on the image (the canvas covers its square stage). */
+function showBox([x0, y0, x1, y1], [H, W]) {
+  const stage = $(".canvas-stage");
+  const rect = h("div.box-rect.static", { role: "img", "aria-label": `Box of the box check: ${x0}, ${y0}, ${x1}, ${y1}` });
+  stage.append(h("div.box-layer", {}, rect));
+  const place = () => {
+    const r = stage.getBoundingClientRect();
+    const scale = Math.max(r.width / W, r.height / H);
+    const ox = (r.width - W * scale) / 2;
+    const oy = (r.height - H * scale) / 2;
+    rect.style.left = `${ox + x0 * scale}px`;
+    rect.style.top = `${oy + y0 * scale}px`;
+    rect.style.width = `${(x1 - x0) * scale}px`;
+    rect.style.height = `${(y1 - y0) * scale}px`;
+  };
+  new ResizeObserver(place).observe(stage);
 }
 
 async function start() {

@@ -254,11 +254,38 @@ def test_the_share_page_shows_the_stored_measurements(page, browser, server):
             assert card.locator("path.q-curve-map").count() == 1
         assert other.locator("#share-quality-cards .qcard[data-metric=pointing] .q-value").inner_text() == \
             f"{100 * qs['pointing']['answer']['energies'][0]:.1f}%"
+        # The stored box is outlined on the image, where it was drawn (the stage shows the 224×224 input).
+        x0, y0, x1, y1 = qs["pointing"]["params"]["box"]
+        stage = other.locator(".canvas-stage").bounding_box()
+        box = other.locator(".box-rect.static").bounding_box()
+        k = stage["width"] / 224
+        assert box["x"] - stage["x"] == pytest.approx(x0 * k, abs=2) and box["width"] == pytest.approx((x1 - x0) * k, abs=2)
+        assert box["y"] - stage["y"] == pytest.approx(y0 * k, abs=2) and box["height"] == pytest.approx((y1 - y0) * k, abs=2)
         assert other.locator("#share-sanity .sanity-stage").count() == 1 + len(qs["sanity_check"]["answer"]["stages"])
+        shot(other, "share-top")
         other.evaluate("window.scrollTo(0, document.querySelector('#share-quality').getBoundingClientRect().top + scrollY - 80)")
         shot(other, "share")
     finally:
         other.context.close()
+
+
+def test_stored_measurements_show_when_the_result_is_opened_again(page):
+    page.click("label[for=method-saliency]")
+    page.click("#run")
+    page.wait_for_function("() => document.querySelector('#result-method').textContent === 'Saliency'", timeout=SLOW)
+    posts: list[str] = []
+    listener = lambda r: r.method == "POST" and posts.append(r.post_data or "")  # noqa: E731
+    page.on("request", listener)
+    page.click("label[for=method-grad_cam]")
+    page.click("#run")  # the same explanation: the stored result, and its stored measurements
+    page.wait_for_function(f"() => document.querySelector('#overlay').dataset.painted === '{page.rid}'", timeout=SLOW)
+    wait_for(page, "#q-cards .qcard[data-metric=insertion]")
+    qs = stored(page)
+    shown(page.locator("#q-cards .qcard[data-metric=deletion] .q-value").inner_text(), qs["deletion"]["answer"]["area"])
+    assert page.locator("#q-sanity .sanity-stage").count() == 1 + len(qs["sanity_check"]["answer"]["stages"])
+    page.remove_listener("request", listener)
+    remeasured = [b for b in posts if '"metric"' in b and '"pointing"' not in b]
+    assert remeasured == []  # only the drawn box is measured again for the new result (stored: cached)
 
 
 LABELS = """() => Array.from(document.querySelectorAll(
@@ -282,5 +309,7 @@ def test_every_control_is_labelled_and_the_panel_stacks_at_phone_width(page):
     boxes = [cards.nth(i).bounding_box() for i in range(cards.count())]
     assert all(b["x"] >= 0 and b["x"] + b["width"] <= 390 for b in boxes)
     shot(page, "phone")
+    page.evaluate("window.scrollTo(0, document.querySelector('#hero').getBoundingClientRect().top + scrollY - 60)")
+    shot(page, "phone-hero")
     page.locator("#quality").screenshot(path=os.path.join(SHOTS, "quality-phone-panel.png"))
     page.set_viewport_size({"width": 1440, "height": 900})
