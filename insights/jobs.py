@@ -99,8 +99,10 @@ class Job:
 
     def publish(self, partial: dict) -> None:
         """Shows a partial answer (a whole-image approximation of the map, see
-        :func:`insights.tasks.partial_payload`) until the final one."""
-        self._set(partial=partial)
+        :func:`insights.tasks.partial_payload`) until the final one; each gets the next ``seq``."""
+        with self._cond:
+            seq = (self.partial or {}).get("seq", 0) + 1
+        self._set(partial={**partial, "seq": seq})
 
     # -- read by request threads ----------------------------------------------------------------
 

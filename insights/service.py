@@ -71,6 +71,7 @@ class EventStream:
     def __init__(self, events: Iterator[dict | None], slot: Slot):
         self._events, self._slot = events, slot
         self.last: dict | None = None
+        self._partial: int | None = None  # the seq of the partial map this stream has sent
 
     def __iter__(self) -> "EventStream":
         return self
@@ -83,6 +84,13 @@ class EventStream:
             raise
         if state is not None:
             self.last = state
+            partial = state.get("partial")
+            if partial is not None:
+                # A partial map's images go out once per stream: later states of the same one
+                # (progress) carry what it is and its seq only.
+                if partial.get("seq") == self._partial:
+                    state = {**state, "partial": {k: partial.get(k) for k in ("seq", "kind", "fraction")}}
+                self._partial = partial.get("seq")
         return state
 
     @property

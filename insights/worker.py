@@ -109,6 +109,7 @@ class WorkerJob:
         self.done, self.total = 0, int(row["total"])
         self.cancel = RemoteCancel(backend, self.id)
         self._written: float | None = None
+        self._partials = 0  # partial maps published
 
     def progress(self, done: int, total: int) -> None:
         if (done, total) == (self.done, self.total):
@@ -125,8 +126,10 @@ class WorkerJob:
 
 
     def publish(self, partial: dict) -> None:
-        """A partial map for the web nodes (Redis; the method publishes at most a few a second)."""
-        self.backend.notify(self.id, partial=json.dumps(partial))
+        """A partial map for the web nodes (Redis; the method publishes at most a few a second),
+        numbered like :meth:`insights.jobs.Job.publish` numbers them."""
+        self._partials += 1
+        self.backend.notify(self.id, partial=json.dumps({**partial, "seq": self._partials}))
 
 
 class Runtime:

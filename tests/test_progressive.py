@@ -160,3 +160,24 @@ def test_few_steps_or_a_noise_tunnel_have_no_preview(small_cnn, images):
         seen = []
         engine.attribute(small_cnn, images, "integrated_gradients", 1, partial=lambda *a: seen.append(a), **params)
         assert seen == []
+
+
+def test_an_event_stream_sends_each_partial_maps_images_once():
+    from insights.service import EventStream
+
+    class Slot:
+        released = False
+
+        def release(self):
+            self.released = True
+
+    first = {"seq": 1, "kind": "refining", "fraction": 0.1, "map": "data:1", "input": "data:in", "encoding": {}}
+    second = {**first, "seq": 2, "fraction": 0.5, "map": "data:2"}
+    states = [{"status": "running", "done": d, "version": d, "partial": p}
+              for d, p in ((1, None), (2, first), (3, first), (4, second), (5, second))]
+    slot = Slot()
+    sent = [s["partial"] for s in EventStream((s for s in states), slot)]
+    assert sent[0] is None and sent[1] == first and sent[3] == second
+    assert sent[2] == {"seq": 1, "kind": "refining", "fraction": 0.1}
+    assert sent[4] == {"seq": 2, "kind": "refining", "fraction": 0.5}
+    assert slot.released

@@ -31,12 +31,12 @@ export function partialView(store) {
   /** Draws a job's partial map (if it has a new one); answers the words for the busy pill. */
   async function update(job) {
     const p = job && job.partial;
-    if (!p || job.version === shown) return null;
-    shown = job.version;
+    if (!p || !p.map || p.seq === shown) return null; // an event stream sends each map once
+    shown = p.seq;
     const meta = { id: `partial-${job.id}`, signed: !!p.encoding && p.encoding.zero === 128, encoding: p.encoding, links: { input: p.input, map: p.map } };
     const mine = (loading = loadResult(meta));
     const asset = await mine;
-    if (mine !== loading || shown !== job.version) return null; // a newer one is on its way
+    if (mine !== loading || shown !== p.seq) return null; // a newer one is on its way
     if (unbind) unbind();
     for (const other of ["#overlay", "#preview"]) $(other).hidden = true;
     $("#stage-empty").hidden = true;
