@@ -95,9 +95,9 @@ class _Relevance(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, z, eps):
-        sign = torch.where(z >= 0, 1.0, -1.0).to(z.dtype)  # sign 0 → +1, as in Captum
-        den = z + eps * sign
-        ctx.save_for_backward(torch.where(den == 0, torch.zeros_like(y), y / den))
+        den = torch.where(z >= 0, z + eps, z - eps)  # sign 0 → +1, as in Captum
+        # With epsilon 0 a zero output has no share to pass on: 0/0 and y/0 count as 0.
+        ctx.save_for_backward(torch.nan_to_num_(y / den, nan=0.0, posinf=0.0, neginf=0.0))
         return y.clone()
 
     @staticmethod
@@ -128,6 +128,7 @@ class Propagation:
     def __init__(self, rule: str, epsilon: float, gamma: float):
         self.rule, self.eps, self.gamma = rule, epsilon, gamma
         self.produced: dict[int, tuple] = {}  # id(hooked conv output) -> (it, conv, input, raw output)
+        self.weights: dict[tuple[int, int], tuple] = {}  # (id(layer), id(its bn) or 0) -> gamma's weights
         self.folded: set[int] = set()  # ids of the batch norms folded so far
         self.rerunning = False  # hooks stand aside while a layer is recomputed under its rule
 
@@ -146,12 +147,18 @@ class Propagation:
     def uses_gamma(self, module: nn.Module) -> bool:
         return self.rule == "gamma" or (self.rule == "composite" and isinstance(module, nn.Conv2d))
 
-    def _rerun(self, module: nn.Module, a: torch.Tensor, weight: torch.Tensor,
-               bias: torch.Tensor | None) -> torch.Tensor:
-        """``module``'s own forward on ``a`` with the gamma rule applied to ``weight``."""
-        params = {"weight": weight + self.gamma * weight.clamp(min=0)}
-        if bias is not None:
-            params["bias"] = bias
+    def _rerun(self, module: nn.Module, a: torch.Tensor, bn: nn.BatchNorm2d | None = None) -> torch.Tensor:
+        """``module``'s own forward on ``a`` under the gamma rule (weights w + gamma·max(w, 0),
+        bias unchanged, as Captum's), with ``bn`` folded into it first when given."""
+        key = (id(module), id(bn) if bn is not None else 0)
+        if key not in self.weights:  # once per call, not per batch; no gradient to the weights
+            with torch.no_grad():
+                weight, bias = module.weight, module.bias
+                if bn is not None:
+                    weight, bias = fold_batch_norm(weight, bias, bn)
+                self.weights[key] = (torch.add(weight, weight.clamp(min=0), alpha=self.gamma), bias)
+        weight, bias = self.weights[key]
+        params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
         self.rerunning = True
         try:
             return functional_call(module, params, (a,))
@@ -162,7 +169,7 @@ class Propagation:
         if self.rerunning:
             return None
         a = inputs[0]
-        z = self._rerun(module, a, module.weight, module.bias) if self.uses_gamma(module) else y
+        z = self._rerun(module, a) if self.uses_gamma(module) else y
         out = _Relevance.apply(y.detach(), z, self.eps)
         if isinstance(module, nn.Conv2d):
             self.produced[id(out)] = (out, module, a, y)
@@ -177,7 +184,7 @@ class Propagation:
         _, conv, a, raw = entry  # the rule goes around the convolution's own, to its input
         self.folded.add(id(bn))
         if self.uses_gamma(conv):
-            z = self._rerun(conv, a, *fold_batch_norm(conv.weight, conv.bias, bn))
+            z = self._rerun(conv, a, bn)
         else:  # bn applied to the raw convolution output is the folded convolution
             z = F.batch_norm(raw, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
         return _Relevance.apply(y.detach(), z, self.eps)
