@@ -66,10 +66,9 @@ def chelsea_b64(tmp_path_factory) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
-@pytest.fixture(scope="module")
-def page(browser, server, chelsea_b64):
-    """The dashboard with a Grad-CAM of chelsea shown; fails on any script error or CSP refusal."""
-    ctx = browser.new_context(viewport={"width": 1440, "height": 900}, base_url=server)
+def open_grad_cam(ctx, chelsea_b64: str):
+    """A page of `ctx` with the dashboard showing a Grad-CAM of chelsea; `page.errors` collects
+    script errors and CSP refusals."""
     page = ctx.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -89,9 +88,17 @@ def page(browser, server, chelsea_b64):
     page.wait_for_selector("#quality:not([hidden])")
     page.errors = errors
     page.rid = page.evaluate("document.querySelector('#overlay').dataset.painted")
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(browser, server, chelsea_b64):
+    """The dashboard with a Grad-CAM of chelsea shown; fails on any script error or CSP refusal."""
+    ctx = browser.new_context(viewport={"width": 1440, "height": 900}, base_url=server)
+    page = open_grad_cam(ctx, chelsea_b64)
     yield page
     ctx.close()
-    assert errors == [], errors
+    assert page.errors == [], page.errors
 
 
 def shot(page, name: str, **kw) -> None:
@@ -313,3 +320,30 @@ def test_every_control_is_labelled_and_the_panel_stacks_at_phone_width(page):
     shot(page, "phone-hero")
     page.locator("#quality").screenshot(path=os.path.join(SHOTS, "quality-phone-panel.png"))
     page.set_viewport_size({"width": 1440, "height": 900})
+
+
+def test_a_box_drawn_with_a_finger_on_a_phone(browser, server, chelsea_b64):
+    ctx = browser.new_context(viewport={"width": 390, "height": 844}, base_url=server, has_touch=True, is_mobile=True)
+    try:
+        page = open_grad_cam(ctx, chelsea_b64)
+        page.locator("#canvas-stage").scroll_into_view_if_needed()
+        page.locator("#box-toggle").tap()
+        stage = page.locator("#canvas-stage").bounding_box()
+        x, y, w, h = stage["x"], stage["y"], stage["width"], stage["height"]
+        cdp = ctx.new_cdp_session(page)
+        touch = lambda kind, pts: cdp.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": pts})  # noqa: E731
+        touch("touchStart", [{"x": x + 0.25 * w, "y": y + 0.3 * h}])
+        for f in (0.4, 0.55, 0.7):
+            touch("touchMove", [{"x": x + f * w, "y": y + f * h}])
+        touch("touchEnd", [])
+        corners = [int(page.input_value(f"#box-{k}")) for k in ("x0", "y0", "x1", "y1")]
+        assert corners == [pytest.approx(v, abs=2) for v in (0.25 * 224, 0.3 * 224, 0.7 * 224, 0.7 * 224)]
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        wait_for(page, "#q-cards .qcard[data-metric=pointing]")
+        q = stored(page)["pointing"]
+        assert q["params"]["box"] == corners
+        assert page.locator("#q-cards .qcard[data-metric=pointing] .q-value").inner_text() == \
+            f"{100 * q['answer']['energies'][0]:.1f}%"
+        assert page.errors == [], page.errors
+    finally:
+        ctx.close()

@@ -1,5 +1,5 @@
-// The box check's box: drawn by dragging on the hero image (mouse, pen or touch), moved or resized
-// by its corners, by the arrow keys, or typed as four numbers. Kept as fractions of the image, so
+// The box check's box: drawn by dragging on the hero image (mouse, pen or touch), moved by
+// dragging it or resized by its corners, by the arrow keys, or typed as four numbers. Kept as fractions of the image, so
 // the same box serves results whose model inputs differ in size; `pixels(size)` gives the
 // [x0, y0, x1, y1] (end exclusive) that `pointing` takes.
 import { $, h } from "../ui.js";
@@ -109,8 +109,9 @@ export function boxTool(formSlot) {
     ev.preventDefault();
     layer.setPointerCapture(ev.pointerId);
     const p = toFraction(ev);
+    // While drawing, a press anywhere but on a corner starts a new box (the toggle says "Redraw").
     if (corner) drag = { kind: "corner", corner, start: { ...box } };
-    else if (onBox) drag = { kind: "move", p, start: { ...box } };
+    else if (onBox && !drawing) drag = { kind: "move", p, start: { ...box } };
     else drag = { kind: "new", p };
   });
   layer.addEventListener("pointermove", (ev) => {
