@@ -157,7 +157,7 @@ export function headline(q) {
     };
   }
   const value = a.value ?? (a.values || [])[0];
-  return { value: num(value), unit: "", compare: betterWords(q.better), tone: "neutral", text: "" };
+  return { value: num(value), unit: "", compare: "", tone: "neutral", text: "" }; // the header says which way is better
 }
 
 /** One measurement as a card: title, big number, comparison, verdict and (curves) the chart. */

@@ -232,6 +232,24 @@ def test_a_box_drawn_with_the_mouse_is_measured_here_and_on_every_compare_card(p
     page.wait_for_function(f"() => Number(document.querySelector('#box-x0').value) === {corners[0] + 8}")
 
 
+def test_another_metric_from_its_schema_form_shows_the_apis_value(page):
+    page.click("#q-more summary")
+    page.select_option("#q-metric", "infidelity")
+    assert page.locator("#q-form [data-field=n_perturb_samples] input").input_value() == "10"  # the schema's default
+    page.fill("#param-q-infidelity-n_perturb_samples", "6")
+    page.click("#q-other-run")
+    wait_for(page, "#q-cards .qcard[data-metric=infidelity]")
+    q = stored(page)["infidelity"]
+    assert q["params"]["n_perturb_samples"] == 6
+    card = page.locator("#q-cards .qcard[data-metric=infidelity]")
+    shown(card.locator(".q-value").inner_text(), q["answer"]["values"][0])
+    assert card.locator(".q-better").inner_text().lower() == "lower is better"
+    page.fill("#param-q-infidelity-n_perturb_samples", "0")  # below the schema's bounds: marked, not sent
+    page.click("#q-other-run")
+    assert page.locator("#q-form [data-field=n_perturb_samples] .field-error").is_visible()
+    page.click("#q-more summary")
+
+
 def test_a_long_measurement_shows_progress_and_can_be_cancelled(page):
     page.click("#q-more summary")
     page.select_option("#q-metric", "deletion")
