@@ -233,7 +233,7 @@ def test_every_metric_describes_itself(metric):
     info = insights.metric_info(metric)
     assert info["id"] == metric and info["better"] in ("lower", "higher")
     assert info["label"] and info["description"] and isinstance(info["needs_method"], bool)
-    assert info["cost"]["forward"] >= 1
+    assert info["cost"]["forward"] >= 0 and info["cost"]["backward"] >= 0  # the box check runs none
     for param in info["params"]:  # each one a form field: a type, a default and help
         assert {"name", "type", "default", "help"} <= set(param) and param["help"]
 
