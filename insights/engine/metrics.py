@@ -13,6 +13,10 @@ A score means little on its own, so by default the answer also carries the same 
 seeded smooth random maps (uniform values on a coarse grid, upsampled bilinearly): a per-pixel
 random map scatters its removals, which the model never saw in training, and scores a deletion
 area that flatters it (0.21 against Grad-CAM's 0.39 on EfficientNet-Lite0 in issue 16).
+
+The other metrics live in their own modules and register here: ROAD in ``metrics_road``,
+infidelity and max-sensitivity in ``metrics_sensitivity`` (the latter re-runs the explanation
+through :func:`rerun`), the sanity and box checks in ``checks``.
 """
 from __future__ import annotations
 
@@ -374,7 +378,9 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, attribution: torch.Tensor, 
     Deletion and insertion answer ``fractions`` (of pixels changed, 0 to 1), ``scores`` (one
     curve per image), ``areas`` (trapezoid under each curve) and their mean ``area``, ``better``
     ("lower" or "higher"), the ``params`` used, and unless ``reference="none"``, ``reference``:
-    the areas of smooth random maps on the same images, their mean and spread. Metrics that
+    the areas of smooth random maps on the same images, their mean and spread; ROAD answers the
+    same way. Infidelity and max-sensitivity answer ``values`` (one per image) and their mean
+    ``value``. Metrics that
     re-run the explanation (``needs_method`` in :func:`metric_info`, e.g. ``sensitivity_max``)
     take the ``method`` id that made ``attribution`` and its ``method_params``. ``progress``,
     ``cancel`` and ``memory_budget`` work as in :func:`insights.attribute`."""
