@@ -64,7 +64,6 @@ def bench(side: int, batches, repeat: int, device: torch.device) -> list[dict]:
             best, outs = fastest({"captum": captum_call(vgg, x, rule), "ours": ours}, repeat, device)
             rows.append({"model": "vgg16", "batch": n, "rule": rule, "theirs_ms": best["captum"],
                          "ours_ms": best["ours"], "error": rel_error(outs["ours"], outs["captum"])})
-    del vgg
     for name in ("resnet18", "resnet50"):
         model = getattr(torchvision.models, name)(weights=None).eval().to(device)
         for n in batches:
