@@ -8,6 +8,19 @@ export function targetPanel(state, { changed }) {
   const box = $("#predictions");
   let predictions = [];
 
+  /** The box is a list only while it holds guesses: a note or a skeleton inside a list breaks the
+   * list's contract for screen readers (axe: aria-required-children). */
+  function asList(on) {
+    if (on) {
+      box.setAttribute("role", "list");
+      box.setAttribute("aria-label", "Top predictions");
+    } else {
+      box.removeAttribute("role");
+      box.removeAttribute("aria-label");
+    }
+  }
+  asList(false); // the page starts with a note in the box
+
   function renderTargetLine() {
     const line = $("#target-line");
     line.replaceChildren();
@@ -24,6 +37,7 @@ export function targetPanel(state, { changed }) {
   }
 
   function renderPredictions() {
+    asList(true);
     box.replaceChildren(
       ...predictions.map((p, i) => {
         const pct = Math.max(0, Math.min(100, p.prob * 100));
@@ -32,8 +46,7 @@ export function targetPanel(state, { changed }) {
           h("button.pred", {
             type: "button",
             "data-index": p.index,
-            "aria-pressed": String(!!selected),
-            "aria-label": `${p.label}, ${pct.toFixed(1)} percent${selected ? ", target" : ""}`,
+            "aria-pressed": String(!!selected), // its name is what it shows (rank, class, probability)
             style: { "--p": `${pct}%` },
             onclick: () => setTarget({ index: p.index, label: p.label }),
           },
@@ -52,6 +65,7 @@ export function targetPanel(state, { changed }) {
     const classes = (state.models.find((m) => m.name === state.model) || {}).num_classes || 5;
     const k = Math.max(1, Math.min(5, classes));
     box.setAttribute("aria-busy", "true");
+    asList(false);
     box.replaceChildren(...Array.from({ length: k }, () => h("div.pred.skeleton", { "aria-hidden": "true" })));
     try {
       const answer = await api.predict(state.model, state.image.id, k);

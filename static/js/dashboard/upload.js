@@ -80,19 +80,23 @@ export function uploadPanel(state, { loaded }) {
   });
 
   return {
-    /** Offers the server's sample images as chips (nothing when there are none). */
+    /** Offers the server's sample images as chips (nothing when there are none). The steps below
+     * stay hidden in their place until the answer is in (app.css), so the chips arriving do not
+     * push them down under the reader's eyes. */
     async loadSamples() {
       let samples = [];
       try {
         samples = await api.samples();
       } catch (e) {
-        return;
+        samples = [];
       }
-      if (!samples.length) return;
-      $("#sample-list").replaceChildren(
-        ...samples.map((s) => h("button.chip", { type: "button", "data-sample": s.name, onclick: () => use(api.sample(s.name)) }, s.label || s.name)),
-      );
-      $("#samples").hidden = false;
+      if (samples.length) {
+        $("#sample-list").replaceChildren(
+          ...samples.map((s) => h("button.chip", { type: "button", "data-sample": s.name, onclick: () => use(api.sample(s.name)) }, s.label || s.name)),
+        );
+        $("#samples").hidden = false;
+      }
+      $("#step-image").dataset.settled = "true";
     },
   };
 }
