@@ -191,6 +191,13 @@ def test_shapley_sampling_converges_to_the_exact_values_like_captums(small_cnn, 
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < errors[0] / 4  # about 1/sqrt(n): 8 times fewer at 64 than at 1
     assert errors[2] < 2 * captums(64)
+    # Both draw each order with torch.randperm from a generator seeded the same: the same walks.
+    torch.manual_seed(9)
+    theirs = ShapleyValueSampling(small_cnn).attribute(small, target=TARGETS, feature_mask=mask,
+                                                       n_samples=8, perturbations_per_eval=32)
+    ours8 = insights.attribute(small_cnn, small, "shapley_sampling", TARGETS, feature_mask=mask,
+                               n_samples=8, seed=9)
+    assert rel_error(ours8, theirs) < 1e-4
     # Every order's gains add up to f(x) - f(baseline), so any number of samples keeps that.
     out = insights.attribute(small_cnn, small, "shapley_sampling", TARGETS, feature_mask=mask, n_samples=2)
     sums = torch.stack([v.double().sum() for v in per_feature(out, mask)])
