@@ -15,7 +15,6 @@ forward and backward pass) against the same grad-cam calls one after another.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from typing import Callable
@@ -23,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .bench_captum import TARGET
+from .bench_captum import TARGET, bench_device, bench_parser, random_model
 from .engine import attribute, attribute_many
 from .engine.probe import default_layer
 
@@ -110,26 +109,13 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m insights.bench_cam", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--model", default="resnet18", help="a torchvision model name (random weights)")
-    parser.add_argument("--side", type=int, default=224, help="input height and width")
+    parser = bench_parser("bench_cam", __doc__)
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per side")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
-    try:
-        import pytorch_grad_cam  # noqa: F401
-    except ImportError:
-        print("bench_cam needs the grad-cam package: pip install -r requirements-dev.txt", file=sys.stderr)
+    device = bench_device(args, "bench_cam", "pytorch_grad_cam", "the grad-cam package")
+    if device is None:
         return 2
-    import torchvision
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, args.model)(weights=None).eval().to(device)
+    model = random_model(args.model, device)
     x = torch.randn(1, 3, args.side, args.side, device=device)
     print(f"{args.model}, random weights, 1×3×{args.side}×{args.side}, target {TARGET}, layer "
           f"{default_layer(model, x)}, {args.device}, {torch.get_num_threads()} threads, "

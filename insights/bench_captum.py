@@ -2,7 +2,9 @@
 ``insights.bench`` times ours against and compares maps with."""
 from __future__ import annotations
 
+import argparse
 import copy
+import sys
 from typing import Callable
 
 import torch
@@ -81,3 +83,40 @@ def fp64_reference(method: str, model, x: torch.Tensor, layer: str) -> torch.Ten
         return call().detach() if call else None
     except Exception:
         return None
+
+
+# --------------------------------------------------------------------------- the benchmarks' command lines
+
+
+def bench_parser(prog: str, doc: str, *, model: bool = True, repeat: int = 3) -> argparse.ArgumentParser:
+    """The options every oracle benchmark takes: --device, --side, --repeat, --threads, and
+    (``model``) --model, a torchvision architecture with random weights."""
+    parser = argparse.ArgumentParser(prog=f"python -m insights.{prog}", description=doc.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    if model:
+        parser.add_argument("--model", default="resnet18", help="a torchvision model name (random weights)")
+    parser.add_argument("--side", type=int, default=224, help="input height and width")
+    parser.add_argument("--repeat", type=int, default=repeat, help="timed runs per side")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return parser
+
+
+def bench_device(args: argparse.Namespace, prog: str, oracle: str, package: str) -> torch.device | None:
+    """The device a benchmark runs on, its CPU threads set; None (the reason printed) when the
+    oracle (a development dependency) is not installed."""
+    try:
+        __import__(oracle)
+    except ImportError:
+        print(f"{prog} needs {package}: pip install -r requirements-dev.txt", file=sys.stderr)
+        return None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.device(args.device)
+
+
+def random_model(name: str, device: torch.device) -> torch.nn.Module:
+    """A torchvision architecture with random weights (seed 0), in eval mode, on ``device``."""
+    import torchvision
+
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)(weights=None).eval().to(device)

@@ -14,7 +14,6 @@ time ours alone, for reference.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from typing import Callable
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from .bench_cam import fastest
-from .bench_captum import TARGET
+from .bench_captum import TARGET, bench_device, bench_parser
 from .engine import attribute
 
 RULES = ("epsilon", "gamma")
@@ -88,21 +87,12 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m insights.bench_lrp", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--side", type=int, default=224, help="input height and width")
+    parser = bench_parser("bench_lrp", __doc__, model=False)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per side")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
-    try:
-        import captum  # noqa: F401
-    except ImportError:
-        print("bench_lrp needs Captum: pip install -r requirements-dev.txt", file=sys.stderr)
+    device = bench_device(args, "bench_lrp", "captum", "Captum")
+    if device is None:
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     print(f"random weights, N×3×{args.side}×{args.side}, target {TARGET}, {args.device}, "
           f"{torch.get_num_threads()} threads, fastest of {args.repeat}")
     print(format_rows(bench(args.side, args.batches, args.repeat, device)))

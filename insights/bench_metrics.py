@@ -15,14 +15,13 @@ largest relative difference of the two scores.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 
 import torch
 
 from .bench_cam import fastest
-from .bench_captum import TARGET
+from .bench_captum import TARGET, bench_device, bench_parser, random_model
 from .engine import attribute, evaluate
 from .engine.metrics_sensitivity import ball_noise, gaussian_noise
 
@@ -95,26 +94,13 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m insights.bench_metrics", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--model", default="resnet18", help="a torchvision model name (random weights)")
-    parser.add_argument("--side", type=int, default=224, help="input height and width")
+    parser = bench_parser("bench_metrics", __doc__)
     parser.add_argument("--samples", type=int, default=10, help="perturbations per metric")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per side")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
-    try:
-        import captum  # noqa: F401
-    except ImportError:
-        print("bench_metrics needs Captum: pip install -r requirements-dev.txt", file=sys.stderr)
+    device = bench_device(args, "bench_metrics", "captum", "Captum")
+    if device is None:
         return 2
-    import torchvision
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, args.model)(weights=None).eval().to(device)
+    model = random_model(args.model, device)
     x = torch.randn(1, 3, args.side, args.side, device=device)
     print(f"{args.model}, random weights, 1×3×{args.side}×{args.side}, target {TARGET}, "
           f"{args.samples} perturbations, {args.device}, {torch.get_num_threads()} threads, "

@@ -23,17 +23,10 @@ from .engine import attribute
 
 
 def lite0_cat() -> tuple[torch.nn.Module, torch.Tensor, int]:
-    """EfficientNet-Lite0 (its shipped ImageNet weights), the cat photo as the dashboard
-    preprocesses it (224×224 centre crop, the model's normalisation), and its top class."""
-    from PIL import Image
-    from skimage import data
-    from torchvision.transforms import functional as TF
+    """EfficientNet-Lite0, the cat photo as the dashboard preprocesses it, and its top class."""
+    from .examples import lite0_photo
 
-    from .models import _efficientnet_lite0
-
-    model = _efficientnet_lite0().eval()
-    t = TF.center_crop(TF.resize(TF.to_tensor(Image.fromarray(data.chelsea())), 224, antialias=True), 224)
-    x = TF.normalize(t, (127 / 255,) * 3, (128 / 255,) * 3).unsqueeze(0)
+    model, x = lite0_photo("chelsea")
     with torch.inference_mode():
         target = int(model(x).argmax())
     return model, x, target

@@ -18,7 +18,6 @@ for Kernel SHAP and sampling).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Callable
 
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from .bench_cam import fastest
-from .bench_captum import TARGET
+from .bench_captum import TARGET, bench_device, bench_parser, random_model
 from .engine import attribute
 from .engine.superpixels import feature_masks
 
@@ -96,30 +95,16 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m insights.bench_surrogate",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--model", default="resnet18", help="a torchvision model name (random weights)")
-    parser.add_argument("--side", type=int, default=224, help="input height and width")
+    parser = bench_parser("bench_surrogate", __doc__, repeat=1)
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     parser.add_argument("--n-segments", type=int, default=50, help="SLIC superpixels asked for")
     parser.add_argument("--n-samples", type=int, default=200, help="coalitions (kernel_shap, lime)")
     parser.add_argument("--permutations", type=int, default=4, help="orders (shapley_sampling)")
-    parser.add_argument("--repeat", type=int, default=1, help="timed runs per side")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
-    try:
-        import captum  # noqa: F401
-    except ImportError:
-        print("bench_surrogate needs captum: pip install -r requirements-dev.txt", file=sys.stderr)
+    device = bench_device(args, "bench_surrogate", "captum", "Captum")
+    if device is None:
         return 2
-    import torchvision
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, args.model)(weights=None).eval().to(device)
+    model = random_model(args.model, device)
     x = cat_photo(args.side).to(device)
     print(f"{args.model}, random weights, 1×3×{args.side}×{args.side}, target {TARGET}, SLIC "
           f"n_segments {args.n_segments}, {args.device}, {torch.get_num_threads()} threads, "

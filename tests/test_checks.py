@@ -437,18 +437,11 @@ def test_a_torchscript_model_is_refused(cnn, images):
 
 @pytest.fixture(scope="module")
 def lite0():
-    models = pytest.importorskip("insights.models")
-    skimage_data = pytest.importorskip("skimage.data")
-    from PIL import Image
-    from torchvision.transforms import functional as TF
+    from insights.examples import lite0_photo, lite0_unavailable
 
-    if models._lite0_check():
-        pytest.skip(models._lite0_check())
-    model = models._efficientnet_lite0().eval()
-    t = TF.to_tensor(Image.fromarray(skimage_data.chelsea()))
-    t = TF.center_crop(TF.resize(t, 224, antialias=True), 224)
-    x = TF.normalize(t, (127 / 255,) * 3, (128 / 255,) * 3).unsqueeze(0)
-    return model, x
+    if lite0_unavailable():
+        pytest.skip(lite0_unavailable())
+    return lite0_photo("chelsea")
 
 
 def test_lite0_guided_backprop_is_flagged_and_grad_cam_is_not(lite0, capsys):

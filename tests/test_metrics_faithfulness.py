@@ -255,17 +255,11 @@ def cat():
     """EfficientNet-Lite0, the cat photo (224×224 centre crop, the model's own normalisation),
     its top class, and each map computed once: Grad-CAM (default layer, the last spatial one,
     as tests/test_real_model.py picks it) and occlusion (the dashboard's defaults)."""
-    models = pytest.importorskip("insights.models")
-    skimage_data = pytest.importorskip("skimage.data")
-    from PIL import Image
-    from torchvision.transforms import functional as TF
+    from insights.examples import lite0_photo, lite0_unavailable
 
-    if models._lite0_check():
-        pytest.skip(models._lite0_check())
-    model = models._efficientnet_lite0().eval()
-    t = TF.to_tensor(Image.fromarray(skimage_data.chelsea()))
-    t = TF.center_crop(TF.resize(t, 224, antialias=True), 224)
-    x = TF.normalize(t, (127 / 255,) * 3, (128 / 255,) * 3).unsqueeze(0)
+    if lite0_unavailable():
+        pytest.skip(lite0_unavailable())
+    model, x = lite0_photo("chelsea")
     with torch.inference_mode():
         target = int(model(x).argmax())
     maps = {"grad_cam": insights.attribute(model, x, "grad_cam", target),

@@ -11,7 +11,8 @@ export class ApiError extends Error {
   }
 }
 
-async function request(method, url, body, headers = {}) {
+/** One call of the API: {status, data}, or an ApiError with the server's message. */
+export async function request(method, url, body, headers = {}) {
   // X-Requested-With: a change signed in by cookie must carry it (insights/auth.py, CSRF).
   const init = { method, headers: { Accept: "application/json", "X-Requested-With": "insights", ...headers } };
   if (body instanceof FormData) init.body = body;

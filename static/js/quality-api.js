@@ -1,28 +1,6 @@
 // The quality endpoints (docs/api.md, "Quality"): the metrics and their schemas, a result's stored
 // measurements, and a measurement, inline or as a job followed with the house job helpers.
-import { ApiError, followSubmitted } from "./api.js";
-
-async function call(method, url, body) {
-  const init = { method, headers: { Accept: "application/json", "X-Requested-With": "insights" } };
-  if (body !== undefined) {
-    init.headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
-  }
-  let res;
-  try {
-    res = await fetch(url, init);
-  } catch (e) {
-    throw new ApiError(0, { error: { message: "Could not reach the server. Is it still running?" } });
-  }
-  let data = null;
-  try {
-    data = await res.json();
-  } catch (e) {
-    data = null;
-  }
-  if (!res.ok) throw new ApiError(res.status, data, Number(res.headers.get("Retry-After")) || null);
-  return { status: res.status, data };
-}
+import { followSubmitted, request as call } from "./api.js";
 
 let metricList = null;
 
