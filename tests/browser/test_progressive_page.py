@@ -30,14 +30,16 @@ TIME_TO_MAPS = """async () => {
 def test_occlusion_paints_a_refining_map_before_the_final_one(page, chelsea_b64):
     drop_image(page, chelsea_b64)
     page.click("label[for=method-occlusion]")
-    timing = page.evaluate(TIME_TO_MAPS)
-    print(f"occlusion on EfficientNet-Lite0 in the page: first map {timing['first']['t']:.0f} ms, "
-          f"final {timing['final']:.0f} ms")
-    assert timing["first"] is not None and timing["first"]["kind"] == "refining"
-    assert timing["first"]["busy"].startswith("Refining…")
-    assert timing["first"]["t"] < timing["final"]
-    assert timing["partialHidden"]  # the result took the stage
-    assert page.locator("#result-method").inner_text() == "Occlusion"
+    for run in ("first run (the model's twin is traced)", "warm, another class"):
+        timing = page.evaluate(TIME_TO_MAPS)
+        print(f"occlusion on EfficientNet-Lite0 in the page, {run}: first map {timing['first']['t']:.0f} ms, "
+              f"final {timing['final']:.0f} ms")
+        assert timing["first"] is not None and timing["first"]["kind"] == "refining"
+        assert timing["first"]["busy"].startswith("Refining…")
+        assert timing["first"]["t"] < timing["final"]
+        assert timing["partialHidden"]  # the result took the stage
+        assert page.locator("#result-method").inner_text() == "Occlusion"
+        page.locator("#predictions button.pred").nth(2).click()
 
 
 def test_integrated_gradients_shows_its_preview_first(page, chelsea_b64):
