@@ -136,7 +136,10 @@ def main(argv: list[str] | None = None) -> dict:
     # not shed by the per-client limits or answered 202 past MAX_INLINE_WAITS.
     app = create_app({"INSTANCE_PATH": instance, "DEVICE": args.device, "MAX_JOBS_PER_CLIENT": None,
                       "RATE_LIMIT_PER_MIN": None, "MAX_INLINE_WAITS": None})
-    server = create_server(app, host="127.0.0.1", port=0, threads=max(8, args.clients * 2))
+    # poll, not select: a process with more than 1024 descriptors open (a long test run) would
+    # otherwise see the server's loop die on its first select().
+    server = create_server(app, host="127.0.0.1", port=0, threads=max(8, args.clients * 2),
+                           asyncore_use_poll=True)
     port = server.socket.getsockname()[1]
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -484,7 +484,7 @@ def test_cheap_requests_keep_answering_while_requests_wait_and_streams_are_open(
     app = make_app(MAX_INLINE_WAITS=2, MAX_EVENT_STREAMS=1, INLINE_TIMEOUT_S=30, MAX_JOBS_PER_CLIENT=None)
     c = app.test_client()
     image = upload(c, png()).json["id"]
-    server = create_server(app, host="127.0.0.1", port=0, threads=4)
+    server = create_server(app, host="127.0.0.1", port=0, threads=4, asyncore_use_poll=True)  # many fds open in a full run
     threading.Thread(target=server.run, daemon=True).start()
     base = f"http://127.0.0.1:{server.effective_port}"
 
