@@ -9,7 +9,7 @@ from functools import wraps
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, imaging, metrics, overlay, security
+from . import __version__, card, imaging, metrics, overlay, security
 from .admission import client_id
 from .engine.errors import shown
 from .errors import Forbidden, NotFound, ServiceError, as_int, describe
@@ -401,8 +401,12 @@ def result_card(rid: str):
     """The result's link-preview card (1200×630): input and overlay side by side, with the class,
     its probability, the method and the model; made once and kept with the result."""
     meta = service().result(rid)
-    data = service().result_card(rid, meta)
-    return revalidated(data, "image/png", digest(data))
+    # A card follows from its result and the renderer's version: the ETag is known before
+    # anything is rendered, so a revalidation costs nothing.
+    etag = digest(f"card:{card.VERSION}:{rid}".encode())
+    if request.if_none_match and etag in request.if_none_match:
+        return revalidated(b"", "image/png", etag)
+    return revalidated(service().result_card(rid, meta), "image/png", etag)
 
 
 @bp.get("/colormaps/<name>.png")

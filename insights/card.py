@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import overlay
 
+VERSION = 1  # bump when the card's look changes: part of its ETag
 WIDTH, HEIGHT = 1200, 630
 SIDE = 380  # each picture's side
 GAP = 24

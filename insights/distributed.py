@@ -583,7 +583,7 @@ class RemoteJob(Job):
             self._first = (float(first), int(progress.get("first_done") or 0)) if first else None
             self.version = int(row["version"]) + int(progress.get("v") or 0)
             partial = progress.get("partial")
-            self.partial = json.loads(partial) if partial else None
+            self.partial = json.loads(partial) if partial and not final else None
         return self
 
     def refresh(self) -> "RemoteJob":

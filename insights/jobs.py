@@ -347,7 +347,7 @@ class JobRunner:
 
     def _end(self, job: Job, **changes) -> None:
         """Sets a final state; the job's work (the task's inputs) can go, and it counts no more."""
-        job._set(finished=clock(), work=None, **changes)
+        job._set(finished=clock(), work=None, partial=None, **changes)  # the result (or nothing) replaces it
         self.admission.ended(job.id)
 
     def _fail(self, jobs: list[Job], exc: Exception) -> None:

@@ -10,7 +10,9 @@ costly ones, and cheap ones that did not finish in time, are answered with the q
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -122,6 +124,10 @@ class Service:
         self.settings: dict = dict(settings or {})
         # What this process lets requests hold of its threads (MAX_INLINE_WAITS, MAX_EVENT_STREAMS).
         self.waits, self.streams = Slots(None), Slots(None)
+        self._cards: OrderedDict[str, bytes] = OrderedDict()  # result id → its link-preview card
+        self._card_locks = [threading.Lock() for _ in range(16)]  # by the result id's first digits
+        self._card_guard = threading.Lock()
+        self._card_renders = threading.BoundedSemaphore(self.CARD_RENDERS)
 
     def init_app(self, app) -> None:
         for key in OPTION_SETTINGS.values():
@@ -174,8 +180,32 @@ class Service:
             raise NotFound(f"no result with id {shown(rid)}", "result")
         return meta
 
+    CARDS_IN_MEMORY = 16  # recent cards kept here too (a read-only mirror cannot store them)
+    CARD_RENDERS = 2  # cards rendered at once, at most
+
     def result_card(self, rid: str, meta: dict) -> bytes:
-        """The result's link-preview card (see insights/card.py), made once and kept with it."""
+        """The result's link-preview card (see insights/card.py), made once and kept with it:
+        one request renders it while others for the same result wait for it, at most
+        :attr:`CARD_RENDERS` render at once, and the last :attr:`CARDS_IN_MEMORY` are also kept
+        in memory (a read-only mirror's only copy)."""
+        with self._card_guard:
+            cached = self._cards.get(rid)
+            if cached is not None:
+                self._cards.move_to_end(rid)
+                return cached
+        with self._card_locks[int(rid[:8], 16) % len(self._card_locks)]:  # one render per result
+            with self._card_guard:
+                cached = self._cards.get(rid)
+            if cached is None:
+                with self._card_renders:
+                    cached = self._card_file(rid, meta)
+            with self._card_guard:
+                self._cards[rid] = cached
+                while len(self._cards) > self.CARDS_IN_MEMORY:
+                    self._cards.popitem(last=False)
+        return cached
+
+    def _card_file(self, rid: str, meta: dict) -> bytes:
         def make() -> bytes:
             method = engine.registry.get(meta["method"]).label if meta["method"] in engine.methods() else meta["method"]
             names = self.models.names()
@@ -342,6 +372,9 @@ class Service:
         # cost with the result.
         info = engine.method_info(method_id, p, shape, self.models.peek(name))
         passes = int(info["cost"]["forward"])
+        cheap = method.preview(p) if hasattr(method, "preview") else None
+        if cheap is not None:  # a path method's preview runs first, and counts
+            passes += int(engine.method_info(method_id, cheap, shape)["cost"]["forward"])
         limit = self.settings["MAX_PASSES"]
         if passes > limit:
             raise ServiceError(f"these parameters need {passes} forward passes, more than the limit of "
@@ -417,7 +450,7 @@ class Service:
             method = engine.registry.get(meta["method"])
             extra = {"method": meta["method"], "method_params": method.validate(meta["params"], shape),
                      "model": self.models.peek(name)}
-        passes = int(engine.metric_info(metric_id, p, shape, **extra)["cost"]["forward"])
+        passes = int(engine.metric_info(metric_id, p, shape, **extra)["cost"]["forward"]) * metric.pass_weight
         limit = self.settings["MAX_PASSES"]
         if passes > limit:
             raise ServiceError(f"these parameters need {passes} forward passes, more than the limit of "

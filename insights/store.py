@@ -108,6 +108,12 @@ def utc_now() -> str:
     return time.strftime(TIME_FORMAT, time.gmtime())
 
 
+def utc_now_precise() -> str:
+    """The time in ISO 8601 UTC to the microsecond (sorts as text, after :func:`utc_now`'s second)."""
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+
+
 def _iso(seconds: float) -> str:
     return time.strftime(TIME_FORMAT, time.gmtime(seconds))
 
@@ -777,7 +783,10 @@ class Store:
         folder = self.result_dir(rid)
         if self.read_only or not os.path.isdir(folder):
             return data
-        tmp = write_temp(folder, data)
+        try:
+            tmp = write_temp(folder, data)
+        except OSError:  # the result was deleted meanwhile (its folder renamed away), or no room
+            return data
         try:
             with self._writing() as write:
                 if write.conn.execute(sa.select(results.c.id).where(results.c.id == rid)).first() is None:
@@ -864,11 +873,15 @@ class Store:
             row = conn.execute(sa.select(q.c.answer).where(q.c.result_id == rid, q.c.key == key)).scalar()
         return None if row is None else json.loads(row)
 
+    QUALITY_PER_RESULT = 24  # measurements kept per result: a new one past this replaces the oldest
+
     def put_quality(self, rid: str, entry: dict) -> dict:
         """Keeps a measurement (``entry["key"]``, ``entry["metric"]``) with the result ``rid``;
         its bytes count in the result's, within the quota (:class:`StoreFull` when it cannot fit;
-        other results may be evicted, never this one). :class:`Missing` when the result is gone;
-        a measurement stored meanwhile (by another node) is answered instead."""
+        other results may be evicted, never this one), and past :attr:`QUALITY_PER_RESULT` the
+        result's oldest measurements go (anyone may measure a shared result, and a box check
+        costs no pass). :class:`Missing` when the result is gone; a measurement stored meanwhile
+        (by another node) is answered instead."""
         data = json.dumps(entry)
         size = len(data.encode())
         self._check_fits(size)
@@ -881,8 +894,15 @@ class Store:
             if db.insert_once(write.conn, db.quality, {"result_id": rid, "key": entry["key"],
                                                        "metric": entry["metric"], "created": entry["created"],
                                                        "answer": data}):
+                q = db.quality
+                rows = write.conn.execute(sa.select(q.c.key, sa.func.length(q.c.answer)).where(q.c.result_id == rid)
+                                          .order_by(q.c.created.desc(), q.c.key)).all()
+                gone = rows[self.QUALITY_PER_RESULT:]
+                for key, _length in gone:
+                    write.conn.execute(q.delete().where(q.c.result_id == rid, q.c.key == key))
+                freed = sum(int(length) for _key, length in gone)  # ASCII JSON: characters are bytes
                 write.conn.execute(results.update().where(results.c.id == rid)
-                                   .values(bytes=results.c.bytes + size))
+                                   .values(bytes=results.c.bytes + size - freed))
                 return entry
         return self.quality_entry(rid, entry["key"]) or entry
 

@@ -21,7 +21,7 @@ from PIL import Image
 from . import engine, imaging
 from .engine.errors import shown
 from .errors import NotFound
-from .store import canonical_json, utc_now
+from .store import canonical_json, utc_now, utc_now_precise
 
 
 class Task:
@@ -373,6 +373,6 @@ class QualityTask(Task):
         answer, elapsed = computed
         m = engine.metrics.registry.get(self.metric)
         entry = {"key": self.key, "result": self.rid, "metric": self.metric, "label": m.label,
-                 "better": m.better, "params": jsonable(self.params), "created": utc_now(),
+                 "better": m.better, "params": jsonable(self.params), "created": utc_now_precise(),
                  "elapsed_s": round(elapsed, 4), "answer": quality_answer(answer, bool(self.meta["signed"]))}
         return self.service.store.put_quality(self.rid, entry)

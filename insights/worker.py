@@ -109,7 +109,9 @@ class WorkerJob:
         self.done, self.total = 0, int(row["total"])
         self.cancel = RemoteCancel(backend, self.id)
         self._written: float | None = None
-        self._partials = 0  # partial maps published
+        # Partial maps are numbered from the time this attempt began, so that a redelivered
+        # job's maps never reuse the numbers of an earlier attempt's.
+        self._partials = int(time.time() * 1000)
 
     def progress(self, done: int, total: int) -> None:
         if (done, total) == (self.done, self.total):

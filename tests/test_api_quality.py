@@ -170,3 +170,17 @@ def test_a_metric_that_re_runs_the_method_gets_the_results_method_and_parameters
                   **params)
     assert q["metric"] == "sensitivity_max" and q["better"] == "lower"
     assert q["answer"]["value"] == pytest.approx(want["value"], rel=1e-5)
+
+
+def test_a_result_keeps_its_newest_measurements_only(client, app, image_id):
+    service = app.extensions["insights"]
+    service.store.QUALITY_PER_RESULT = 3
+    rid = explained(client, image_id)["id"]
+    with_result = service.store.total_bytes()
+    boxes = [[0, 0, 8 + i, 8 + i] for i in range(5)]  # a box check costs no pass: five measurements
+    for box in boxes:
+        r = client.post(f"/api/results/{rid}/quality", json={"metric": "pointing", "params": {"box": box}})
+        assert r.status_code == 200, r.json
+    kept = client.get(f"/api/results/{rid}/quality").json["quality"]
+    assert [q["params"]["box"] for q in kept] == boxes[2:]  # oldest first, the two oldest gone
+    assert service.store.total_bytes() == with_result + sum(len(json.dumps(q).encode()) for q in kept)

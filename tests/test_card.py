@@ -5,6 +5,7 @@ import io
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from appkit import app, client, extra_methods, image_id  # noqa: F401
@@ -70,3 +71,33 @@ def test_a_long_class_name_is_wrapped_and_shortened_to_fit():
     lines = card._wrap(draw, "Great Pyrenees mountain dog of the high valleys of the Pyrenees", font, 272, 3)
     assert 1 < len(lines) <= 3 and all(draw.textlength(line, font=font) <= 272 for line in lines)
     assert lines[-1].endswith("…")
+
+
+def test_concurrent_requests_render_a_card_once_and_a_revalidation_renders_nothing(client, app, image_id,
+                                                                                   monkeypatch):
+    import threading
+    import time
+
+    meta = result_of(client, image_id)
+    url = f"/api/results/{meta['id']}/card.png"
+    real, calls = card.render, []
+
+    def slow(*args):
+        calls.append(1)
+        time.sleep(0.2)
+        return real(*args)
+
+    monkeypatch.setattr(card, "render", slow)
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(app.test_client().get(url))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and [a.status_code for a in answers] == [200] * 4
+    assert len({a.data for a in answers}) == 1
+    monkeypatch.setattr(card, "render", lambda *a: pytest.fail("rendered for a revalidation"))
+    app.extensions["insights"]._cards.clear()
+    os.remove(os.path.join(app.extensions["insights"].store.result_dir(meta["id"]), "card.png"))
+    again = client.get(url, headers={"If-None-Match": answers[0].headers["ETag"]})
+    assert again.status_code == 304 and again.data == b""

@@ -101,7 +101,7 @@ def test_cancelling_after_a_partial_map_stops_the_call():
 from appkit import app, client, extra_methods, image_id, wait_job  # noqa: E402,F401
 
 
-def test_an_occlusion_job_shows_its_partial_map_and_stores_the_unchanged_final_one(client, app, image_id):
+def test_an_occlusion_job_shows_its_partial_map_and_stores_the_unchanged_final_one(client, app, image_id, monkeypatch):
     import base64
     import io
 
@@ -110,12 +110,27 @@ def test_an_occlusion_job_shows_its_partial_map_and_stores_the_unchanged_final_o
 
     from insights import imaging
 
+    from appkit import distributed
+    from insights import jobs
+
+    published = []  # what the job showed (in-process, or on the Celery worker in distributed mode)
+    classes = [jobs.Job]
+    if distributed():  # insights.worker imports only with a broker
+        from insights import worker
+
+        classes.append(worker.WorkerJob)
+    for cls in classes:
+        def recording(self, partial, _real=cls.publish):
+            published.append(partial)
+            return _real(self, partial)
+        monkeypatch.setattr(cls, "publish", recording)
     r = client.post("/api/explain", json={"image": image_id, "method": "occlusion", "target": 2})
     assert r.status_code == 202, r.json
     assert r.json["job"]["partial"] is None  # nothing scored yet
     final = wait_job(client, r.json["job"]["id"])
-    assert final["status"] == "done"
-    partial = final["partial"]
+    assert final["status"] == "done" and final["partial"] is None  # the result replaced it
+    assert published
+    partial = published[0]
     # The tiny model's 32×32 input: 15×15 window positions, 25 of them in the first stage.
     assert partial["kind"] == "refining" and 0 < partial["fraction"] < 1
     head, data = partial["map"].split(",", 1)

@@ -52,6 +52,7 @@ class Metric:
     # without the model lock and takes it only around its own passes (:func:`model_access`),
     # since the method it re-runs takes the lock itself (exclusively, if it installs hooks).
     needs_method: bool = False
+    pass_weight: int = 1  # forward passes an image of the metric counts as, beside the model's (ROAD's imputation)
 
     def validate(self, given: dict, shape: Sequence[int] | None = None) -> dict:
         """The full parameter dict (defaults filled in for inputs of ``shape``), or ParamError."""

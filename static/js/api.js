@@ -41,7 +41,7 @@ const BUSY_TRIES = 3;
 const BUSY_WAIT_MAX_S = 10;
 
 /** Runs a write, and again after the server's Retry-After while it is busy for a short while. */
-async function patiently(send) {
+export async function patiently(send) {
   for (let tries = 1; ; tries++) {
     try {
       return await send();

@@ -1,6 +1,6 @@
 // The quality endpoints (docs/api.md, "Quality"): the metrics and their schemas, a result's stored
 // measurements, and a measurement, inline or as a job followed with the house job helpers.
-import { followSubmitted, request as call } from "./api.js";
+import { followSubmitted, patiently, request as call } from "./api.js";
 
 let metricList = null;
 
@@ -23,7 +23,7 @@ export const storedQuality = (rid) => call("GET", base(rid)).then((r) => r.data.
  * Queued work is followed like an explanation: hooks {onJob(job, cancel), onProgress(job)}.
  */
 export async function measure(rid, metric, params = {}, hooks = {}) {
-  const r = await call("POST", base(rid), { metric, params });
+  const r = await patiently(() => call("POST", base(rid), { metric, params }));
   if (r.status === 200) return { ...r.data.quality, cached: !!r.data.cached };
   const final = await followSubmitted(r.data.job, hooks);
   return { ...final.result, cached: false };

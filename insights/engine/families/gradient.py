@@ -311,7 +311,9 @@ class IntegratedGradients(GradientMethod):
         return p["n_steps"]
 
     def preview(self, p):
-        return {**p, "n_steps": max(4, p["n_steps"] // 10)} if p["n_steps"] >= PREVIEW_FROM else None
+        if p["n_steps"] < PREVIEW_FROM or p.get("nt_type", "none") != "none":
+            return None  # cheap already, or a noise tunnel (its copies are the cost)
+        return {**p, "n_steps": max(4, p["n_steps"] // 10)}
 
     def compute(self, ctx, x, target, p):
         # IG(x) = (x - base) × ∫₀¹ ∇f(base + α (x - base)) dα, by the chosen quadrature.
