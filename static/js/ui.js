@@ -41,7 +41,6 @@ export function segmented(name, label, options, value, onChange) {
       tabindex: o.value === value ? "0" : "-1",
       text: o.label,
       title: o.title,
-      "aria-label": o.title,
     }),
   );
   const select = (btn, focus) => {
