@@ -254,7 +254,7 @@ def prepare(engine: sa.Engine, upgrade_to_1: Callable[[sa.Connection], None]) ->
                 if version < 3:
                     predictions.create(conn)
                 if version < 4:
-                    quality.create(conn)
+                    quality.create(conn, checkfirst=True)
             if version != SCHEMA_VERSION:
                 _set_version(conn)
             secret = conn.execute(sa.select(meta.c.value).where(meta.c.name == "secret")).scalar_one()

@@ -248,7 +248,10 @@ def test_the_example_runs_as_a_script_until_ctrl_c():
     proc = subprocess.Popen([sys.executable, EXAMPLE, "--port", str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        ready, _, _ = select.select([proc.stdout], [], [], 180)  # a hung script fails the test, not the run
+        # poll, not select: in a full run this process holds more than 1024 descriptors
+        waiting = select.poll()
+        waiting.register(proc.stdout, select.POLLIN)
+        ready = waiting.poll(180_000)  # a hung script fails the test, not the run
         assert ready, "the script printed nothing in 180 s"
         line = proc.stdout.readline()  # the script prints the address once it serves
         assert line.strip() == f"Insights dashboard: http://127.0.0.1:{port}/", line + proc.stdout.read()

@@ -234,6 +234,7 @@ def test_predictions_are_kept_in_the_index_and_an_index_of_schema_2_gains_the_ta
     store.close()
     with closing(sqlite3.connect(os.path.join(store.root, "index.sqlite3"))) as db:
         db.execute("DROP TABLE predictions")
+        db.execute("DROP TABLE quality")  # schema 4's
         db.execute("UPDATE meta SET value = '2' WHERE name = 'schema_version'")
         db.execute("PRAGMA user_version = 2")
         db.commit()
@@ -242,4 +243,4 @@ def test_predictions_are_kept_in_the_index_and_an_index_of_schema_2_gains_the_ta
     again.put_predictions("m", [("k1", 1, 0.75, None, None)])
     assert again.predictions("m", ["k1"]) == {"k1": (1, 0.75, None, None)}
     with closing(sqlite3.connect(os.path.join(store.root, "index.sqlite3"))) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 4

@@ -587,7 +587,10 @@ def test_redis_restarted_jobs_recover_and_web_nodes_reconnect(restored, seeded):
     assert "queued" in before and "running" in before, before
     stack.redis.restart()  # volatile: queues, unacknowledged messages, progress and holds are gone
     with stack.redis.client() as c:
-        assert c.dbsize() == 0
+        # Nothing survived; only a running job's progress may be written again already (its
+        # worker reports every 0.1 s, and the first report after the restart makes the key anew).
+        left = [k.decode() if isinstance(k, bytes) else k for k in c.keys()]
+        assert [k for k in left if not k.startswith("insights:job:")] == [], left
     restarted = time.monotonic()
     for job in jobs:
         final = stack.wait_final("b", job["id"], timeout=90)

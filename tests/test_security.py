@@ -97,7 +97,7 @@ def test_public_url_makes_the_preview_and_the_share_links(make, public):
     assert FORGED not in html
     head = Head(html)
     base = "https://insights.example.com"
-    assert head.meta["og:image"] == head.meta["twitter:image"] == f"{base}/api/results/{result['id']}/overlay.png"
+    assert head.meta["og:image"] == head.meta["twitter:image"] == f"{base}/api/results/{result['id']}/card.png"
     assert head.meta["og:url"] == head.links["canonical"] == f"{base}/r/{result['id']}"
     assert head.meta["twitter:card"] == "summary_large_image"
     # The dashboard's share button builds its links from the same address.
