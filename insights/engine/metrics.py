@@ -143,6 +143,33 @@ def trapezoid(fractions: Sequence[float], scores: Sequence[float]) -> float:
                      zip(fractions, fractions[1:], scores, scores[1:])))
 
 
+def target_scores(ctx: Context, batch: torch.Tensor, target: torch.Tensor, score: str) -> torch.Tensor:
+    """Each row's target logit (``score="logit"``) or softmax probability, in fp32, on the
+    model's twin where it fits. The caller is under ``no_grad`` (not inference mode: a twin built
+    here must serve autograd later)."""
+    out = seam.logits(ctx.model, batch, ctx.options.twin)[0].float()
+    if score == "probability":
+        out = out.softmax(-1)
+    return out.gather(1, target.view(-1, 1)).view(-1)
+
+
+def reference_count(p: dict) -> int:
+    """The maps a curve metric scores per image: the given one, and unless ``reference`` is
+    none, ``reference_seeds`` smooth random ones."""
+    return 1 + (p["reference_seeds"] if p["reference"] != "none" else 0)
+
+
+def with_references(importance: torch.Tensor, p: dict) -> torch.Tensor:
+    """N×H×W importances → N×M×H×W: each image's map followed by the smooth random reference
+    maps (the same for every image) when the parameters ask for them."""
+    n, h, w = importance.shape
+    importance = importance.unsqueeze(1)
+    if reference_count(p) == 1:
+        return importance
+    noise = smooth_random_maps(p["reference_seeds"], p["reference_grid"], (h, w), p["seed"])
+    return torch.cat([importance, noise.to(importance.device).expand(n, -1, -1, -1)], 1)
+
+
 def check_attribution(attribution: Any, x: torch.Tensor) -> torch.Tensor:
     """Per-pixel importance (N×H×W, float32): the attribution summed over its channels."""
     if not isinstance(attribution, torch.Tensor) or attribution.dim() != 4:
@@ -254,22 +281,14 @@ class CurveMetric(Metric):
     params = CURVE_PARAMS
     insert: bool = False
 
-    def maps(self, p: dict) -> int:
-        return 1 + (p["reference_seeds"] if p["reference"] != "none" else 0)
-
     def cost(self, p: dict, shape: Sequence[int], method_cost: Cost | None = None) -> Cost:
         # The clean image and the full baseline are shared by all maps of an image.
-        return Cost(2 + (p["steps"] - 1) * self.maps(p), 0)
+        return Cost(2 + (p["steps"] - 1) * reference_count(p), 0)
 
     def run(self, ctx: Context, attribution: torch.Tensor, p: dict) -> dict:
         x = ctx.inputs
         n, _, h, w = x.shape
-        importance = check_attribution(attribution, x)
-        if self.maps(p) > 1:
-            noise = smooth_random_maps(p["reference_seeds"], p["reference_grid"], (h, w), p["seed"])
-            importance = torch.cat([importance.unsqueeze(1), noise.to(x.device).expand(n, -1, -1, -1)], 1)
-        else:
-            importance = importance.unsqueeze(1)
+        importance = with_references(check_attribution(attribution, x), p)
         place = ranks(importance.flatten(0, 1)).view(n, -1, h, w)  # n × maps × H × W
         maps, steps, pixels = place.shape[1], p["steps"], h * w
         counts = [round(k * pixels / steps) for k in range(steps + 1)]
@@ -277,10 +296,7 @@ class CurveMetric(Metric):
         scores = torch.empty(n, maps, steps + 1, device=x.device)
 
         def measure(batch: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            out = seam.logits(ctx.model, batch, ctx.options.twin)[0].float()
-            if p["score"] == "probability":
-                out = out.softmax(-1)
-            return out.gather(1, target.view(-1, 1)).view(-1)
+            return target_scores(ctx, batch, target, p["score"])
 
         with torch.no_grad():  # not inference mode: the twin seam.logits may build must serve autograd later
             for s in ctx.chunks(2 * n, grad=False):  # the clean images and the full baselines

@@ -17,9 +17,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import seam
 from .context import Context
-from .metrics import CURVE_PARAMS, Metric, check_attribution, ranks, registry, smooth_random_maps, trapezoid
+from .metrics import (CURVE_PARAMS, Metric, check_attribution, ranks, reference_count, registry,
+                      target_scores, trapezoid, with_references)
 from .params import Cost, Param
 
 SIDE, CORNER = 1 / 6, 1 / 12  # the neighbours' weights (they sum to 1 inside the image)
@@ -118,19 +118,13 @@ class RoadMetric(Metric):
               "maps.", min=0, max=2 ** 31 - 1),
     )
 
-    def maps(self, p: dict) -> int:
-        return 1 + (p["reference_seeds"] if p["reference"] != "none" else 0)
-
     def cost(self, p: dict, shape: Sequence[int], method_cost: Cost | None = None) -> Cost:
-        return Cost(1 + (p["steps"] - 1) * self.maps(p), 0)  # the clean image is shared
+        return Cost(1 + (p["steps"] - 1) * reference_count(p), 0)  # the clean image is shared
 
     def run(self, ctx: Context, attribution: torch.Tensor, p: dict) -> dict:
         x = ctx.inputs
         n, _, h, w = x.shape
-        importance = check_attribution(attribution, x).unsqueeze(1)
-        if self.maps(p) > 1:
-            noise = smooth_random_maps(p["reference_seeds"], p["reference_grid"], (h, w), p["seed"])
-            importance = torch.cat([importance, noise.to(x.device).expand(n, -1, -1, -1)], 1)
+        importance = with_references(check_attribution(attribution, x), p)
         if not self.most_first:
             importance = -importance  # least relevant first; ties still in row-major order
         place = ranks(importance.flatten(0, 1)).view(n, -1, h, w)
@@ -140,10 +134,7 @@ class RoadMetric(Metric):
         g = torch.Generator().manual_seed(p["seed"])
 
         def measure(batch: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            out = seam.logits(ctx.model, batch, ctx.options.twin)[0].float()
-            if p["score"] == "probability":
-                out = out.softmax(-1)
-            return out.gather(1, target.view(-1, 1)).view(-1)
+            return target_scores(ctx, batch, target, p["score"])
 
         with torch.no_grad():  # not inference mode: the twin seam.logits may build must serve autograd later
             for s in ctx.chunks(n, grad=False):  # fraction 0: the clean images, for every map

@@ -14,10 +14,9 @@ from typing import Iterator, Sequence
 
 import torch
 
-from . import seam
 from .context import Context
 from .errors import ParamError
-from .metrics import Metric, registry, rerun
+from .metrics import Metric, registry, rerun, target_scores
 from .params import Cost, Param
 
 SEED = Param("seed", "int", 0, "Seed of the random perturbations (the same seed gives the same "
@@ -76,10 +75,7 @@ class Infidelity(Metric):
                              f"input channel ({c}) or one for all")
 
         def measure(batch: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            out = seam.logits(ctx.model, batch, ctx.options.twin)[0].float()
-            if p["score"] == "probability":
-                out = out.softmax(-1)
-            return out.gather(1, target.view(-1, 1)).view(-1)
+            return target_scores(ctx, batch, target, p["score"])
 
         # Sums over the perturbations I, per image: (a·I)², a·I Δf, Δf², (a·I − Δf)², where
         # Δf = f(x) − f(x − I) (Captum's convention: the perturbation is subtracted).
