@@ -8,62 +8,14 @@ as a person would); screenshots go to artifacts/screenshots/quality-*.png.
 """
 from __future__ import annotations
 
-import base64
-import logging
 import math
 import os
-import threading
 
 import pytest
-from PIL import Image
-from werkzeug.serving import make_server
 
-from playwright.sync_api import sync_playwright
+from test_dashboard import SHOTS, browser, chelsea, chelsea_b64, server  # noqa: F401  (the shared app and chromium)
 
-from insights.app import create_app
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SHOTS = os.path.join(ROOT, "artifacts", "screenshots")
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update"]
 SLOW = 120_000  # ms: a measurement on two shared cores
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The real app on a free loopback port, its model warmed up."""
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    app = create_app({"INSTANCE_PATH": str(tmp_path_factory.mktemp("instance"))})
-    httpd = make_server("127.0.0.1", 0, app, threaded=True)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{httpd.server_port}"
-    app.config["PUBLIC_URL"] = base
-    warm = app.test_client()
-    image = warm.post("/api/samples/coffee").get_json()["id"]
-    # Loads the model (a busy machine may queue it: 202, which loads it all the same).
-    assert warm.post("/api/explain", json={"model": "efficientnet_lite0", "image": image, "method": "saliency",
-                                            "target": 967}).status_code in (200, 202)
-    yield base
-    httpd.shutdown()
-    app.extensions["insights"].jobs.shutdown()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture(scope="module")
-def chelsea_b64(tmp_path_factory) -> str:
-    from skimage import data
-
-    path = tmp_path_factory.mktemp("img") / "chelsea.png"
-    Image.fromarray(data.chelsea()).save(path)
-    return base64.b64encode(path.read_bytes()).decode()
 
 
 def open_grad_cam(ctx, chelsea_b64: str):
