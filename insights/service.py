@@ -374,7 +374,8 @@ class Service:
         passes = int(info["cost"]["forward"])
         cheap = method.preview(p) if hasattr(method, "preview") else None
         if cheap is not None:  # a path method's preview runs first, and counts
-            passes += int(engine.method_info(method_id, cheap, shape)["cost"]["forward"])
+            info = {**info, "preview_passes": int(engine.method_info(method_id, cheap, shape)["cost"]["forward"])}
+            passes += info["preview_passes"]
         limit = self.settings["MAX_PASSES"]
         if passes > limit:
             raise ServiceError(f"these parameters need {passes} forward passes, more than the limit of "
@@ -405,15 +406,18 @@ class Service:
         task = ExplainTask(self, name, record, method_id, p, target, rid, info)
         # A method that shows a preview first (a path method with many steps) runs as a job, so
         # the page can show the preview while the requested map is computed.
-        method = engine.registry.get(method_id)
-        previewed = getattr(method, "preview", None) is not None and method.preview(p) is not None
-        if passes <= self.settings.get("INLINE_MAX_PASSES", 64) and not previewed:
-            answer = self.run_inline(task, client, key=rid, total=passes)
-            if not isinstance(answer, Ticket):
-                return Explained("done", result=self.store.result(rid))
-        else:
-            answer = self.jobs.admit(task, client, key=rid, total=passes)
+        answer = self.submit(task, client, rid, passes, inline="preview_passes" not in info)
+        if not isinstance(answer, Ticket):
+            return Explained("done", result=self.store.result(rid))
         return Explained("queued", job=answer.job, cancel_token=answer.cancel_token)
+
+    def submit(self, task: Task, client: str, key: str, passes: int, inline: bool = True) -> Any:
+        """The task's answer when ``inline`` and at most ``INLINE_MAX_PASSES`` passes (waited for
+        by :meth:`run_inline`, whose ticket comes back when it is not done in time), else the
+        :class:`~insights.jobs.Ticket` of the job admitted for it."""
+        if inline and passes <= self.settings.get("INLINE_MAX_PASSES", 64):
+            return self.run_inline(task, client, key=key, total=max(1, passes))
+        return self.jobs.admit(task, client, key=key, total=passes)
 
     # -- quality: measurements of a stored result ------------------------------------------------
 
@@ -466,14 +470,9 @@ class Service:
         stored = self.store.quality_entry(rid, key)
         if stored is not None:
             return Explained("done", cached=True, result=stored)
-        task = QualityTask(self, rid, metric_id, p, key)
-        job_key = f"quality:{rid}:{key}"
-        if passes <= self.settings.get("INLINE_MAX_PASSES", 64):
-            answer = self.run_inline(task, client, key=job_key, total=max(1, passes))
-            if not isinstance(answer, Ticket):
-                return Explained("done", result=answer)
-        else:
-            answer = self.jobs.admit(task, client, key=job_key, total=passes)
+        answer = self.submit(QualityTask(self, rid, metric_id, p, key), client, f"quality:{rid}:{key}", passes)
+        if not isinstance(answer, Ticket):
+            return Explained("done", result=answer)
         return Explained("queued", job=answer.job, cancel_token=answer.cancel_token)
 
 
